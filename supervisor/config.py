@@ -1,0 +1,167 @@
+"""Configuration: frozen msgspec structs decoded from one TOML document.
+
+`load()` is the only entry point. It decodes the file, lays the CLI overrides over the decoded
+document (so a bad flag value gets the same `$.path` error as a bad file value) and converts the
+result in one step. It does not probe the filesystem or read the environment: `plan` does that.
+Every field is documented in docs/config.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+from supervisor.errors import ExitCode, SupervisorError
+
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,35}$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$"
+
+Tag = Annotated[str, msgspec.Meta(pattern=TAG_PATTERN)]
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
+Uid = Annotated[int, msgspec.Meta(ge=0, le=4294967294)]
+
+
+class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="kebab", kw_only=True):
+    pass
+
+
+class Accel(enum.StrEnum):
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class SocketMode(enum.StrEnum):
+    FD = "fd"  # the supervisor binds the vhost-user socket and hands it over with --fd
+    PATH = "path"  # virtiofsd creates --socket-path itself; readiness is the socket appearing
+
+
+class Cache(enum.StrEnum):
+    AUTO = "auto"
+    ALWAYS = "always"
+    NEVER = "never"
+    METADATA = "metadata"
+
+
+class UidMapping(enum.StrEnum):
+    AUTO = "auto"  # "user-namespace" when unprivileged, "translate" when root
+    USER_NAMESPACE = "user-namespace"  # virtiofsd --uid-map/--gid-map: guest uid -> the invoking user
+    TRANSLATE = "translate"  # root only: --translate-uid/gid guest uid -> host-uid/host-gid
+    NONE = "none"  # ids pass through unchanged
+
+
+class Machine(enum.StrEnum):
+    Q35 = "q35"
+    MICROVM = "microvm"
+
+
+class Share(_Strict, frozen=True):
+    tag: Tag
+    source: str
+    guest_path: str | None = None
+    read_only: bool = False
+    guest_uid: Uid = 1000
+    guest_gid: Uid = 1000
+    # Host owner the guest uid/gid maps to when the supervisor runs as root; None: the owner of source.
+    host_uid: Uid | None = None
+    host_gid: Uid | None = None
+    uid_mapping: UidMapping = UidMapping.AUTO
+    xattr: bool = True
+    xattrmap: str | None = None
+    cache: Cache = Cache.AUTO
+    create: bool = False  # create source (0700) if missing; otherwise a missing source is an error
+
+
+class Virtiofsd(_Strict, frozen=True):
+    binary: str | None = None  # None: the built-in guest's virtiofsd, else `virtiofsd` on PATH
+    socket_mode: SocketMode = SocketMode.FD
+    sandbox: str = "namespace"
+    extra_args: list[str] = []
+
+
+class Qemu(_Strict, frozen=True):
+    binary: str = "qemu-system-x86_64"
+    machine: Machine = Machine.Q35
+    accel: Accel = Accel.AUTO
+    cpu: str | None = None  # None: "host" under KVM, "max" under TCG
+    kernel: str | None = None  # None (with initrd None): the built-in guest
+    initrd: str | None = None
+    cmdline: str = ""
+    memory_mib: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 512
+    vcpus: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    extra_args: list[str] = []
+
+
+class Timeouts(_Strict, frozen=True):
+    socket_ready: Seconds = 5.0  # virtiofsd --socket-path mode: socket must appear by then
+    graceful_stop: Seconds = 10.0  # system_powerdown -> runner exit
+    quit: Seconds = 3.0  # QMP quit -> runner exit
+    kill_grace: Seconds = 2.0  # SIGTERM to a process group -> SIGKILL
+
+
+class Config(_Strict, frozen=True):
+    name: Name = "agentvm"
+    runtime_dir: str | None = None  # base dir for instance dirs; None: $XDG_RUNTIME_DIR/agentvm, ...
+    work_dir: str | None = None  # the built-in guest's /work; None: the current directory
+    agent_home: str | None = None  # None: $XDG_DATA_HOME/claude-microvm/<basename>-<hash>
+    shares: list[Share] | None = None  # None: work, agent-home, cri-storage as claude-microvm has them
+    virtiofsd: Virtiofsd = Virtiofsd()
+    qemu: Qemu = Qemu()
+    timeouts: Timeouts = Timeouts()
+
+
+def _paragraph(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        current = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(current, dict):
+            merged[key] = _merge(current, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Decode the TOML file at `path` (None: no file) with `overrides` laid over it."""
+    document: dict[str, Any] = {}
+    where = "the command line"
+    if path is not None:
+        where = str(path)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise SupervisorError(
+                f"config file {path} does not exist: pass an existing file to --config, "
+                "or leave --config out to boot the built-in guest",
+                exit_code=ExitCode.NO_INPUT,
+            ) from None
+        except OSError as exc:
+            raise SupervisorError(
+                f"config file {path} cannot be read ({exc.strerror}): check its permissions",
+                exit_code=ExitCode.NO_INPUT,
+            ) from None
+        try:
+            document = msgspec.toml.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise SupervisorError(
+                _paragraph(f"config file {path} is not valid TOML: {exc}. Fix the syntax at that spot.")
+            ) from None
+    try:
+        return msgspec.convert(_merge(document, overrides or {}), Config)
+    except msgspec.ValidationError as exc:
+        raise SupervisorError(
+            _paragraph(
+                f"invalid configuration in {where}: {exc}. See docs/config.md for every field, its type "
+                "and its allowed values; field names are kebab-case (e.g. memory-mib)."
+            )
+        ) from None

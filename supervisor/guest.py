@@ -1,0 +1,163 @@
+"""The built-in guest: its assets (kernel, initramfs, virtiofsd), its command line, its status.
+
+Assets are built on first use by guest/build-assets.sh (Debian packages, downloaded and unpacked,
+nothing installed) into CACHE/guest-HASH, where HASH covers the build script and the guest's /init,
+so a change to either rebuilds and an unchanged cache is reused as it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import os
+import re
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from supervisor.errors import ExitCode, SupervisorError
+
+ASSET_FILES = ("vmlinuz", "initrd.gz", "virtiofsd")
+KERNEL_CMDLINE_MAX = 2047  # x86 COMMAND_LINE_SIZE is 2048 including the NUL
+
+
+@dataclass(frozen=True)
+class GuestAssets:
+    directory: Path
+
+    @property
+    def kernel(self) -> Path:
+        return self.directory / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.directory / "initrd.gz"
+
+    @property
+    def virtiofsd(self) -> Path:
+        return self.directory / "virtiofsd"
+
+
+def _guest_sources() -> dict[str, bytes]:
+    folder = resources.files("supervisor") / "guest"
+    return {name: (folder / name).read_bytes() for name in ("build-assets.sh", "init.sh")}
+
+
+def assets_hash() -> str:
+    digest = hashlib.sha256()
+    for name, content in sorted(_guest_sources().items()):
+        digest.update(name.encode() + b"\0" + content + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def cache_root(env: Mapping[str, str]) -> Path:
+    if env.get("AGENTVM_SUPERVISE_CACHE"):
+        return Path(env["AGENTVM_SUPERVISE_CACHE"])
+    if env.get("XDG_CACHE_HOME"):
+        return Path(env["XDG_CACHE_HOME"]) / "agentvm-supervise"
+    return Path(env.get("HOME", "/root")) / ".cache" / "agentvm-supervise"
+
+
+def ensure_assets(env: Mapping[str, str]) -> GuestAssets:
+    """Return the cached assets, building them first (with progress on stderr) if missing."""
+    root = cache_root(env)
+    assets = GuestAssets(root / f"guest-{assets_hash()}")
+    if all((assets.directory / name).exists() for name in ASSET_FILES):
+        return assets
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = os.open(root / ".build.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise SupervisorError(
+            f"cannot create the asset cache {root} ({exc.strerror}): make it writable, or point "
+            "AGENTVM_SUPERVISE_CACHE at a writable dir",
+            exit_code=ExitCode.CANT_CREATE,
+        ) from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second supervisor waits for the first one's build
+        if all((assets.directory / name).exists() for name in ASSET_FILES):
+            return assets
+        script = resources.files("supervisor") / "guest" / "build-assets.sh"
+        with resources.as_file(script) as script_path:
+            result = subprocess.run(["bash", str(script_path), str(assets.directory)], check=False)
+        if result.returncode != 0:
+            raise SupervisorError(
+                f"building the built-in guest into {assets.directory} failed (status "
+                f"{result.returncode}); its message is above. The build needs apt-get, dpkg-deb, cpio "
+                "and gzip (apt-get install apt dpkg cpio gzip) and a reachable Debian mirror; "
+                "run 'apt-get update' as root if downloads failed.",
+                exit_code=ExitCode.UNAVAILABLE,
+            )
+        return assets
+    finally:
+        os.close(lock)
+
+
+def guest_cmdline(
+    *,
+    mounts: Sequence[tuple[str, str]],
+    command: Sequence[str] | None,
+    guest_uid: int,
+    guest_gid: int,
+    term: str | None,
+    rows: int | None = None,
+    cols: int | None = None,
+    extra: str = "",
+) -> str:
+    """The built-in guest's kernel command line: what /init (guest/init.sh) reads."""
+    for tag, path in mounts:
+        if not re.fullmatch(r"/[A-Za-z0-9_./-]*", path) or "," in tag or ":" in tag:
+            raise SupervisorError(
+                f"the share '{tag}' cannot be mounted at '{path}' in the built-in guest: guest paths "
+                "must be absolute and use only letters, digits and _ . / -",
+            )
+    parts = ["console=hvc0", "quiet", "panic=-1"]
+    parts.append("agentvm.mounts=" + ",".join(f"{tag}:{path}" for tag, path in mounts))
+    parts += [f"agentvm.uid={guest_uid}", f"agentvm.gid={guest_gid}"]
+    if term and re.fullmatch(r"[A-Za-z0-9_.+-]+", term):
+        parts.append(f"agentvm.term={term}")
+    if rows and cols:
+        parts += [f"agentvm.rows={rows}", f"agentvm.cols={cols}"]
+    if command:
+        encoded = base64.b64encode(shell_join(command).encode()).decode()
+        parts.append(f"agentvm.cmd={encoded}")
+    if extra:
+        parts.append(extra)
+    cmdline = " ".join(parts)
+    if len(cmdline) > KERNEL_CMDLINE_MAX:
+        raise SupervisorError(
+            f"the guest command is too long for the kernel command line ({len(cmdline)} of "
+            f"{KERNEL_CMDLINE_MAX} bytes): put it in a script under the work dir and run that script",
+        )
+    return cmdline
+
+
+def shell_join(command: Sequence[str]) -> str:
+    """Quote argv for the guest's busybox sh, which runs it with `sh -c`."""
+    return " ".join("'" + arg.replace("'", "'\\''") + "'" for arg in command)
+
+
+@dataclass(frozen=True)
+class GuestReport:
+    exit_status: int | None
+    error: str | None
+
+
+def read_status(path: Path) -> GuestReport:
+    """Parse what the guest wrote to the status port: `agentvm-exit-status=N` or an error line."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return GuestReport(None, None)
+    status: int | None = None
+    error: str | None = None
+    for line in text.splitlines():
+        key, _, value = line.strip().partition("=")
+        if key == "agentvm-exit-status" and value.isdigit():
+            status = int(value)
+        elif key == "agentvm-guest-error":
+            error = value
+    return GuestReport(status, error)

@@ -1,0 +1,75 @@
+"""The QEMU command line for a direct runner (`[qemu]` in the config, or the built-in guest)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from supervisor.config import Accel, Machine
+
+QBOOT_ROM = "/usr/share/qemu/qboot.rom"
+STATUS_PORT = "org.agentvm.status"
+
+
+@dataclass(frozen=True, kw_only=True)
+class QemuSpec:
+    binary: str
+    instance: str
+    machine: Machine
+    accel: Accel
+    cpu: str
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+    memory_mib: int
+    vcpus: int
+    shares: list[tuple[str, Path]]  # (tag, vhost-user socket)
+    private_qmp_fd: int  # one end of a socketpair: the supervisor's own QMP connection
+    public_qmp_fd: int  # a listening socket the supervisor bound at RUNTIME/qmp.sock
+    status_file: Path  # the guest writes its command's exit status to a virtio-serial port
+    extra_args: list[str]
+
+
+def qemu_argv(spec: QemuSpec) -> list[str]:
+    bus = "pci" if spec.machine is Machine.Q35 else "device"
+    machine = spec.machine.value
+    if spec.machine is Machine.MICROVM:
+        machine += ",acpi=on,pit=off,pic=off,isa-serial=off,rtc=on"
+    argv = [
+        spec.binary,
+        "-name", spec.instance,
+        "-machine", f"{machine},accel={spec.accel.value}",
+        "-cpu", spec.cpu,
+        "-m", f"{spec.memory_mib}M",
+        "-smp", str(spec.vcpus),
+        # vhost-user-fs needs guest RAM the back-end can map: a shared memfd.
+        "-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on",
+        "-numa", "node,memdev=mem",
+        "-display", "none", "-nodefaults", "-no-user-config", "-no-reboot",
+        "-kernel", str(spec.kernel),
+        "-append", spec.cmdline,
+    ]  # fmt: skip
+    if spec.machine is Machine.MICROVM:
+        argv += ["-bios", QBOOT_ROM]
+    if spec.initrd is not None:
+        argv += ["-initrd", str(spec.initrd)]
+    # The console is virtconsole (hvc0) on QEMU's stdio, which is a PTY the supervisor owns;
+    # signal=off so Ctrl-C reaches the guest instead of stopping QEMU.
+    argv += [
+        "-chardev", "stdio,id=console,signal=off",
+        "-device", f"virtio-serial-{bus},id=vser0",
+        "-device", "virtconsole,chardev=console,bus=vser0.0",
+        "-chardev", f"file,id=status,path={spec.status_file}",
+        "-device", f"virtserialport,chardev=status,name={STATUS_PORT},bus=vser0.0",
+        "-chardev", f"socket,id=qmp-supervisor,fd={spec.private_qmp_fd}",
+        "-mon", "chardev=qmp-supervisor,mode=control",
+        "-chardev", f"socket,id=qmp,fd={spec.public_qmp_fd},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+    ]  # fmt: skip
+    for index, (tag, socket_path) in enumerate(spec.shares):
+        argv += [
+            "-chardev", f"socket,id=fs{index},path={socket_path}",
+            "-device", f"vhost-user-fs-{bus},chardev=fs{index},tag={tag}",
+        ]  # fmt: skip
+    argv += spec.extra_args
+    return argv

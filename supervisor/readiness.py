@@ -1,0 +1,143 @@
+"""Readiness: a child's socket appearing, raced against the child's death, under a deadline.
+
+Spawned is not ready (s6). In `--fd` mode the supervisor bound the socket itself, so a virtiofsd is
+ready the moment it exists; this module serves `--socket-path` mode, where readiness is the socket
+appearing in the runtime dir. It is observed with inotify, never by polling and never by connecting
+(a virtiofsd serves exactly one front-end and exits when that one disconnects).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+import struct
+from pathlib import Path
+
+import anyio
+
+from supervisor.children import Child
+from supervisor.errors import ExitCode, SupervisorError
+
+IN_CREATE = 0x100
+IN_MOVED_TO = 0x80
+IN_DELETE_SELF = 0x400
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+_EVENT_HEADER = struct.Struct("iIII")
+
+
+class Inotify:
+    """A minimal inotify instance: add watches, await batches of (mask, name) events."""
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        self.fd: int = fd
+
+    def add_watch(self, path: Path, mask: int) -> int:
+        wd: int = self._libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
+        if wd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_add_watch {path}: {os.strerror(err)}")
+        return wd
+
+    async def read_events(self) -> list[tuple[int, str]]:
+        while True:
+            await anyio.wait_readable(self.fd)
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                continue
+            events = []
+            offset = 0
+            while offset < len(data):
+                _wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(data, offset)
+                offset += _EVENT_HEADER.size
+                name = data[offset : offset + length].rstrip(b"\0").decode("utf-8", "surrogateescape")
+                offset += length
+                events.append((mask, name))
+            return events
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> Inotify:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.lstat().st_mode)
+    except FileNotFoundError:
+        return False
+
+
+async def wait_socket(path: Path, child: Child, *, timeout: float, owner: str) -> float:
+    """Wait until `path` is a socket; fail if `child` exits first or `timeout` passes.
+
+    `owner` names the child for the error ("virtiofsd for share 'work'"). Returns the seconds waited.
+    """
+    started = anyio.current_time()
+    outcome: list[str] = []
+    with Inotify() as inotify:
+        # Watch first, then look: a socket created between the two is still seen.
+        inotify.add_watch(path.parent, IN_CREATE | IN_MOVED_TO | IN_DELETE_SELF)
+        if _is_socket(path):
+            return 0.0
+
+        async def socket_appears() -> None:
+            while True:
+                for mask, name in await inotify.read_events():
+                    if mask & IN_DELETE_SELF:
+                        outcome.append("dir-removed")
+                        tg.cancel_scope.cancel()
+                        return
+                    if name == path.name and _is_socket(path):
+                        outcome.append("ready")
+                        tg.cancel_scope.cancel()
+                        return
+
+        async def child_exits() -> None:
+            await child.exited.wait()
+            outcome.append("exited")
+            tg.cancel_scope.cancel()
+
+        with anyio.move_on_after(timeout):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(socket_appears)
+                tg.start_soon(child_exits)
+    waited = anyio.current_time() - started
+    first = outcome[0] if outcome else "timeout"
+    if first == "ready":
+        return waited
+    if first == "exited" and _is_socket(path):
+        # It created the socket and exited right after: ready, and its death is reported elsewhere.
+        return waited
+    stderr = child.stderr_excerpt()
+    said = f" Its last output: {stderr}." if stderr else ""
+    if first == "exited":
+        raise SupervisorError(
+            f"{owner} (pid {child.pid}) exited ({child.describe_status()}) before creating its socket "
+            f"{path}.{said} Check the share directory and the virtiofsd flags it was given (run with "
+            "--debug to see its full command line).",
+            exit_code=ExitCode.SHARE_FAILED,
+        )
+    if first == "dir-removed":
+        raise SupervisorError(
+            f"the runtime dir {path.parent} was removed while {owner} was starting; another "
+            "process is deleting it (a cleanup job, or a second supervisor): keep it out of that dir",
+            exit_code=ExitCode.CANT_CREATE,
+        )
+    raise SupervisorError(
+        f"{owner} (pid {child.pid}) did not create its socket {path} within {timeout:g} s.{said} "
+        "It may be hanging or too slow on this machine: raise timeouts.socket-ready, or use "
+        'virtiofsd.socket-mode = "fd", which needs no wait.',
+        exit_code=ExitCode.SHARE_FAILED,
+    )

@@ -1,0 +1,171 @@
+"""The per-instance runtime dir: sockets, the state file, the console log.
+
+Layout: BASE/INSTANCE/ where BASE is `runtime-dir` from the config, else $XDG_RUNTIME_DIR/agentvm,
+else /run/agentvm for root, else /tmp/agentvm-UID. BASE and every instance dir are 0700 and must be
+owned by the invoking user. INSTANCE/state.json records the supervisor and its process groups so a
+later start (or `list`) can recognise, and clean up after, a supervisor that died without cleaning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import stat
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+import structlog
+
+from supervisor.children import read_start_ticks
+from supervisor.errors import ExitCode, SupervisorError
+
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the terminating NUL
+STATE_FILE = "state.json"
+
+
+class GroupRecord(msgspec.Struct, frozen=True):
+    name: str
+    pgid: int
+    start_ticks: int
+
+
+class InstanceState(msgspec.Struct, frozen=True):
+    instance: str
+    supervisor_pid: int
+    supervisor_start_ticks: int
+    created: float
+    work_dir: str | None = None
+    groups: tuple[GroupRecord, ...] = ()
+
+
+def default_base(env: Mapping[str, str], uid: int) -> Path:
+    xdg = env.get("XDG_RUNTIME_DIR")
+    if xdg and Path(xdg).is_absolute() and Path(xdg).is_dir():
+        return Path(xdg) / "agentvm"
+    if uid == 0:
+        return Path("/run/agentvm")
+    return Path(f"/tmp/agentvm-{uid}")
+
+
+def new_instance_id(name: str) -> str:
+    return f"{name}-{secrets.token_hex(4)}"
+
+
+def check_socket_path(path: Path, what: str) -> None:
+    length = len(os.fsencode(path))
+    if length > SUN_PATH_MAX:
+        raise SupervisorError(
+            f"the socket path for {what}, {path}, is {length} bytes, over the {SUN_PATH_MAX}-byte limit of "
+            "a unix socket address (sun_path). Use a shorter runtime dir (runtime-dir in the config or "
+            "--runtime-dir, e.g. /tmp/agentvm) or a shorter instance name or share tag.",
+            exit_code=ExitCode.USAGE,
+        )
+
+
+def ensure_base(base: Path) -> None:
+    """Create BASE 0700 if missing; refuse one that another user owns or others can write."""
+    try:
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = base.lstat()
+    except OSError as exc:
+        raise SupervisorError(
+            f"cannot create the runtime dir {base} ({exc.strerror}): make its parent writable for this "
+            "user, or choose another with --runtime-dir",
+            exit_code=ExitCode.CANT_CREATE,
+        ) from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise SupervisorError(
+            f"the runtime dir {base} is not a directory (a symlink or a file is in the way): remove it, "
+            "or choose another with --runtime-dir",
+            exit_code=ExitCode.CANT_CREATE,
+        )
+    if info.st_uid != os.geteuid():
+        raise SupervisorError(
+            f"the runtime dir {base} belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()}); "
+            "another user could replace its sockets. Choose a dir of your own with --runtime-dir.",
+            exit_code=ExitCode.CANT_CREATE,
+        )
+    if info.st_mode & 0o022:
+        raise SupervisorError(
+            f"the runtime dir {base} is writable by other users (mode {stat.S_IMODE(info.st_mode):o}); "
+            f"run 'chmod 700 {base}' or choose another with --runtime-dir",
+            exit_code=ExitCode.CANT_CREATE,
+        )
+
+
+def create_instance_dir(base: Path, instance: str) -> Path:
+    path = base / instance
+    try:
+        path.mkdir(mode=0o700)
+    except OSError as exc:
+        raise SupervisorError(
+            f"cannot create the instance dir {path} ({exc.strerror}): check that {base} is writable "
+            "for this user and the disk is not full, or choose another base with --runtime-dir",
+            exit_code=ExitCode.CANT_CREATE,
+        ) from None
+    return path
+
+
+def write_state(path: Path, state: InstanceState) -> None:
+    """Replace INSTANCE/state.json atomically (readers never see half a file)."""
+    temporary = path / f".{STATE_FILE}.tmp"
+    temporary.write_bytes(msgspec.json.encode(state))
+    temporary.replace(path / STATE_FILE)
+
+
+def read_state(path: Path) -> InstanceState | None:
+    try:
+        return msgspec.json.decode((path / STATE_FILE).read_bytes(), type=InstanceState)
+    except (OSError, msgspec.DecodeError):
+        return None
+
+
+def process_alive(pid: int, start_ticks: int) -> bool:
+    """True when `pid` is the very process recorded (not a recycled pid) and not a zombie."""
+    try:
+        if read_start_ticks(pid) != start_ticks:
+            return False
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+        return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] != b"Z"
+    except (OSError, ValueError):
+        return False
+
+
+def is_stale(state: InstanceState) -> bool:
+    return not process_alive(state.supervisor_pid, state.supervisor_start_ticks)
+
+
+def clean_stale(base: Path) -> list[str]:
+    """Kill what dead supervisors left behind under `base` and remove their dirs; returns their ids."""
+    log = structlog.get_logger()
+    cleaned = []
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        state = read_state(entry)
+        if state is None or not is_stale(state):
+            continue  # no state yet (an instance being created) or a live supervisor
+        for group in state.groups:
+            if process_alive(group.pgid, group.start_ticks):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(group.pgid, signal.SIGKILL)
+                log.warning("killed a leftover process group", instance=state.instance, child=group.name)
+        remove_instance_dir(entry)
+        log.info("cleaned up the stale instance of a dead supervisor", instance=state.instance)
+        cleaned.append(state.instance)
+    return cleaned
+
+
+def remove_instance_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def now() -> float:
+    return time.time()
