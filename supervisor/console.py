@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import signal
+import stat
 import struct
 import termios
 import tty
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import anyio
+import anyio.to_thread
 
 ESCAPE_DEFAULT = 0x1D  # Ctrl-]
 HELP = (
@@ -96,8 +98,16 @@ async def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _pollable(fd: int) -> bool:
+    """epoll refuses regular files and /dev/null (EPERM); those never block, but can't be awaited."""
+    mode = os.fstat(fd).st_mode
+    return not (stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and os.major(os.fstat(fd).st_rdev) == 1))
+
+
 async def _read(fd: int) -> bytes:
     """Read what is there; b"" at end of file (EIO on a PTY master whose slave is gone)."""
+    if not _pollable(fd):
+        return await anyio.to_thread.run_sync(os.read, fd, 65536, abandon_on_cancel=True)
     while True:
         await anyio.wait_readable(fd)
         try:

@@ -43,6 +43,7 @@ from supervisor.watchdog import Watchdog
 # A virtiofsd that exits cleanly while QEMU is alive is normal during a shutdown (QEMU closes the
 # vhost-user connection before its own exit); this long, it waits for QEMU to confirm.
 SHARE_EXIT_CONFIRM_S = 2.0
+INSTANCE_ENV = "AGENTVM_INSTANCE"
 
 
 @dataclass
@@ -202,8 +203,14 @@ class Instance:
                 extra_args=plan.virtiofsd_extra_args,
             ),
             pass_fds=(fd,) if fd is not None else (),
+            env=self._child_env(),
             kill_grace=plan.timeouts.kill_grace,
         )
+
+    def _child_env(self) -> dict[str, str]:
+        # The instance id in every child's environment lets `list`, stale cleanup and tests find
+        # a child by instance even when its argv does not name it.
+        return {**os.environ, INSTANCE_ENV: self.plan.instance}
 
     async def _start_shares(self, tg: anyio.abc.TaskGroup) -> None:
         plan = self.plan
@@ -266,6 +273,7 @@ class Instance:
             pass_fds=(private_qmp, public_qmp),
             stdin=pty.slave,
             stdout=pty.slave,
+            env=self._child_env(),
             kill_grace=plan.timeouts.kill_grace,
         )
 

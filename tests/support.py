@@ -1,0 +1,163 @@
+"""Helpers for tests that run the real supervisor, real QEMU and real virtiofsd."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_CACHE = Path(os.environ.get("AGENTVM_TEST_CACHE", "/var/tmp/agentvm-supervise-test-cache"))
+TEST_USER = "agentvm-test"
+INSTANCE_ENV = "AGENTVM_INSTANCE"
+
+
+def supervisor_argv() -> list[str]:
+    return [sys.executable, "-m", "supervisor"]
+
+
+def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "AGENTVM_SUPERVISE_CACHE": str(TEST_CACHE),
+        "PYTHONPATH": str(REPO),
+        "LANG": "C.UTF-8",
+    }
+    if extra:
+        env.update(extra)
+    return env
+
+
+def as_user(user: str | None, argv: Sequence[str]) -> list[str]:
+    if user is None:
+        return list(argv)
+    return ["runuser", "-u", user, "--", *argv]
+
+
+def instance_processes(name: str) -> list[tuple[int, str]]:
+    """(pid, cmdline) of every live process whose environment names an instance called `name`-*."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            stat = (entry / "stat").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"Z":
+            continue
+        for var in environ.split(b"\0"):
+            if var.startswith(f"{INSTANCE_ENV}={name}-".encode()):
+                found.append((int(entry.name), cmdline))
+                break
+    return found
+
+
+def wait_until_gone(name: str, timeout: float = 10.0) -> list[tuple[int, str]]:
+    """Processes of instance `name` still alive after `timeout` (teardown may lag the exit by ms)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = instance_processes(name)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+def leftovers(runtime_base: Path) -> list[str]:
+    if not runtime_base.exists():
+        return []
+    return sorted(str(path) for path in runtime_base.rglob("*"))
+
+
+@dataclass
+class Supervisor:
+    """A supervisor started in the background, with its stdout read line by line."""
+
+    proc: subprocess.Popen[bytes]
+    output: bytearray
+
+    def read_until(self, marker: bytes, timeout: float = 60.0) -> bytes:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while marker not in self.output:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"{marker!r} not seen within {timeout} s; output: {bytes(self.output)!r}"
+                )
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise AssertionError(f"EOF before {marker!r}; output: {bytes(self.output)!r}")
+                self.output += chunk
+        return bytes(self.output)
+
+    def finish(self, timeout: float = 60.0) -> tuple[int, bytes, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, bytes(self.output) + out, err.decode(errors="replace")
+
+    def signal(self, signum: signal.Signals) -> None:
+        self.proc.send_signal(signum)
+
+
+def start_supervisor(
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    user: str | None = None,
+    cwd: Path | None = None,
+) -> Supervisor:
+    proc = subprocess.Popen(
+        as_user(user, [*supervisor_argv(), *args]),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=base_env(env),
+        cwd=cwd,
+    )
+    return Supervisor(proc, bytearray())
+
+
+def run_supervisor(
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    user: str | None = None,
+    cwd: Path | None = None,
+    timeout: float = 120.0,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        as_user(user, [*supervisor_argv(), *args]),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=base_env(env),
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def children_of(pid: int) -> Iterator[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return
+    for child in text.split():
+        yield int(child)
+
+
+def user_ids(user: str) -> tuple[int, int]:
+    entry = pwd.getpwnam(user)
+    return entry.pw_uid, entry.pw_gid
