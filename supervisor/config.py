@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import enum
 import re
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -131,12 +133,46 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
     return merged
 
 
+def _field_type(path: str) -> Any:
+    """The type at a msgspec error path like `$.shares[0].cache`, or None if it can't be followed."""
+    current: Any = Config
+    for part in re.findall(r"\.([A-Za-z0-9_-]+)|\[\d+\]", path):
+        while True:  # unwrap `X | None` and `list[X]`
+            args = [arg for arg in typing.get_args(current) if arg is not type(None)]
+            origin = typing.get_origin(current)
+            wrapper = origin in (list, types.UnionType, typing.Union) and len(args) == 1
+            if origin is typing.Annotated or wrapper:
+                current = args[0]
+            else:
+                break
+        if not part:  # an index: already unwrapped the list
+            continue
+        if not (isinstance(current, type) and issubclass(current, msgspec.Struct)):
+            return None
+        by_name = {field.encode_name: field.type for field in msgspec.structs.fields(current)}
+        if part not in by_name:
+            return None
+        current = by_name[part]
+    args = [arg for arg in typing.get_args(current) if arg is not type(None)]
+    return args[0] if len(args) == 1 else current
+
+
+def _explain(error: msgspec.ValidationError) -> str:
+    text = str(error)
+    found = re.search(r"`(\$[^`]*)`", text)
+    if found and "enum value" in text:
+        kind = _field_type(found.group(1))
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            text += f" (valid values: {', '.join(str(member.value) for member in kind)})"
+    return text
+
+
 def load(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
     """Decode the TOML file at `path` (None: no file) with `overrides` laid over it."""
     document: dict[str, Any] = {}
-    where = "the command line"
+    where = "the command-line flags"
     if path is not None:
-        where = str(path)
+        where = f"{path} (or the flags laid over it)" if overrides else str(path)
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
@@ -161,7 +197,7 @@ def load(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Confi
     except msgspec.ValidationError as exc:
         raise SupervisorError(
             _paragraph(
-                f"invalid configuration in {where}: {exc}. See docs/config.md for every field, its type "
-                "and its allowed values; field names are kebab-case (e.g. memory-mib)."
+                f"invalid configuration in {where}: {_explain(exc)}. See docs/config.md for every "
+                "field, its type and its allowed values; field names are kebab-case (e.g. memory-mib)."
             )
         ) from None
