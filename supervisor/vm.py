@@ -158,37 +158,48 @@ class Instance:
     async def _watch_share(self, child: Child, share: ShareSpec) -> None:
         await child.exited.wait()
         runner = self.runner
-        if runner is None or runner.exited.is_set() or self.outcome.shutting_down.is_set():
-            return
-        if child.status == 0:
-            with anyio.move_on_after(SHARE_EXIT_CONFIRM_S):
-                async with anyio.create_task_group() as tg:
-
-                    async def runner_ends() -> None:
-                        await runner.exited.wait()
-                        tg.cancel_scope.cancel()
-
-                    async def shutdown_seen() -> None:
-                        await self.outcome.shutting_down.wait()
-                        tg.cancel_scope.cancel()
-
-                    tg.start_soon(runner_ends)
-                    tg.start_soon(shutdown_seen)
+        if runner is not None and (runner.exited.is_set() or self.outcome.shutting_down.is_set()):
+            return  # the VM is ending anyway: virtiofsd exits when QEMU disconnects
+        if child.status == 0 and runner is not None:
+            await self._confirm_vm_ending(runner)
             if runner.exited.is_set() or self.outcome.shutting_down.is_set():
                 return
         said = child.stderr_excerpt()
         said = f" Its last output: {said}." if said else ""
+        when, consequence = (
+            ("while the VM was running", "The VM was stopped, because I/O on that share would hang it.")
+            if runner is not None
+            else ("before the VM started", "The VM was not started.")
+        )
         self.outcome.fail(
             SupervisorError(
-                f"virtiofsd for share '{share.tag}' (pid {child.pid}, {share.source}) "
-                f"{describe_status(child.status)} while the VM was running.{said} The VM was stopped, "
-                "because I/O on that share would hang it. Check that the directory is still there and "
-                "that nothing kills the daemon (OOM killer, a cleanup script).",
+                f"virtiofsd for share '{share.tag}' (pid {child.pid}, {share.source}) exited "
+                f"({describe_status(child.status)}) {when}.{said} {consequence} Check that the "
+                "directory exists and is readable, that the "
+                "virtiofsd flags suit this virtiofsd (--debug shows them), and that nothing kills the "
+                "daemon (OOM killer, a cleanup script).",
                 exit_code=ExitCode.SHARE_FAILED,
             )
         )
         self.log.error("share daemon died; stopping the VM", share=share.tag)
-        runner.stop()  # QEMU would hang on the dead share, even during the guest's own power-off
+        if runner is not None:
+            runner.stop()  # QEMU would hang on the dead share, even during the guest's own power-off
+
+    async def _confirm_vm_ending(self, runner: Child) -> None:
+        """Wait briefly for the runner's exit or a SHUTDOWN event, whichever comes first."""
+        with anyio.move_on_after(SHARE_EXIT_CONFIRM_S):
+            async with anyio.create_task_group() as tg:
+
+                async def runner_ends() -> None:
+                    await runner.exited.wait()
+                    tg.cancel_scope.cancel()
+
+                async def shutdown_seen() -> None:
+                    await self.outcome.shutting_down.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(runner_ends)
+                tg.start_soon(shutdown_seen)
 
     def _share_child(self, share: ShareSpec, fd: int | None) -> ChildSpec:
         plan = self.plan
@@ -279,6 +290,8 @@ class Instance:
 
     async def _run_vm(self) -> None:
         plan = self.plan
+        if self.outcome.error is not None:  # a share died while starting: no VM to start
+            return
         size = console.get_window_size(self.stdio.stdin)
         pty = console.open_console_pty(size)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

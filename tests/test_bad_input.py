@@ -192,3 +192,43 @@ def test_bad_memory_flag(tmp_path: Path, value: str) -> None:
     result = run_supervisor(["run", "--runtime-dir", str(tmp_path / "rt"), "--mem", value])
     assert result.returncode == 64
     assert ("--mem" in result.stderr) or ("$.qemu.memory-mib" in result.stderr), result.stderr
+
+
+@pytest.mark.parametrize("mode", ["fd", "path"])
+def test_virtiofsd_dying_at_start_is_named_with_its_output(
+    guest_assets: guest.GuestAssets, tmp_path: Path, mode: str
+) -> None:
+    """Regression: a virtiofsd dying before QEMU started used to be blamed on QEMU."""
+    fake = tmp_path / "virtiofsd"
+    fake.write_text("#!/bin/sh\necho 'error: cannot open shared dir: Permission denied' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    (tmp_path / "w").mkdir()
+    runtime = tmp_path / "rt"
+    result = run_supervisor(
+        ["run", "--name", "vfs-dies", "--runtime-dir", str(runtime), "--work-dir", str(tmp_path / "w"),
+         "--agent-home", str(tmp_path / "h"), "--virtiofsd", str(fake), "--socket-mode", mode, "--", "true"]
+    )  # fmt: skip
+    assert result.returncode == 75, result.stderr
+    final = result.stderr.strip().splitlines()[-1]
+    assert final.startswith("agentvm-supervise: virtiofsd for share '")
+    assert "exited (status 1)" in final and "cannot open shared dir: Permission denied" in final
+    assert instance_processes("vfs-dies") == []
+    assert leftovers(runtime) == []
+
+
+def test_qemu_failing_at_start_is_reported_with_its_words(
+    guest_assets: guest.GuestAssets, tmp_path: Path
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[qemu]\nextra-args = ["-no-such-option"]\n')
+    (tmp_path / "w").mkdir()
+    runtime = tmp_path / "rt"
+    result = run_supervisor(
+        ["run", "--name", "qemu-fails", "--config", str(config), "--runtime-dir", str(runtime),
+         "--work-dir", str(tmp_path / "w"), "--agent-home", str(tmp_path / "h"), "--", "true"]
+    )  # fmt: skip
+    assert result.returncode == 76, result.stderr
+    final = result.stderr.strip().splitlines()[-1]
+    assert "QEMU" in final and "status 1" in final and "-no-such-option: invalid option" in final
+    assert instance_processes("qemu-fails") == []
+    assert leftovers(runtime) == []
