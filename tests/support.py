@@ -72,10 +72,15 @@ def wait_until_gone(name: str, timeout: float = 10.0) -> list[tuple[int, str]]:
         time.sleep(0.05)
 
 
-def leftovers(runtime_base: Path) -> list[str]:
-    if not runtime_base.exists():
-        return []
-    return sorted(str(path) for path in runtime_base.rglob("*"))
+def leftovers(runtime_base: Path, timeout: float = 0.0) -> list[str]:
+    """Files left under `runtime_base`, waiting up to `timeout` (the watchdog cleans up after a
+    SIGKILLed supervisor asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = sorted(str(path) for path in runtime_base.rglob("*")) if runtime_base.exists() else []
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.02)
 
 
 @dataclass

@@ -141,11 +141,13 @@ def test_children_die_with_a_sigkilled_parent(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(Path.cwd())},
     )
     assert parent.stdout is not None
-    child_pid = int(parent.stdout.readline())
-    assert _alive(child_pid)
-    parent.kill()
-    parent.wait()
-    parent.stdout.close()
+    try:
+        child_pid = int(parent.stdout.readline())
+        assert _alive(child_pid)
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
     deadline = time.monotonic() + 5
     while _alive(child_pid) and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -36,7 +36,7 @@ def _run_args(work: Path, home: Path, runtime: Path, name: str) -> list[str]:
 
 def _assert_nothing_left(name: str, runtime: Path) -> None:
     assert wait_until_gone(name) == []
-    assert leftovers(runtime) == []
+    assert leftovers(runtime, timeout=10) == []
 
 
 def test_command_exit_status_and_file_owner_as_root(guest_assets: guest.GuestAssets, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ set -euo pipefail
 PROG=agentvm-supervise
 STEPS=5
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
-MODULES=(virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio_console fuse virtiofs)
+MODULES=(virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio_console fuse virtiofs button evdev)
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 step() { echo "$PROG: [$1/$STEPS] $2" >&2; }

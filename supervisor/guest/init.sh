@@ -25,7 +25,7 @@ umask 022
 
 # build-assets.sh writes the modules it ships, each after its dependencies, to
 # /lib/modules/load-order (built-in ones are left out)
-MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio_console fuse virtiofs"
+MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio_console fuse virtiofs button evdev"
 DEFAULT_MOUNTS=work:/work,agent-home:/home/agent,cri-storage:/var/lib/containers
 STATUS_PORT=org.agentvm.status
 RESIZE_PORT=org.agentvm.resize
@@ -201,6 +201,17 @@ resize_loop() {
 }
 if [ -d /sys/class/virtio-ports ]; then
 	resize_loop </dev/null >/dev/null 2>&1 &
+fi
+
+# --- graceful power-off --------------------------------------------------------------------
+# The host's graceful stop is ACPI's power button (QMP system_powerdown). busybox acpid runs
+# /etc/acpi/PWRF/00000080 for it: hang up every process but init, as a closed terminal would,
+# and kill what is left after 5 s. The command's exit then lets init report and power off.
+if ls /dev/input/event* >/dev/null 2>&1; then
+	mkdir -p /etc/acpi/PWRF
+	printf '#!/bin/sh\nkill -HUP -1\nsleep 5\nkill -KILL -1\n' >/etc/acpi/PWRF/00000080
+	chmod 0755 /etc/acpi/PWRF/00000080
+	acpid -c /etc/acpi -l /dev/null </dev/null >/dev/null 2>&1 || diag "acpid did not start: the guest ignores the power button"
 fi
 
 # --- the command -----------------------------------------------------------------------------
