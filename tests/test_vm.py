@@ -200,3 +200,22 @@ def test_next_start_cleans_up_after_a_dead_supervisor(
     assert sleeper.wait(timeout=10) == -signal.SIGKILL
     assert not stale.exists()
     _assert_nothing_left("after-stale", runtime)
+
+
+def test_as_root_the_guest_user_maps_to_the_work_dir_owner(
+    guest_assets: guest.GuestAssets, test_user: str, shared_tmp: Path
+) -> None:
+    """Container hosts run the supervisor as root: files must still belong to the project's owner."""
+    uid, gid = user_ids(test_user)
+    work, home = shared_tmp / "work", shared_tmp / "home"
+    work.mkdir()
+    os.chown(work, uid, gid)
+    result = run_supervisor(
+        [*_run_args(work, home, shared_tmp / "rt", "root-owner"), "--",
+         "sh", "-c", "touch /work/f /home/agent/h; ls -ln /work/f"]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for path in (work / "f", home / "h"):
+        assert (path.stat().st_uid, path.stat().st_gid) == (uid, gid), path
+    # The agent home the supervisor created as root belongs to the same owner.
+    assert (home.stat().st_uid, home.stat().st_gid) == (uid, gid)
