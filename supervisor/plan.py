@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor import guest, kvm, runtime
-from supervisor.config import Accel, Config, Share, SocketMode, Timeouts, UidMapping
+from supervisor.config import Accel, Config, Machine, Share, SocketMode, Timeouts, UidMapping
 from supervisor.errors import ExitCode, SupervisorError
+from supervisor.qemu import host_tsc_khz
 from supervisor.virtiofsd import CRI_STORAGE_XATTRMAP, ShareIds, ShareSpec
 
 DEFAULT_AGENT = "claude"
@@ -154,6 +155,11 @@ def _check_source(share: Share, index: int) -> Path:
     return source.resolve() if source.exists() else source
 
 
+def _microvm_tsc_hint(machine: Machine) -> str:
+    khz = host_tsc_khz() if machine is Machine.MICROVM else None
+    return f"tsc_early_khz={khz}" if khz else ""
+
+
 def build_plan(
     config: Config,
     *,
@@ -265,7 +271,7 @@ def build_plan(
             term=env.get("TERM"),
             rows=terminal_size[0] if terminal_size else None,
             cols=terminal_size[1] if terminal_size else None,
-            extra=config.qemu.cmdline,
+            extra=" ".join(filter(None, [_microvm_tsc_hint(config.qemu.machine), config.qemu.cmdline])),
         )
     else:
         kernel = Path(str(config.qemu.kernel)).expanduser()

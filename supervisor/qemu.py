@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,20 @@ class QemuSpec:
     public_qmp_fd: int  # a listening socket the supervisor bound at RUNTIME/qmp.sock
     status_file: Path  # the guest writes its command's exit status to a virtio-serial port
     extra_args: list[str]
+
+
+def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
+    """The host CPU's clock in kHz, for the guest's `tsc_early_khz` on `-M microvm`.
+
+    microvm has no PIT to calibrate the TSC against; without the hint most boots hang at "Marking
+    TSC unstable". Under TCG the guest's TSC runs at the host's rate, so the host's clock is right.
+    """
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return None
+    found = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", text, re.MULTILINE)
+    return round(float(found.group(1)) * 1000) if found else None
 
 
 def qemu_argv(spec: QemuSpec) -> list[str]:

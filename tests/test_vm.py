@@ -152,14 +152,18 @@ def test_kill_9_of_the_runner_stops_every_virtiofsd(guest_assets: guest.GuestAss
     _assert_nothing_left("kill-runner", runtime)
 
 
+@pytest.mark.parametrize("machine", ["q35", "microvm"])
 def test_sigterm_takes_the_graceful_path_then_tears_down(
-    guest_assets: guest.GuestAssets, tmp_path: Path
+    guest_assets: guest.GuestAssets, tmp_path: Path, machine: str
 ) -> None:
-    sup, runtime = _running(tmp_path, "sigterm")
+    sup, runtime = _running(tmp_path, "sigterm", "--machine", machine)
     sup.signal(signal.SIGTERM)  # type: ignore[attr-defined]
     code, _, stderr = sup.finish()  # type: ignore[attr-defined]
     assert code == 128 + signal.SIGTERM, stderr
     assert '"asked the guest to power off"' in stderr  # QMP system_powerdown came first
+    # The built-in guest honours the power button: no need for the QMP quit fallback.
+    assert "did not power off in time" not in stderr
+    assert '"reason": "guest-shutdown"' in stderr
     _assert_nothing_left("sigterm", runtime)
 
 
