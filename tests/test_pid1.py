@@ -164,17 +164,30 @@ def test_pid1_handles_sigterm_before_the_event_loop(tmp_path: Path) -> None:
         sup.kill()
 
 
+# Docker's default capability set: no CAP_SYS_ADMIN, so virtiofsd's "namespace" sandbox is out.
+DOCKER_CAPS = (
+    "-all,+chown,+dac_override,+fsetid,+fowner,+mknod,+net_raw,+setgid,+setuid,+setfcap,+setpcap,"
+    "+net_bind_service,+sys_chroot,+kill,+audit_write"
+)
+
+
 @pytest.mark.vm
-def test_pid1_passes_the_guest_commands_status_through(
+def test_pid1_with_container_capabilities_passes_the_guest_commands_status_through(
     guest_assets: guest.GuestAssets, tmp_path: Path
 ) -> None:
+    """As the README's Containerfile has it: PID 1, no TTY, Docker's capabilities, chroot sandbox."""
     work = tmp_path / "work"
     work.mkdir()
+    os.chown(work, 1234, 1234)  # the project dir's owner, as the container sees it
+    config = tmp_path / "container.toml"
+    config.write_text('[virtiofsd]\nsandbox = "chroot"\n')
     sup = Launched(
         in_new_pid_namespace(
-            [*supervisor_argv(), "run", "--name", "pid1", "--work-dir", str(work),
-             "--agent-home", str(tmp_path / "home"), "--runtime-dir", str(tmp_path / "rt"),
-             "--", "sh", "-c", "echo from-the-guest; exit 7"]
+            ["setpriv", "--bounding-set", DOCKER_CAPS, "--inh-caps", "-all", "--",
+             *supervisor_argv(), "run", "--config", str(config), "--name", "pid1",
+             "--work-dir", str(work), "--agent-home", str(tmp_path / "home"),
+             "--runtime-dir", str(tmp_path / "rt"),
+             "--", "sh", "-c", "echo from-the-guest > /work/f; cat /work/f; exit 7"]
         ),
         tmp_path,
     )  # fmt: skip
@@ -182,6 +195,8 @@ def test_pid1_passes_the_guest_commands_status_through(
     # No TTY: stdout is the guest's console and nothing else, stderr is JSON lines only.
     assert sup.output == b"from-the-guest\r\n"
     assert all(line.startswith("{") for line in sup.stderr().splitlines()), sup.stderr()
+    info = (work / "f").stat()
+    assert (info.st_uid, info.st_gid) == (1234, 1234)  # the guest's uid 1000 became the owner's
     assert wait_until_gone("pid1") == []
     assert leftovers(tmp_path / "rt") == []
 
