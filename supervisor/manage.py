@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import select
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -258,7 +259,7 @@ def format_status(status: control.InstanceStatus) -> str:
         f"up {_duration(now - status.started)}",
         f"guest     {guest}",
         f"          accelerator: {status.accelerator_reason}" if status.accelerator_reason else "",
-        f"command   {' '.join(status.command)}" if status.command else "command   (interactive shell)",
+        f"command   {shlex.join(status.command)}" if status.command else "command   (interactive shell)",
         f"work dir  {status.work_dir or '-'}",
         f"runtime   {status.runtime_dir}",
         f"console   {'attached' if status.console_attached else 'not attached'}",
