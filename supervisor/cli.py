@@ -18,9 +18,10 @@ from typing import Any, NoReturn
 
 import anyio
 
-from supervisor import __version__, config, console, logs, plan
+from supervisor import __version__, config, console, logs, manage, pid1, plan
 from supervisor.errors import ExitCode, SupervisorError
-from supervisor.vm import Instance, Stdio
+from supervisor.notify import Notifier
+from supervisor.vm import Host, Instance, Stdio
 from supervisor.watchdog import Watchdog
 
 PROG = "agentvm-supervise"
@@ -80,7 +81,13 @@ def _parser() -> _Parser:
     run.add_argument("-v", "--verbose", action="store_true", help="log the whole lifecycle")
     run.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     run.add_argument("--log-format", choices=["human", "json"], help="default: human on a terminal")
+    run.add_argument(
+        "--subreaper",
+        action="store_true",
+        help="adopt and reap orphaned descendants (automatic when running as PID 1)",
+    )
     run.add_argument("guest_command", nargs=argparse.REMAINDER, help="-- CMD ARGS... to run in the guest")
+    manage.add_parsers(commands)
     return parser
 
 
@@ -107,7 +114,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
     command = list(args.guest_command)
     if command and command[0] == "--":
         command = command[1:]
@@ -125,30 +132,41 @@ def _run(args: argparse.Namespace) -> int:
         command=command or None,
         terminal_size=console.get_window_size(stdin_fd),
     )
+    host = Host(subreaper=args.subreaper, notifier=Notifier.from_env(os.environ), stop_signals=stop_signals)
+    # From here on a stop signal is handled by the instance (graceful stop), not by unwinding.
+    stop_signals.defer()
     # Forked before the event loop starts: fork is only safe while there are no threads.
     watchdog = Watchdog.start(tty_fd=stdin_fd if os.isatty(stdin_fd) else None)
     try:
-        instance = Instance(checked, watchdog, Stdio(stdin_fd, stdout_fd, args.escape_key))
+        instance = Instance(checked, watchdog, Stdio(stdin_fd, stdout_fd, args.escape_key), host)
         return anyio.run(instance.run)
     finally:
+        stop_signals.defer()  # the loop left SIG_DFL behind, which PID 1 would silently ignore
         watchdog.close()
+        host.notifier.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     debug = False
+    # First of all: as PID 1, a signal without a handler is dropped by the kernel (see pid1.py).
+    stop_signals = pid1.StopSignals().install()
     try:
         args = _parser().parse_args(argv)
         debug = bool(getattr(args, "debug", False))
         if args.command is None:
             _parser().print_help(sys.stderr)
             return ExitCode.USAGE
-        level = logging.DEBUG if debug else (logging.INFO if args.verbose else None)
-        fmt = {"json": True, "human": False}.get(args.log_format or "")
+        level = logging.DEBUG if debug else (logging.INFO if getattr(args, "verbose", False) else None)
+        fmt = {"json": True, "human": False}.get(getattr(args, "log_format", None) or "")
         logs.configure(json=fmt, level=level)
-        return _run(args)
+        if args.command != "run":
+            return manage.run_verb(args)
+        return _run(args, stop_signals)
     except SupervisorError as exc:
         print(f"{PROG}: {exc.message}", file=sys.stderr)
         return int(exc.exit_code)
+    except pid1.StopRequested as stop:
+        return ExitCode.SIGNAL_BASE + stop.signum
     except KeyboardInterrupt:
         return ExitCode.SIGNAL_BASE + 2
     except Exception:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from supervisor import guest, kvm, runtime
+from supervisor import control, guest, kvm, runtime
 from supervisor.config import Accel, Config, Machine, Share, SocketMode, Timeouts, UidMapping
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.qemu import host_tsc_khz
@@ -57,6 +57,10 @@ class Plan:
     @property
     def status_file(self) -> Path:
         return self.instance_dir / "guest-status"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.instance_dir / control.SOCKET_NAME
 
 
 def project_basename(work_dir: Path) -> str:
@@ -226,6 +230,7 @@ def build_plan(
         )
     runtime.check_socket_path(instance_dir / "qmp.sock", "QMP")
     runtime.check_socket_path(instance_dir / "console.sock", "the console")
+    runtime.check_socket_path(instance_dir / control.SOCKET_NAME, "the control socket")
 
     qemu_binary = _find_binary(
         config.qemu.binary,

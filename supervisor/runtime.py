@@ -41,6 +41,9 @@ class InstanceState(msgspec.Struct, frozen=True):
     created: float
     work_dir: str | None = None
     groups: tuple[GroupRecord, ...] = ()
+    # The inode of the supervisor's PID namespace (0: unknown). Its pids mean nothing in another
+    # namespace: a runtime dir shared with a container must not make us kill by foreign pids.
+    pid_ns: int = 0
 
 
 def default_base(env: Mapping[str, str], uid: int) -> Path:
@@ -136,7 +139,22 @@ def process_alive(pid: int, start_ticks: int) -> bool:
         return False
 
 
+def pid_namespace() -> int:
+    try:
+        return Path("/proc/self/ns/pid").stat().st_ino
+    except OSError:
+        return 0
+
+
+def in_our_pid_namespace(state: InstanceState) -> bool:
+    return state.pid_ns in (0, pid_namespace())
+
+
 def is_stale(state: InstanceState) -> bool:
+    """True when the supervisor that wrote `state` is gone. An instance of another PID namespace
+    (a container sharing this runtime dir) cannot be judged from here and is never stale."""
+    if not in_our_pid_namespace(state):
+        return False
     return not process_alive(state.supervisor_pid, state.supervisor_start_ticks)
 
 

@@ -17,13 +17,14 @@ import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import structlog
 
-from supervisor import console, guest, readiness, runtime
+from supervisor import console, control, guest, pid1, readiness, runtime
 from supervisor.children import (
     Child,
     ChildSpec,
@@ -34,6 +35,7 @@ from supervisor.children import (
 )
 from supervisor.config import Machine, SocketMode
 from supervisor.errors import ExitCode, SupervisorError
+from supervisor.notify import Notifier
 from supervisor.plan import Plan
 from supervisor.qemu import QemuSpec, qemu_argv
 from supervisor.qmp import QmpClient, QmpError
@@ -52,11 +54,12 @@ class Outcome:
 
     signal: int | None = None
     stopped_from_console: bool = False
+    stopped_by_control: bool = False  # `agentvm-supervise stop`: exits as if by SIGTERM
     error: SupervisorError | None = None
     shutting_down: anyio.Event = field(default_factory=anyio.Event)
 
     def fail(self, error: SupervisorError) -> None:
-        if self.error is None and self.signal is None:
+        if self.error is None and self.signal is None and not self.stopped_by_control:
             self.error = error
 
 
@@ -67,11 +70,28 @@ class Stdio:
     escape: int | None = console.ESCAPE_DEFAULT
 
 
+@dataclass(frozen=True)
+class Host:
+    """What the host around the supervisor asks of it (container hosts, service managers)."""
+
+    subreaper: bool = False  # reap adopted orphans (always when PID 1)
+    notifier: Notifier = field(default_factory=lambda: Notifier(None))
+    stop_signals: pid1.StopSignals | None = None  # signals that arrived before the loop took over
+
+
 class Instance:
-    def __init__(self, plan: Plan, watchdog: Watchdog, stdio: Stdio) -> None:
+    def __init__(self, plan: Plan, watchdog: Watchdog, stdio: Stdio, host: Host | None = None) -> None:
         self.plan = plan
         self.watchdog = watchdog
         self.stdio = stdio
+        self.host = host if host is not None else Host()
+        # The console hook for `status`: whoever connects or disconnects a user's terminal to the
+        # console (the proxy on our own stdio today, an attach socket later) keeps this up to date.
+        self.console_attached = False
+        self.started = time.time()
+        self.stop_cause: str | None = None
+        self._stop_deadline: float | None = None
+        self._everything: anyio.CancelScope | None = None
         self.outcome = Outcome()
         self.children: list[Child] = []
         self.runner: Child | None = None
@@ -95,6 +115,7 @@ class Instance:
                 created=runtime.now(),
                 work_dir=str(self.plan.work_dir) if self.plan.work_dir else None,
                 groups=tuple(self._state_groups),
+                pid_ns=runtime.pid_namespace(),
             ),
         )
 
@@ -110,14 +131,21 @@ class Instance:
     def request_stop(self) -> None:
         self._stop_requested.set()
 
+    def _stopping(self, cause: str) -> None:
+        """Teardown begins: remember the first cause and tell the service manager."""
+        if self.stop_cause is None:
+            self.stop_cause = cause
+            self.host.notifier.stopping(f"stopping {self.plan.instance}: {cause}")
+
     async def _graceful_stop(self, runner: Child) -> None:
         """system_powerdown, a deadline, QMP quit, a deadline, then the group kill in run_child."""
         timeouts = self.plan.timeouts
+        graceful = self._stop_deadline if self._stop_deadline is not None else timeouts.graceful_stop
         if self.qmp is not None:
             try:
                 await self.qmp.execute("system_powerdown")
-                self.log.info("asked the guest to power off", deadline_s=timeouts.graceful_stop)
-                with anyio.move_on_after(timeouts.graceful_stop):
+                self.log.info("asked the guest to power off", deadline_s=graceful)
+                with anyio.move_on_after(graceful):
                     await runner.exited.wait()
                     return
                 self.log.warning("the guest did not power off in time; quitting QEMU")
@@ -130,19 +158,73 @@ class Instance:
         runner.stop()
 
     async def _handle_signals(self, everything: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        with anyio.open_signal_receiver(*pid1.STOP_SIGNALS) as signals:
+            # Signals that came after the loop started but before this receiver existed.
+            early = self.host.stop_signals.take() if self.host.stop_signals is not None else []
+            for signum in early:
+                self._on_signal(signum, everything)
             async for signum in signals:
-                first = self.outcome.signal is None
-                if first:
-                    self.outcome.signal = signum
-                    self.log.warning("stopping on signal", signal=signal.Signals(signum).name)
-                if self.runner is None:  # still starting: nothing to power off, stop it all now
-                    everything.cancel()
-                elif first:
-                    self.request_stop()
-                else:  # a second signal: no more patience
-                    self.log.warning("second signal: stopping now")
-                    self.runner.stop()
+                self._on_signal(signum, everything)
+
+    def _on_signal(self, signum: int, everything: anyio.CancelScope) -> None:
+        first = self.outcome.signal is None
+        if first:
+            self.outcome.signal = signum
+            self.log.warning("stopping on signal", signal=signal.Signals(signum).name)
+            self._stopping(f"signal {signal.Signals(signum).name}")
+        if self.runner is None:  # still starting: nothing to power off, stop it all now
+            everything.cancel()
+        elif first:
+            self.request_stop()
+        else:  # a second signal: no more patience
+            self.log.warning("second signal: stopping now")
+            self.runner.stop()
+
+    # ---- the control socket (control.Controlled) ---------------------------------------------
+
+    def control_stop(self, deadline: float | None) -> None:
+        if self.stop_cause is not None:
+            return  # already stopping; the first stop's deadline stands
+        self.outcome.stopped_by_control = True
+        self._stop_deadline = deadline
+        self._stopping("stop requested on the control socket")
+        if self.runner is None:
+            if self._everything is not None:
+                self._everything.cancel()
+        else:
+            self.request_stop()
+
+    def control_status(self) -> control.InstanceStatus:
+        plan = self.plan
+        runner = self.runner
+        phase: control.Phase = "running"
+        if runner is None:
+            phase = "starting"
+        if self.stop_cause is not None or (runner is not None and runner.exited.is_set()):
+            phase = "stopping"
+        return control.InstanceStatus(
+            instance=plan.instance,
+            phase=phase,
+            supervisor_pid=os.getpid(),
+            started=self.started,
+            runtime_dir=str(plan.instance_dir),
+            work_dir=str(plan.work_dir) if plan.work_dir else None,
+            accelerator=plan.accel.value,
+            accelerator_reason=plan.accel_reason,
+            machine=plan.machine,
+            memory_mib=plan.memory_mib,
+            vcpus=plan.vcpus,
+            guest="built-in" if plan.builtin_guest else str(plan.kernel),
+            command=plan.command,
+            console_attached=self.console_attached,
+            stop_cause=self.stop_cause,
+            children=[control.child_info(child) for child in self.children],
+            shares=[control.share_info(share) for share in plan.shares],
+        )
+
+    def _is_own_child(self, pid: int) -> bool:
+        """For the orphan reaper: a child children.py has started and not yet reaped."""
+        return any(child.pid == pid and child.status is None for child in self.children)
 
     async def _stop_when_requested(self, runner: Child) -> None:
         await self._stop_requested.wait()
@@ -310,9 +392,12 @@ class Instance:
                 self.log.info("vm started", accel=plan.accel.value, why=plan.accel_reason)
                 self.qmp = QmpClient(ours, self._on_qmp_event)
                 tg.start_soon(self.qmp.run)
+                tg.start_soon(self._announce_ready, self.qmp)
                 tg.start_soon(self._stop_when_requested, runner)
                 tg.start_soon(self._proxy_console, pty)
                 await runner.exited.wait()
+                failed = self.outcome.error is not None
+                self._stopping("a share failed" if failed else f"the VM exited ({runner.describe_status()})")
                 # The guest's last words are still in the PTY; the proxy sees EOF once they are out.
                 with anyio.move_on_after(1.0):
                     await self._console_done.wait()
@@ -321,11 +406,21 @@ class Instance:
             pty.close()
             ours.close()
 
+    async def _announce_ready(self, qmp: QmpClient) -> None:
+        """READY=1 once QEMU answers on QMP: spawned is not ready."""
+        await qmp.ready.wait()
+        if not qmp.closed.is_set() and self.stop_cause is None:
+            plan = self.plan
+            self.log.info("ready")
+            self.host.notifier.ready(f"running {plan.instance} ({plan.accel.value}, pid {os.getpid()})")
+
     async def _proxy_console(self, pty: console.ConsolePty) -> None:
         def stop_from_console() -> None:
             self.outcome.stopped_from_console = True
+            self._stopping("the console's stop key")
             self.request_stop()
 
+        self.console_attached = os.isatty(self.stdio.stdin)
         try:
             await console.proxy(
                 pty,
@@ -335,6 +430,7 @@ class Instance:
                 on_stop=stop_from_console,
             )
         finally:
+            self.console_attached = False
             self._console_done.set()
 
     # ---- the whole instance ------------------------------------------------------------------
@@ -363,12 +459,19 @@ class Instance:
         runtime.create_instance_dir(plan.base_dir, plan.instance)
         self.watchdog.guard_dir(plan.instance_dir)
         self._supervisor_ticks = read_start_ticks(os.getpid())
+        notifier = self.host.notifier
         try:
             self._record_state()
             self.log.info("instance", runtime_dir=str(plan.instance_dir))
+            notifier.status(f"starting {plan.instance}")
             try:
                 async with anyio.create_task_group() as everything:
+                    self._everything = everything.cancel_scope
                     everything.start_soon(self._handle_signals, everything.cancel_scope)
+                    if self.host.subreaper or pid1.is_init():
+                        pid1.become_subreaper()
+                        everything.start_soon(pid1.reap_orphans, self._is_own_child)
+                    await everything.start(control.Server(plan.control_socket, self).serve)
                     async with anyio.create_task_group() as shares:
                         await self._start_shares(shares)
                         await self._run_vm()
@@ -385,6 +488,7 @@ class Instance:
             if plan.builtin_guest:
                 self.report = guest.read_status(plan.status_file)
         finally:
+            self._stopping("the instance ended")
             runtime.remove_instance_dir(plan.instance_dir)
         return self._exit_code()
 
@@ -392,6 +496,8 @@ class Instance:
         outcome = self.outcome
         if outcome.signal is not None:
             return ExitCode.SIGNAL_BASE + outcome.signal
+        if outcome.stopped_by_control:
+            return ExitCode.SIGNAL_BASE + signal.SIGTERM
         if outcome.error is not None:
             raise outcome.error
         runner = self.runner
