@@ -101,6 +101,7 @@ class Instance:
         self._console_done = anyio.Event()
         self._state_groups: list[runtime.GroupRecord] = []
         self._supervisor_ticks = 0
+        self._created = runtime.now()  # the instance's start, kept across state rewrites
         self.report = guest.GuestReport(None, None)
 
     # ---- state file and watchdog -------------------------------------------------------------
@@ -112,7 +113,7 @@ class Instance:
                 instance=self.plan.instance,
                 supervisor_pid=os.getpid(),
                 supervisor_start_ticks=self._supervisor_ticks,
-                created=runtime.now(),
+                created=self._created,
                 work_dir=str(self.plan.work_dir) if self.plan.work_dir else None,
                 groups=tuple(self._state_groups),
                 pid_ns=runtime.pid_namespace(),
@@ -142,15 +143,17 @@ class Instance:
         timeouts = self.plan.timeouts
         graceful = self._stop_deadline if self._stop_deadline is not None else timeouts.graceful_stop
         if self.qmp is not None:
+            # Each step has its deadline around the QMP call too: a QEMU that never finished the
+            # QMP handshake must not hold the stop path forever.
             try:
-                await self.qmp.execute("system_powerdown")
-                self.log.info("asked the guest to power off", deadline_s=graceful)
                 with anyio.move_on_after(graceful):
+                    await self.qmp.execute("system_powerdown")
+                    self.log.info("asked the guest to power off", deadline_s=graceful)
                     await runner.exited.wait()
                     return
                 self.log.warning("the guest did not power off in time; quitting QEMU")
-                await self.qmp.execute("quit")
                 with anyio.move_on_after(timeouts.quit):
+                    await self.qmp.execute("quit")
                     await runner.exited.wait()
                     return
             except QmpError as exc:
