@@ -256,3 +256,69 @@ def _reap(child: Child, proc: subprocess.Popen[bytes], log: structlog.typing.Fil
         status = proc.wait()
     child.status = status
     log.info("exited", status=describe_status(status))
+
+
+# ---- short probes for the preflight checks (doctor, and `run` before anything starts) ----------
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    status: int | None  # None: it could not be run, or was killed at its deadline
+    output: str  # stdout and stderr, interleaved
+    error: str | None = None  # why it could not be run
+
+
+def probe(argv: Sequence[str], *, timeout: float = 10.0) -> ProbeResult:
+    """Run a query to completion (`--version`, `-device help`) in its own process group.
+
+    Synchronous on purpose: probes run before the event loop and before any child exists.
+    """
+    try:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "LC_ALL": "C"},  # stable, parseable help texts
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as exc:
+        return ProbeResult(None, "", exc.strerror or str(exc))
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return ProbeResult(None, out.decode(errors="replace"), f"no answer within {timeout:g} s")
+    return ProbeResult(proc.returncode, out.decode(errors="replace"))
+
+
+def probe_unshare(steps: Sequence[int]) -> tuple[int, int]:
+    """Call unshare(flags) for each of `steps` in a forked child, the way virtiofsd's sandbox does.
+
+    Returns (-1, 0) when every step worked, else (index of the failing step, errno; errno 0 if the
+    child died). Like the watchdog's fork, this runs before the event loop, while there are no threads.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        result = b"-1 0"
+        for index, flags in enumerate(steps):
+            if libc.unshare(flags) != 0:
+                result = b"%d %d" % (index, ctypes.get_errno())
+                break
+        os.write(write_fd, result)
+        os._exit(0)
+    os.close(write_fd)
+    try:
+        data = os.read(read_fd, 64)
+    finally:
+        os.close(read_fd)
+        os.waitpid(pid, 0)
+    if not data:
+        return 0, 0
+    step, err = data.split()
+    return int(step), int(err)

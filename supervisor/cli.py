@@ -8,7 +8,9 @@ traceback under --debug.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import math
 import os
 import sys
 import traceback
@@ -17,8 +19,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import anyio
+import structlog
 
-from supervisor import __version__, config, console, logs, manage, pid1, plan
+from supervisor import __version__, config, console, doctor, kvm_watch, logs, manage, pid1, plan
+from supervisor.checks import Status
+from supervisor.config import Accel
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.notify import Notifier
 from supervisor.vm import Host, Instance, Stdio
@@ -49,6 +54,42 @@ def _escape_key(value: str) -> int | None:
     )
 
 
+def _wait_timeout(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(
+            f"invalid --wait-kvm timeout '{value}': give seconds > 0 (e.g. --wait-kvm=30), or no value "
+            "to wait as long as it takes"
+        )
+    return seconds
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags laid over the config file: the same for `run` and `doctor`."""
+    parser.add_argument("--config", type=Path, help="TOML config file (see docs/config.md)")
+    parser.add_argument("--work-dir", help="project dir mounted at /work (default: current dir)")
+    parser.add_argument("--agent-home", help="host dir mounted at /home/agent")
+    parser.add_argument("--runtime-dir", help="base dir for instance dirs (sockets, state)")
+    parser.add_argument("--name", help="instance name prefix (default: agentvm)")
+    parser.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default: auto)")
+    parser.add_argument("--kvm-device", metavar="PATH", help="the KVM node to check and wait for (/dev/kvm)")
+    parser.add_argument("--machine", choices=["q35", "microvm"], help="QEMU machine type")
+    parser.add_argument("--mem", type=int, metavar="MIB", help="guest memory in MiB")
+    parser.add_argument("--vcpus", type=int, help="guest vCPUs")
+    parser.add_argument("--qemu", metavar="BINARY", help="QEMU binary")
+    parser.add_argument("--virtiofsd", metavar="BINARY", help="virtiofsd binary")
+    parser.add_argument("--socket-mode", choices=["fd", "path"], help="how virtiofsd gets its socket")
+    parser.add_argument(
+        "--sandbox-fallback",
+        action="store_const",
+        const=True,
+        help="where namespaces are unavailable, run virtiofsd without them (weaker isolation)",
+    )
+
+
 def _parser() -> _Parser:
     parser = _Parser(prog=PROG, description="Run an AI coding agent in a throw-away microVM.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -60,18 +101,16 @@ def _parser() -> _Parser:
         "project dir at /work, and proxy its console. With -- CMD ARGS..., run CMD in the built-in "
         "guest instead of a shell and exit with its status.",
     )
-    run.add_argument("--config", type=Path, help="TOML config file (see docs/config.md)")
-    run.add_argument("--work-dir", help="project dir mounted at /work (default: current dir)")
-    run.add_argument("--agent-home", help="host dir mounted at /home/agent")
-    run.add_argument("--runtime-dir", help="base dir for instance dirs (sockets, state)")
-    run.add_argument("--name", help="instance name prefix (default: agentvm)")
-    run.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default: auto)")
-    run.add_argument("--machine", choices=["q35", "microvm"], help="QEMU machine type")
-    run.add_argument("--mem", type=int, metavar="MIB", help="guest memory in MiB")
-    run.add_argument("--vcpus", type=int, help="guest vCPUs")
-    run.add_argument("--qemu", metavar="BINARY", help="QEMU binary")
-    run.add_argument("--virtiofsd", metavar="BINARY", help="virtiofsd binary")
-    run.add_argument("--socket-mode", choices=["fd", "path"], help="how virtiofsd gets its socket")
+    _add_config_flags(run)
+    run.add_argument(
+        "--wait-kvm",
+        nargs="?",
+        const=math.inf,
+        type=_wait_timeout,
+        metavar="TIMEOUT",
+        help="wait (up to TIMEOUT seconds; no value: no limit) for the KVM device to appear and be "
+        "usable by this user, instead of failing or falling back to TCG",
+    )
     run.add_argument(
         "--escape-key",
         type=_escape_key,
@@ -87,6 +126,16 @@ def _parser() -> _Parser:
         help="adopt and reap orphaned descendants (automatic when running as PID 1)",
     )
     run.add_argument("guest_command", nargs=argparse.REMAINDER, help="-- CMD ARGS... to run in the guest")
+    doctor_cmd = commands.add_parser(
+        "doctor",
+        help="check every precondition of a VM start, with remedies",
+        description="Check every precondition of `run` with this configuration (the same checks run "
+        "makes before it starts anything) and say how to fix what fails. Exits 0 only if a VM can "
+        "start. Creates nothing.",
+    )
+    _add_config_flags(doctor_cmd)
+    doctor_cmd.add_argument("--json", action="store_true", help="a JSON report instead of the table")
+    doctor_cmd.add_argument("--debug", action="store_true", help="tracebacks of internal errors")
     manage.add_parsers(commands)
     return parser
 
@@ -100,18 +149,48 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
     qemu = {
         "accel": args.accel,
+        "kvm-device": args.kvm_device,
         "machine": args.machine,
         "memory-mib": args.mem,
         "vcpus": args.vcpus,
         "binary": args.qemu,
     }
-    virtiofsd = {"binary": args.virtiofsd, "socket-mode": args.socket_mode}
+    virtiofsd = {
+        "binary": args.virtiofsd,
+        "socket-mode": args.socket_mode,
+        "sandbox-fallback": args.sandbox_fallback,
+    }
     result: dict[str, Any] = {key: value for key, value in top.items() if value is not None}
     for section, values in (("qemu", qemu), ("virtiofsd", virtiofsd)):
         present = {key: value for key, value in values.items() if value is not None}
         if present:
             result[section] = present
     return result
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config, _overrides(args))
+    report = doctor.diagnose(cfg, env=os.environ, cwd=Path.cwd())
+    if args.json:
+        sys.stdout.buffer.write(doctor.render_json(report))
+    else:
+        sys.stdout.write(doctor.render_table(report))
+    sys.stdout.flush()
+    return report.exit_code
+
+
+def _wait_for_kvm(cfg: config.Config, timeout: float) -> None:
+    if cfg.qemu.accel is Accel.TCG:
+        return  # nothing to wait for
+    device = Path(cfg.qemu.kvm_device).expanduser()
+    anyio.run(functools.partial(kvm_watch.wait_for_device, device, timeout=timeout))
+
+
+def _log_warnings(checked: plan.Plan) -> None:
+    log = structlog.get_logger()
+    for check in checked.checks:
+        if check.status is Status.WARN:
+            log.warning(check.summary, check=check.name, remedy=check.remedy)
 
 
 def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
@@ -124,6 +203,8 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
             f"'{PROG} run -- make test'"
         )
     cfg = config.load(args.config, _overrides(args))
+    if args.wait_kvm is not None:
+        _wait_for_kvm(cfg, args.wait_kvm)
     stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
     checked = plan.build_plan(
         cfg,
@@ -132,6 +213,7 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
         command=command or None,
         terminal_size=console.get_window_size(stdin_fd),
     )
+    _log_warnings(checked)
     host = Host(subreaper=args.subreaper, notifier=Notifier.from_env(os.environ), stop_signals=stop_signals)
     # From here on a stop signal is handled by the instance (graceful stop), not by unwinding.
     stop_signals.defer()
@@ -156,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             _parser().print_help(sys.stderr)
             return ExitCode.USAGE
+        if args.command == "doctor":
+            return _doctor(args)
         level = logging.DEBUG if debug else (logging.INFO if getattr(args, "verbose", False) else None)
         fmt = {"json": True, "human": False}.get(getattr(args, "log_format", None) or "")
         logs.configure(json=fmt, level=level)

@@ -84,6 +84,9 @@ class Virtiofsd(_Strict, frozen=True):
     binary: str | None = None  # None: the built-in guest's virtiofsd, else `virtiofsd` on PATH
     socket_mode: SocketMode = SocketMode.FD
     sandbox: str = "namespace"
+    # Where namespaces are unavailable (a container's seccomp profile, a sysctl): run virtiofsd with
+    # --sandbox=none (chroot as root) and --translate-uid/gid instead of failing. Off by default.
+    sandbox_fallback: bool = False
     extra_args: list[str] = []
 
 
@@ -91,6 +94,8 @@ class Qemu(_Strict, frozen=True):
     binary: str = "qemu-system-x86_64"
     machine: Machine = Machine.Q35
     accel: Accel = Accel.AUTO
+    # The node the supervisor checks and waits for; QEMU itself always opens /dev/kvm.
+    kvm_device: str = "/dev/kvm"
     cpu: str | None = None  # None: "host" under KVM, "max" under TCG
     kernel: str | None = None  # None (with initrd None): the built-in guest
     initrd: str | None = None

@@ -61,6 +61,21 @@ def cache_root(env: Mapping[str, str]) -> Path:
     return Path(env.get("HOME", "/root")) / ".cache" / "agentvm-supervise"
 
 
+def cached_assets(env: Mapping[str, str]) -> GuestAssets | None:
+    """The assets if they are built already; never builds."""
+    assets = GuestAssets(cache_root(env) / f"guest-{assets_hash()}")
+    return assets if all((assets.directory / name).exists() for name in ASSET_FILES) else None
+
+
+def asset_versions(assets: GuestAssets) -> dict[str, str]:
+    """VERSIONS, as build-assets.sh wrote it: kernel, busybox, virtiofsd, ... (empty if unreadable)."""
+    try:
+        text = (assets.directory / "VERSIONS").read_text()
+    except OSError:
+        return {}
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
 def ensure_assets(env: Mapping[str, str]) -> GuestAssets:
     """Return the cached assets, building them first (with progress on stderr) if missing."""
     root = cache_root(env)

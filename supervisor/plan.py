@@ -1,8 +1,10 @@
 """From configuration to a checked plan: everything `run` needs, validated before anything starts.
 
 This is where the filesystem and the environment are looked at (config.py does neither): share
-directories, binaries, /dev/kvm, the uid mapping, socket path lengths. Every failure here is a
-SupervisorError raised while nothing exists yet, so a bad input leaves nothing behind.
+directories and the uid mapping here, then the environment's preconditions (binaries, /dev/kvm,
+namespaces, socket path lengths, ...) as `checks`, which `doctor` lists in the same order. Every
+failure here is a SupervisorError raised while nothing exists yet, so a bad input leaves nothing
+behind.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from supervisor import control, guest, kvm, runtime
+from supervisor import checks, control, guest, kvm, runtime
 from supervisor.config import Accel, Config, Machine, Share, SocketMode, Timeouts, UidMapping
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.qemu import host_tsc_khz
-from supervisor.virtiofsd import CRI_STORAGE_XATTRMAP, ShareIds, ShareSpec
+from supervisor.virtiofsd import CRI_STORAGE_XATTRMAP, ShareIds, ShareSpec, virtiofsd_argv
 
 DEFAULT_AGENT = "claude"
 
@@ -49,6 +51,8 @@ class Plan:
     command: list[str] | None
     timeouts: Timeouts
     work_dir: Path | None
+    kvm_device: Path = kvm.DEFAULT_DEVICE  # what the supervisor checks and watches; QEMU opens /dev/kvm
+    checks: tuple[checks.Check, ...] = ()  # the preflight, warnings included
 
     @property
     def qmp_socket(self) -> Path:
@@ -75,25 +79,6 @@ def default_agent_home(work_dir: Path, env: Mapping[str, str], agent: str = DEFA
     return Path(data_home) / f"{agent}-microvm" / f"{project_basename(work_dir)}-{digest}"
 
 
-def _find_binary(name: str, what: str, remedy: str) -> str:
-    if "/" in name:
-        path = Path(name)
-        if not path.is_file():
-            raise SupervisorError(f"{what} {name} does not exist: {remedy}", exit_code=ExitCode.UNAVAILABLE)
-        if not os.access(path, os.X_OK):
-            raise SupervisorError(
-                f"{what} {name} is not executable by this user: chmod +x it, or {remedy}",
-                exit_code=ExitCode.UNAVAILABLE,
-            )
-        return str(path.resolve())
-    found = shutil.which(name)
-    if found is None:
-        raise SupervisorError(
-            f"{what} '{name}' was not found on PATH: {remedy}", exit_code=ExitCode.UNAVAILABLE
-        )
-    return found
-
-
 def _default_shares(work_dir: Path, agent_home: Path) -> list[Share]:
     return [
         Share(tag="work", source=str(work_dir), guest_path="/work"),
@@ -106,6 +91,26 @@ def _default_shares(work_dir: Path, agent_home: Path) -> list[Share]:
             create=True,
         ),
     ]
+
+
+def _without_user_namespace(share: ShareSpec) -> ShareSpec:
+    """The sandbox fallback: virtiofsd translates the guest ids itself instead of a user namespace."""
+    if share.ids.mapping is not UidMapping.USER_NAMESPACE:
+        return share
+    return replace(share, ids=replace(share.ids, mapping=UidMapping.TRANSLATE))
+
+
+def _virtiofsd_flags_used(
+    shares: Sequence[ShareSpec], *, socket_mode: SocketMode, sandbox: str, extra_args: Sequence[str]
+) -> list[tuple[str, str]]:
+    """(flag, share) for every flag the virtiofsd command lines of this plan will carry."""
+    used = []
+    for share in shares:
+        argv = virtiofsd_argv(
+            "virtiofsd", share, socket_mode=socket_mode, fd=3, sandbox=sandbox, extra_args=list(extra_args)
+        )
+        used += [(arg.split("=", 1)[0], f"share '{share.tag}'") for arg in argv[1:] if arg.startswith("--")]
+    return used
 
 
 def _resolve_ids(share: Share, index: int, source: Path, owner: os.stat_result, euid: int) -> ShareIds:
@@ -171,8 +176,15 @@ def build_plan(
     cwd: Path,
     command: Sequence[str] | None,
     terminal_size: tuple[int, int] | None = None,
-    kvm_assessment: kvm.KvmAssessment | None = None,
+    preflight: checks.Preflight | None = None,
 ) -> Plan:
+    """Check the inputs (each bad one raises at once), then the environment's preconditions.
+
+    The preconditions go through `preflight`: a strict one (the default: `run`) raises the first
+    failing check's error; a lenient one (`doctor`) records every check, and the plan it returns
+    only serves that report.
+    """
+    preflight = preflight if preflight is not None else checks.Preflight(strict=True)
     euid = os.geteuid()
     work_dir: Path | None = None
     if config.shares is None or config.work_dir is not None:
@@ -206,6 +218,7 @@ def build_plan(
     owner_path = work_dir
     seen: set[str] = set()
     shares: list[ShareSpec] = []
+    sockets: list[tuple[Path, str]] = []
     for index, share in enumerate(shares_config):
         if share.tag in seen:
             raise SupervisorError(f"two shares use the tag '{share.tag}': every share needs its own tag")
@@ -214,7 +227,7 @@ def build_plan(
         owner = (owner_path or (source if source.exists() else source.parent)).stat()
         ids = _resolve_ids(share, index, source, owner, euid)
         socket_path = instance_dir / f"{share.tag}.sock"
-        runtime.check_socket_path(socket_path, f"share '{share.tag}'")
+        sockets.append((socket_path, f"share '{share.tag}'"))
         shares.append(
             ShareSpec(
                 tag=share.tag,
@@ -228,18 +241,11 @@ def build_plan(
                 socket_path=socket_path,
             )
         )
-    runtime.check_socket_path(instance_dir / "qmp.sock", "QMP")
-    runtime.check_socket_path(instance_dir / "console.sock", "the console")
-    runtime.check_socket_path(instance_dir / control.SOCKET_NAME, "the control socket")
-
-    qemu_binary = _find_binary(
-        config.qemu.binary,
-        "the QEMU binary",
-        "install QEMU (apt-get install qemu-system-x86) or set qemu.binary / --qemu",
-    )
-    assessment = kvm_assessment if kvm_assessment is not None else kvm.assess_kvm()
-    accel, accel_reason = kvm.choose_accel(config.qemu.accel, assessment)
-    cpu = config.qemu.cpu or ("host" if accel is Accel.KVM else "max")
+    sockets += [
+        (instance_dir / "qmp.sock", "QMP"),
+        (instance_dir / "console.sock", "the console"),
+        (instance_dir / control.SOCKET_NAME, "the control socket"),
+    ]
 
     builtin = config.qemu.kernel is None
     if not builtin and command:
@@ -247,26 +253,7 @@ def build_plan(
             "a guest command (after --) needs the built-in guest, which knows how to run it and report "
             "its status; with your own qemu.kernel, put the command in the guest's own configuration",
         )
-    assets: guest.GuestAssets | None = None
-    virtiofsd_name = config.virtiofsd.binary
-    if builtin or virtiofsd_name is None:
-        if virtiofsd_name is None and not builtin and shutil.which("virtiofsd"):
-            virtiofsd_name = "virtiofsd"
-        else:
-            assets = guest.ensure_assets(env)
-    if virtiofsd_name is None:
-        assert assets is not None
-        virtiofsd_name = str(assets.virtiofsd)
-    virtiofsd_binary = _find_binary(
-        virtiofsd_name,
-        "the virtiofsd binary",
-        "install virtiofsd >= 1.10 (Rust) or set virtiofsd.binary / --virtiofsd",
-    )
-
-    initrd: Path | None
     if builtin:
-        assert assets is not None
-        kernel, initrd = assets.kernel, assets.initrd
         first = shares[0].ids
         cmdline = guest.guest_cmdline(
             mounts=[(share.tag, share.guest_path) for share in shares],
@@ -279,15 +266,73 @@ def build_plan(
             extra=" ".join(filter(None, [_microvm_tsc_hint(config.qemu.machine), config.qemu.cmdline])),
         )
     else:
-        kernel = Path(str(config.qemu.kernel)).expanduser()
-        initrd = Path(config.qemu.initrd).expanduser() if config.qemu.initrd else None
-        for what, maybe in (("qemu.kernel", kernel), ("qemu.initrd", initrd)):
-            if maybe is not None and not maybe.is_file():
+        for what, maybe in (("qemu.kernel", config.qemu.kernel), ("qemu.initrd", config.qemu.initrd)):
+            if maybe is not None and not Path(maybe).expanduser().is_file():
                 raise SupervisorError(
-                    f"{what} {maybe} does not exist: fix the path in the config",
+                    f"{what} {Path(maybe).expanduser()} does not exist: fix the path in the config",
                     exit_code=ExitCode.NO_INPUT,
                 )
         cmdline = config.qemu.cmdline
+
+    # The environment's preconditions, in the order `doctor` lists them.
+    kvm_device = Path(config.qemu.kvm_device).expanduser()
+    rows, chosen_accel, accel_reason = checks.kvm_checks(kvm_device, config.qemu.accel)
+    for row in rows:
+        preflight.add(row)
+    accel = chosen_accel or Accel.TCG  # None only in a lenient preflight, which already has the failure
+    sandbox = config.virtiofsd.sandbox
+    fallback_sandbox = "chroot" if euid == 0 else "none"  # chroot needs CAP_SYS_CHROOT
+    namespaces = preflight.add(
+        checks.check_namespaces(
+            needed=sandbox == "namespace",
+            euid=euid,
+            allow_fallback=config.virtiofsd.sandbox_fallback,
+            fallback_sandbox=fallback_sandbox,
+        )
+    )
+    if namespaces.facts.get("fallback"):
+        sandbox = fallback_sandbox
+        shares = [_without_user_namespace(share) for share in shares]
+    preflight.add(checks.check_pidfd())
+    preflight.add(checks.check_id_maps(config.virtiofsd.extra_args, euid))
+
+    assets: guest.GuestAssets | None = None
+    virtiofsd_name = config.virtiofsd.binary
+    if builtin or virtiofsd_name is None:
+        if virtiofsd_name is None and not builtin and shutil.which("virtiofsd"):
+            virtiofsd_name = "virtiofsd"
+        else:
+            row, assets = checks.check_guest(env, build=preflight.strict)
+            preflight.add(row)
+    if virtiofsd_name is None and assets is not None:
+        virtiofsd_name = str(assets.virtiofsd)
+    if virtiofsd_name is None:
+        preflight.add(checks.skip("virtiofsd", "the built-in guest's virtiofsd comes with the guest build"))
+        virtiofsd_binary = "virtiofsd"
+    else:
+        needed = _virtiofsd_flags_used(
+            shares,
+            socket_mode=config.virtiofsd.socket_mode,
+            sandbox=sandbox,
+            extra_args=config.virtiofsd.extra_args,
+        )
+        row = preflight.add(checks.check_virtiofsd(virtiofsd_name, needed))
+        virtiofsd_binary = str(row.facts.get("path") or virtiofsd_name)
+    row = preflight.add(checks.check_qemu(config.qemu.binary, config.qemu.machine, chosen_accel))
+    qemu_binary = str(row.facts.get("path") or config.qemu.binary)
+    preflight.add(checks.check_memfd())
+    preflight.add(checks.check_runtime_dir(base))
+    preflight.add(checks.check_socket_paths(sockets))
+
+    cpu = config.qemu.cpu or ("host" if accel is Accel.KVM else "max")
+    initrd: Path | None
+    if builtin:
+        if assets is None:  # lenient preflight without a built guest: where it will be
+            assets = guest.GuestAssets(guest.cache_root(env) / f"guest-{guest.assets_hash()}")
+        kernel, initrd = assets.kernel, assets.initrd
+    else:
+        kernel = Path(str(config.qemu.kernel)).expanduser()
+        initrd = Path(config.qemu.initrd).expanduser() if config.qemu.initrd else None
 
     return Plan(
         instance=instance,
@@ -296,7 +341,7 @@ def build_plan(
         shares=shares,
         virtiofsd_binary=virtiofsd_binary,
         socket_mode=config.virtiofsd.socket_mode,
-        sandbox=config.virtiofsd.sandbox,
+        sandbox=sandbox,
         virtiofsd_extra_args=list(config.virtiofsd.extra_args),
         qemu_binary=qemu_binary,
         machine=config.qemu.machine.value,
@@ -313,4 +358,6 @@ def build_plan(
         command=list(command) if command else None,
         timeouts=config.timeouts,
         work_dir=work_dir,
+        kvm_device=kvm_device,
+        checks=tuple(preflight.checks),
     )

@@ -48,19 +48,25 @@ class Inotify:
     async def read_events(self) -> list[tuple[int, str]]:
         while True:
             await anyio.wait_readable(self.fd)
-            try:
-                data = os.read(self.fd, 65536)
-            except BlockingIOError:
-                continue
-            events = []
-            offset = 0
-            while offset < len(data):
-                _wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(data, offset)
-                offset += _EVENT_HEADER.size
-                name = data[offset : offset + length].rstrip(b"\0").decode("utf-8", "surrogateescape")
-                offset += length
-                events.append((mask, name))
-            return events
+            events = self.read_nowait()
+            if events:
+                return events
+
+    def read_nowait(self) -> list[tuple[int, str]]:
+        """The events queued now; [] if none (for callers that multiplex the fd themselves)."""
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return []
+        events = []
+        offset = 0
+        while offset < len(data):
+            _wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(data, offset)
+            offset += _EVENT_HEADER.size
+            name = data[offset : offset + length].rstrip(b"\0").decode("utf-8", "surrogateescape")
+            offset += length
+            events.append((mask, name))
+        return events
 
     def close(self) -> None:
         os.close(self.fd)

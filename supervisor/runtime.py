@@ -59,46 +59,63 @@ def new_instance_id(name: str) -> str:
     return f"{name}-{secrets.token_hex(4)}"
 
 
-def check_socket_path(path: Path, what: str) -> None:
+def socket_path_problem(path: Path, what: str) -> tuple[str, str] | None:
+    """(what is wrong, the remedy) when `path` is too long to bind, else None."""
     length = len(os.fsencode(path))
-    if length > SUN_PATH_MAX:
-        raise SupervisorError(
-            f"the socket path for {what}, {path}, is {length} bytes, over the {SUN_PATH_MAX}-byte limit of "
-            "a unix socket address (sun_path). Use a shorter runtime dir (runtime-dir in the config or "
-            "--runtime-dir, e.g. /tmp/agentvm) or a shorter instance name or share tag.",
-            exit_code=ExitCode.USAGE,
+    if length <= SUN_PATH_MAX:
+        return None
+    return (
+        f"the socket path for {what}, {path}, is {length} bytes, over the {SUN_PATH_MAX}-byte limit of "
+        "a unix socket address (sun_path)",
+        "use a shorter runtime dir (runtime-dir in the config or --runtime-dir, e.g. /tmp/agentvm) or a "
+        "shorter instance name or share tag",
+    )
+
+
+def check_socket_path(path: Path, what: str) -> None:
+    problem = socket_path_problem(path, what)
+    if problem is not None:
+        raise SupervisorError(f"{problem[0]}: {problem[1]}", exit_code=ExitCode.USAGE)
+
+
+def base_problem(base: Path) -> tuple[str, str] | None:
+    """(what is wrong, the remedy) for an existing runtime base we must not use, else None."""
+    try:
+        info = base.lstat()
+    except OSError as exc:
+        return f"the runtime dir {base} cannot be examined ({exc.strerror})", "choose one with --runtime-dir"
+    if not stat.S_ISDIR(info.st_mode):
+        return (
+            f"the runtime dir {base} is not a directory (a symlink or a file is in the way)",
+            "remove it, or choose another with --runtime-dir",
         )
+    if info.st_uid != os.geteuid():
+        return (
+            f"the runtime dir {base} belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()}); "
+            "another user could replace its sockets",
+            "choose a dir of your own with --runtime-dir",
+        )
+    if info.st_mode & 0o022:
+        return (
+            f"the runtime dir {base} is writable by other users (mode {stat.S_IMODE(info.st_mode):o})",
+            f"run 'chmod 700 {base}' or choose another with --runtime-dir",
+        )
+    return None
 
 
 def ensure_base(base: Path) -> None:
     """Create BASE 0700 if missing; refuse one that another user owns or others can write."""
     try:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = base.lstat()
     except OSError as exc:
         raise SupervisorError(
             f"cannot create the runtime dir {base} ({exc.strerror}): make its parent writable for this "
             "user, or choose another with --runtime-dir",
             exit_code=ExitCode.CANT_CREATE,
         ) from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise SupervisorError(
-            f"the runtime dir {base} is not a directory (a symlink or a file is in the way): remove it, "
-            "or choose another with --runtime-dir",
-            exit_code=ExitCode.CANT_CREATE,
-        )
-    if info.st_uid != os.geteuid():
-        raise SupervisorError(
-            f"the runtime dir {base} belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()}); "
-            "another user could replace its sockets. Choose a dir of your own with --runtime-dir.",
-            exit_code=ExitCode.CANT_CREATE,
-        )
-    if info.st_mode & 0o022:
-        raise SupervisorError(
-            f"the runtime dir {base} is writable by other users (mode {stat.S_IMODE(info.st_mode):o}); "
-            f"run 'chmod 700 {base}' or choose another with --runtime-dir",
-            exit_code=ExitCode.CANT_CREATE,
-        )
+    problem = base_problem(base)
+    if problem is not None:
+        raise SupervisorError(f"{problem[0]}: {problem[1]}", exit_code=ExitCode.CANT_CREATE)
 
 
 def create_instance_dir(base: Path, instance: str) -> Path:

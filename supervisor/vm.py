@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 import structlog
 
-from supervisor import console, control, guest, pid1, readiness, runtime
+from supervisor import console, control, guest, kvm_watch, pid1, readiness, runtime
 from supervisor.children import (
     Child,
     ChildSpec,
@@ -393,6 +393,7 @@ class Instance:
                     public.close()
                 self.runner = runner
                 self.log.info("vm started", accel=plan.accel.value, why=plan.accel_reason)
+                tg.start_soon(kvm_watch.report_changes, plan.kvm_device, plan.accel)
                 self.qmp = QmpClient(ours, self._on_qmp_event)
                 tg.start_soon(self.qmp.run)
                 tg.start_soon(self._announce_ready, self.qmp)

@@ -200,7 +200,11 @@ def test_virtiofsd_dying_at_start_is_named_with_its_output(
 ) -> None:
     """Regression: a virtiofsd dying before QEMU started used to be blamed on QEMU."""
     fake = tmp_path / "virtiofsd"
-    fake.write_text("#!/bin/sh\necho 'error: cannot open shared dir: Permission denied' >&2\nexit 1\n")
+    # It passes the preflight (answers --version and --help like the real one), then dies at start.
+    fake.write_text(
+        f'#!/bin/sh\ncase "$1" in --version|--help) exec {guest_assets.virtiofsd} "$1";; esac\n'
+        "echo 'error: cannot open shared dir: Permission denied' >&2\nexit 1\n"
+    )
     fake.chmod(0o755)
     (tmp_path / "w").mkdir()
     runtime = tmp_path / "rt"
