@@ -306,15 +306,15 @@ def _read_sysctl(path: str) -> str | None:
         return None
 
 
-def namespace_steps(euid: int) -> list[int]:
-    """What virtiofsd's namespace sandbox unshares: a user namespace first when unprivileged."""
-    rest = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET
-    return [rest] if euid == 0 else [CLONE_NEWUSER, rest]
+def namespace_flags(euid: int) -> int:
+    """What virtiofsd's namespace sandbox unshares, in one call: a user namespace too when unprivileged."""
+    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET
+    return flags if euid == 0 else flags | CLONE_NEWUSER
 
 
 def check_namespaces(*, needed: bool, euid: int, allow_fallback: bool, fallback_sandbox: str) -> Check:
-    """Can virtiofsd's namespace sandbox be set up here? Probed for real, in a forked child."""
-    kind = "mount/pid/net namespaces" if euid == 0 else "a user namespace, then mount/pid/net namespaces"
+    """Can virtiofsd's namespace sandbox be set up? Probed for real, as virtiofsd does it, in a child."""
+    kind = "mount, pid and net namespaces" if euid == 0 else "user, mount, pid and net namespaces"
     if not needed:
         return skip("namespaces", "not needed: virtiofsd runs without its namespace sandbox")
     facts: dict[str, Fact] = {
@@ -324,28 +324,23 @@ def check_namespaces(*, needed: bool, euid: int, allow_fallback: bool, fallback_
             "/proc/sys/kernel/apparmor_restrict_unprivileged_userns"
         ),
     }
-    step, err = children.probe_unshare(namespace_steps(euid))
+    step, err = children.probe_unshare([namespace_flags(euid)])
     if step < 0:
-        return ok(
-            "namespaces", f"virtiofsd's sandbox can be set up here: {kind} (probed with unshare)", facts
-        )
-    what = "a user namespace" if euid != 0 and step == 0 else "mount/pid/net namespaces"
-    why = f"errno {err}" if err else "the probe died"
-    if err:
-        why = f"{errno.errorcode.get(err, err)}: {os.strerror(err)}"
+        return ok("namespaces", f"virtiofsd's sandbox can create {kind} here (probed with unshare)", facts)
+    why = f"{errno.errorcode.get(err, str(err))}: {os.strerror(err)}" if err else "the probe died"
     remedies = []
     if euid != 0 and facts["unprivileged_userns_clone"] == "0":
         remedies.append("as root: sysctl -w kernel.unprivileged_userns_clone=1")
-    if facts["max_user_namespaces"] == "0":
+    if euid != 0 and facts["max_user_namespaces"] == "0":
         remedies.append("as root: sysctl -w user.max_user_namespaces=15000")
-    if facts["apparmor_restrict_unprivileged_userns"] == "1":
+    if euid != 0 and facts["apparmor_restrict_unprivileged_userns"] == "1":
         remedies.append("as root: sysctl -w kernel.apparmor_restrict_unprivileged_userns=0 (Ubuntu)")
     if err in (errno.EPERM, errno.ENOSYS) and not remedies:
         remedies.append(
-            "inside a container, allow unshare in its seccomp profile (docker run --security-opt "
-            "seccomp=unconfined, or podman's default profile)"
+            "inside a container, allow unshare in its seccomp profile (docker: --security-opt "
+            "seccomp=PROFILE with unshare allowed, or seccomp=unconfined)"
         )
-    summary = f"virtiofsd cannot create {what} here: unshare failed ({why})"
+    summary = f"virtiofsd's sandbox cannot create {kind} here: unshare fails ({why})"
     if allow_fallback:
         return warn(
             "namespaces",
@@ -486,7 +481,9 @@ def check_runtime_dir(base: Path) -> Check:
 
 
 def check_socket_paths(sockets: Sequence[tuple[Path, str]]) -> Check:
-    problems = [found for path, what in sockets if (found := runtime.socket_path_problem(path, what))]
+    # Longest first: the one to shorten the runtime dir for.
+    by_length = sorted(sockets, key=lambda item: len(os.fsencode(item[0])), reverse=True)
+    problems = [found for path, what in by_length if (found := runtime.socket_path_problem(path, what))]
     longest = max(sockets, key=lambda item: len(os.fsencode(item[0])))[0]
     facts: dict[str, Fact] = {"longest": str(longest), "bytes": len(os.fsencode(longest))}
     if problems:

@@ -215,7 +215,7 @@ async def wait_for_device(device: Path, *, timeout: float) -> NodeState:
         started = anyio.current_time()
         with anyio.move_on_after(timeout):
             async for event in watch:
-                log.info("kvm device event", event=event.describe())
+                log.info("kvm device event", what=event.describe())
                 if event.state.exists and event.state.rw:
                     log.warning("the KVM device is ready", waited_s=round(anyio.current_time() - started, 3))
                     return event.state
@@ -245,7 +245,11 @@ async def report_changes(device: Path, accel: Accel) -> None:
     # An observer must never take the VM down with it: any failure ends the watch, not the VM.
     try:
         with KvmWatch(device) as watch:
-            log.debug("watching the KVM device", sources=",".join(["inotify", *watch.sources]))
+            log.info(
+                "watching the KVM device",
+                state=watch.state.describe(),
+                sources=",".join(["inotify", *watch.sources]),
+            )
             async for event in watch:
                 if event.change is Change.DISAPPEARED and in_use:
                     log.warning(
