@@ -239,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _parser().print_help(sys.stderr)
             return ExitCode.USAGE
         if args.command == "doctor":
+            logs.configure(level=logging.WARNING)  # stdout is the report's alone
             return _doctor(args)
         level = logging.DEBUG if debug else (logging.INFO if getattr(args, "verbose", False) else None)
         fmt = {"json": True, "human": False}.get(getattr(args, "log_format", None) or "")

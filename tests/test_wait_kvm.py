@@ -37,7 +37,7 @@ class Streams:
         self.stderr = bytearray()
 
     def wait_for(self, needle: str, *, timeout: float = 90.0) -> list[dict[str, object]]:
-        """Read until a JSON log line contains `needle`; returns the log events read so far."""
+        """Read until a JSON log line contains `needle`; returns the events of such lines so far."""
         proc = self.sup.proc
         assert proc.stdout is not None and proc.stderr is not None
         fds = {proc.stdout.fileno(): self.stdout, proc.stderr.fileno(): self.stderr}
@@ -55,7 +55,8 @@ class Streams:
                     fds[fd] += chunk
                 else:
                     del fds[fd]
-        return self.events()
+        lines = bytes(self.stderr).decode(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{") and needle in line]
 
     def kill(self) -> None:
         if self.sup.proc.poll() is None:
@@ -137,8 +138,8 @@ def test_wait_kvm_as_a_user_waits_for_access_not_just_the_node(
     )
     sup.wait_for("waiting for the KVM device")
     mknod(device, 0o600)
-    events = sup.wait_for('"appeared: char 10:232')
-    assert not [event for event in events if event["event"] == "the KVM device is ready"]
+    sup.wait_for('"appeared: char 10:232')
+    assert not [event for event in sup.events() if event["event"] == "the KVM device is ready"]
     os.setxattr(device, "system.posix_acl_access", acl_granting(uid))  # setfacl -m u:USER:rw
     code, stderr = sup.finish()
     assert code == 0, stderr
