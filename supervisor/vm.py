@@ -393,12 +393,12 @@ class Instance:
                     public.close()
                 self.runner = runner
                 self.log.info("vm started", accel=plan.accel.value, why=plan.accel_reason)
-                tg.start_soon(kvm_watch.report_changes, plan.kvm_device, plan.accel)
                 self.qmp = QmpClient(ours, self._on_qmp_event)
                 tg.start_soon(self.qmp.run)
                 tg.start_soon(self._announce_ready, self.qmp)
                 tg.start_soon(self._stop_when_requested, runner)
                 tg.start_soon(self._proxy_console, pty)
+                tg.start_soon(kvm_watch.report_changes, plan.kvm_device, plan.accel)
                 await runner.exited.wait()
                 failed = self.outcome.error is not None
                 self._stopping("a share failed" if failed else f"the VM exited ({runner.describe_status()})")

@@ -14,6 +14,8 @@ import os
 import socket
 import sys
 
+REAL_QEMU = "/usr/bin/qemu-system-x86_64"
+
 
 def _qmp_fd(argv: list[str]) -> int:
     for arg in argv:
@@ -32,6 +34,9 @@ def _orphan(seconds: float) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["-version"] or (len(sys.argv) == 3 and sys.argv[2] == "help"):
+        # The preflight's queries (version, machines, devices, ...): answered by the real QEMU.
+        os.execv(REAL_QEMU, [REAL_QEMU, *sys.argv[1:]])  # noqa: S606
     if "FAKE_QEMU_ORPHAN" in os.environ:
         _orphan(float(os.environ["FAKE_QEMU_ORPHAN"]))
     qmp = socket.socket(fileno=_qmp_fd(sys.argv))

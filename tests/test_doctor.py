@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -186,7 +187,7 @@ def test_socket_path_of_120_bytes(guest_assets: guest.GuestAssets, tmp_path: Pat
     assert failed["name"] == "socket-paths" and failed["facts"]["bytes"] == 120
     assert failed["summary"].startswith(f"the socket path for share 'cri-storage', {base}/agentvm-")
     assert "is 120 bytes, over the 107-byte limit" in failed["summary"]
-    assert "(4 more socket paths are too long too)" in failed["summary"]
+    assert re.search(r"\(\d more socket paths are too long too\)$", failed["summary"])  # qmp, console, ...
     assert "shorter runtime dir" in failed["remedy"]
 
 
