@@ -60,10 +60,24 @@ def _parser() -> _Parser:
         "guest instead of a shell and exit with its status.",
     )
     run.add_argument("--config", type=Path, help="TOML config file (see docs/config.md)")
-    run.add_argument("--work-dir", help="project dir mounted at /work (default: current dir)")
-    run.add_argument("--agent-home", help="host dir mounted at /home/agent")
+    run.add_argument(
+        "--agent", choices=["claude", "gemini", "codex"], help="agent flavor: names the agent home (claude)"
+    )
+    run.add_argument("--work-dir", help="project dir mounted at /work (default: $WORK_DIR, else current dir)")
+    run.add_argument(
+        "--agent-home", help="host dir mounted at /home/agent (default: $AGENT_HOME, else derived)"
+    )
+    run.add_argument(
+        "--runner", metavar="SCRIPT", help="a microvm.nix runner (bin/microvm-run or its package dir) to run"
+    )
+    run.add_argument(
+        "--forward",
+        action="append",
+        metavar="[ADDR:]HOST:GUEST",
+        help="forward a host port to a guest port (repeatable; ADDR defaults to 127.0.0.1)",
+    )
     run.add_argument("--runtime-dir", help="base dir for instance dirs (sockets, state)")
-    run.add_argument("--name", help="instance name prefix (default: agentvm)")
+    run.add_argument("--name", help="instance name prefix (default: <basename>-<agent>-vm)")
     run.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default: auto)")
     run.add_argument("--machine", choices=["q35", "microvm"], help="QEMU machine type")
     run.add_argument("--mem", type=int, metavar="MIB", help="guest memory in MiB")
@@ -86,6 +100,8 @@ def _parser() -> _Parser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     top = {
+        "agent": args.agent,
+        "forwards": args.forward,
         "work-dir": args.work_dir,
         "agent-home": args.agent_home,
         "runtime-dir": args.runtime_dir,
@@ -100,7 +116,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
     virtiofsd = {"binary": args.virtiofsd, "socket-mode": args.socket_mode}
     result: dict[str, Any] = {key: value for key, value in top.items() if value is not None}
-    for section, values in (("qemu", qemu), ("virtiofsd", virtiofsd)):
+    runner = {"script": args.runner}
+    for section, values in (("qemu", qemu), ("virtiofsd", virtiofsd), ("runner", runner)):
         present = {key: value for key, value in values.items() if value is not None}
         if present:
             result[section] = present

@@ -7,20 +7,22 @@ SupervisorError raised while nothing exists yet, so a bad input leaves nothing b
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from supervisor import guest, kvm, runtime
-from supervisor.config import Accel, Config, Share, SocketMode, Timeouts, UidMapping
+from supervisor import guest, kvm, launcher, runner, runtime
+from supervisor.config import Accel, Agent, Config, Hypervisor, Share, SocketMode, Timeouts, UidMapping
 from supervisor.errors import ExitCode, SupervisorError
+from supervisor.launcher import default_agent_home, project_basename
 from supervisor.virtiofsd import CRI_STORAGE_XATTRMAP, ShareIds, ShareSpec
 
-DEFAULT_AGENT = "claude"
+__all__ = ["Plan", "build_plan", "default_agent_home", "project_basename"]
+
+DEFAULT_MEMORY_MIB = 512
+DEFAULT_VCPUS = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,7 +40,7 @@ class Plan:
     accel: Accel
     accel_reason: str
     cpu: str
-    kernel: Path
+    kernel: Path | None  # None: a microvm.nix runner brings its own
     initrd: Path | None
     cmdline: str
     memory_mib: int
@@ -48,6 +50,13 @@ class Plan:
     command: list[str] | None
     timeouts: Timeouts
     work_dir: Path | None
+    agent: Agent = Agent.CLAUDE
+    agent_home: Path | None = None  # the default layout's agent home: .microvm-env and the dev shell go here
+    env_file: launcher.EnvFile | None = None
+    devshell: launcher.Devshell | None = None
+    forwards: list[launcher.Forward] = field(default_factory=list)
+    runner: runner.RunnerPlan | None = None  # a microvm.nix runner instead of our own QEMU command
+    notes: list[str] = field(default_factory=list)  # warnings to log when the instance starts
 
     @property
     def qmp_socket(self) -> Path:
@@ -56,18 +65,6 @@ class Plan:
     @property
     def status_file(self) -> Path:
         return self.instance_dir / "guest-status"
-
-
-def project_basename(work_dir: Path) -> str:
-    """claude-microvm's <basename>: the dir name's first 12 chars of [A-Za-z0-9_-], or "root"."""
-    cleaned = re.sub(r"[^A-Za-z0-9_-]", "", work_dir.name)[:12]
-    return cleaned or "root"
-
-
-def default_agent_home(work_dir: Path, env: Mapping[str, str], agent: str = DEFAULT_AGENT) -> Path:
-    data_home = env.get("XDG_DATA_HOME") or str(Path(env.get("HOME", "/root")) / ".local" / "share")
-    digest = hashlib.sha256(os.fsencode(work_dir)).hexdigest()[:12]
-    return Path(data_home) / f"{agent}-microvm" / f"{project_basename(work_dir)}-{digest}"
 
 
 def _find_binary(name: str, what: str, remedy: str) -> str:
@@ -164,34 +161,77 @@ def build_plan(
     kvm_assessment: kvm.KvmAssessment | None = None,
 ) -> Plan:
     euid = os.geteuid()
+    agent = config.agent
+    work_raw, work_named_by = launcher.work_dir_source(config.work_dir, env)
     work_dir: Path | None = None
-    if config.shares is None or config.work_dir is not None:
-        raw_work = Path(config.work_dir).expanduser() if config.work_dir else cwd
+    if config.shares is None or config.runner is not None or work_raw is not None:
+        raw_work = Path(work_raw).expanduser() if work_raw else cwd
         if not raw_work.is_absolute():
             raw_work = cwd / raw_work
         if not raw_work.is_dir():
             raise SupervisorError(
-                f"the work dir {raw_work} does not exist or is not a directory: pass an existing "
-                "directory with --work-dir (or work-dir in the config)",
+                f"the work dir {raw_work} (from {work_named_by}) does not exist or is not a directory: "
+                "pass an existing directory with --work-dir, work-dir in the config, or WORK_DIR",
                 exit_code=ExitCode.NO_INPUT,
             )
         work_dir = raw_work.resolve()
-    if config.shares is None:
-        assert work_dir is not None
-        agent_home = (
-            Path(config.agent_home).expanduser() if config.agent_home else default_agent_home(work_dir, env)
+    default_layout: dict[str, Share] = {}
+    agent_home: Path | None = None
+    if work_dir is not None and (config.shares is None or config.runner is not None):
+        agent_home = launcher.resolve_agent_home(
+            config.agent_home, env, work_dir=work_dir, agent=agent, cwd=cwd
         )
-        shares_config = _default_shares(work_dir, agent_home)
-    else:
-        shares_config = list(config.shares)
-    if not shares_config:
-        raise SupervisorError("the config lists no shares: add at least one [[shares]] entry")
+        default_layout = {share.tag: share for share in _default_shares(work_dir, agent_home)}
 
     base = Path(config.runtime_dir) if config.runtime_dir else runtime.default_base(env, euid)
     if not base.is_absolute():
         raise SupervisorError(f"runtime-dir '{base}' is relative: give an absolute path")
-    instance = runtime.new_instance_id(config.name)
+    prefix = config.name or launcher.instance_prefix(work_dir or cwd.resolve(), agent)
+    instance = runtime.new_instance_id(prefix)
     instance_dir = base / instance
+    forwards = launcher.parse_forwards(config.forwards)
+    assessment = kvm_assessment if kvm_assessment is not None else kvm.assess_kvm()
+    notes: list[str] = []
+
+    runner_plan: runner.RunnerPlan | None = None
+    if config.runner is not None:
+        if command:
+            raise SupervisorError(
+                "a guest command (after --) needs the built-in guest; a microvm.nix runner runs what its "
+                "NixOS configuration says (claude-microvm: the agent, on login)",
+            )
+        if config.qemu.kernel is not None:
+            raise SupervisorError(
+                "the config sets both runner.script and qemu.kernel: a microvm.nix runner brings its own "
+                "kernel; remove one of them",
+            )
+        script = runner.read_script(config.runner.script, cwd)
+        hypervisor = runner.detect_hypervisor(script, config.runner.hypervisor)
+        accel, accel_reason = _runner_accel(config, hypervisor, assessment, notes)
+        runner_plan = runner.plan_runner(
+            script,
+            hypervisor,
+            instance_dir,
+            runner.Overrides(
+                instance=instance,
+                accel=accel,
+                cpu=config.qemu.cpu,
+                memory_mib=config.qemu.memory_mib,
+                vcpus=config.qemu.vcpus,
+                forwards=forwards,
+                cmdline=config.qemu.cmdline,
+                tsc_khz=runner.host_tsc_khz(),
+            ),
+            Path(config.runner.cwd).expanduser() if config.runner.cwd else None,
+        )
+        notes += runner_plan.notes
+        shares_config = _runner_shares(config, runner_plan, default_layout, runner.declared_sources(script))
+    elif config.shares is None:
+        shares_config = list(default_layout.values())
+    else:
+        shares_config = list(config.shares)
+    if not shares_config and runner_plan is None:
+        raise SupervisorError("the config lists no shares: add at least one [[shares]] entry")
 
     owner_path = work_dir
     seen: set[str] = set()
@@ -218,19 +258,33 @@ def build_plan(
                 socket_path=socket_path,
             )
         )
+    home_share = next((s for s in shares if "agent-home" in default_layout and s.tag == "agent-home"), None)
+    env_file: launcher.EnvFile | None = None
+    devshell: launcher.Devshell | None = None
+    if home_share is not None and agent_home is not None and work_dir is not None:
+        owner_ids = (home_share.ids.host_uid, home_share.ids.host_gid) if euid == 0 else None
+        env_file = launcher.plan_env_file(agent_home, env, agent, owner_ids)
+        devshell = launcher.plan_devshell(
+            work_dir, agent_home, launcher.child_environment(env, {}), owner_ids
+        )
+    else:
+        agent_home = None
+    runtime.check_socket_path(instance_dir / runner.API_SOCKET, "the runner's API")
     runtime.check_socket_path(instance_dir / "qmp.sock", "QMP")
     runtime.check_socket_path(instance_dir / "console.sock", "the console")
 
-    qemu_binary = _find_binary(
-        config.qemu.binary,
-        "the QEMU binary",
-        "install QEMU (apt-get install qemu-system-x86) or set qemu.binary / --qemu",
-    )
-    assessment = kvm_assessment if kvm_assessment is not None else kvm.assess_kvm()
-    accel, accel_reason = kvm.choose_accel(config.qemu.accel, assessment)
+    if runner_plan is None:
+        qemu_binary = _find_binary(
+            config.qemu.binary,
+            "the QEMU binary",
+            "install QEMU (apt-get install qemu-system-x86) or set qemu.binary / --qemu",
+        )
+        accel, accel_reason = kvm.choose_accel(config.qemu.accel, assessment)
+    else:
+        qemu_binary = runner_plan.script.program
     cpu = config.qemu.cpu or ("host" if accel is Accel.KVM else "max")
 
-    builtin = config.qemu.kernel is None
+    builtin = config.qemu.kernel is None and runner_plan is None
     if not builtin and command:
         raise SupervisorError(
             "a guest command (after --) needs the built-in guest, which knows how to run it and report "
@@ -252,8 +306,11 @@ def build_plan(
         "install virtiofsd >= 1.10 (Rust) or set virtiofsd.binary / --virtiofsd",
     )
 
+    kernel: Path | None
     initrd: Path | None
-    if builtin:
+    if runner_plan is not None:
+        kernel, initrd, cmdline = None, None, ""
+    elif builtin:
         assert assets is not None
         kernel, initrd = assets.kernel, assets.initrd
         first = shares[0].ids
@@ -295,11 +352,71 @@ def build_plan(
         kernel=kernel,
         initrd=initrd,
         cmdline=cmdline,
-        memory_mib=config.qemu.memory_mib,
-        vcpus=config.qemu.vcpus,
+        memory_mib=config.qemu.memory_mib or DEFAULT_MEMORY_MIB,
+        vcpus=config.qemu.vcpus or DEFAULT_VCPUS,
         qemu_extra_args=list(config.qemu.extra_args),
         builtin_guest=builtin,
         command=list(command) if command else None,
         timeouts=config.timeouts,
         work_dir=work_dir,
+        agent=agent,
+        agent_home=agent_home,
+        env_file=env_file,
+        devshell=devshell,
+        forwards=forwards,
+        runner=runner_plan,
+        notes=notes,
     )
+
+
+def _runner_accel(
+    config: Config, hypervisor: Hypervisor, assessment: kvm.KvmAssessment, notes: list[str]
+) -> tuple[Accel, str]:
+    """QEMU runners fall back to TCG like our own QEMU; cloud-hypervisor has nothing to fall back to."""
+    if hypervisor is Hypervisor.QEMU:
+        return kvm.choose_accel(config.qemu.accel, assessment)
+    if config.qemu.accel is Accel.TCG:
+        raise SupervisorError(
+            'accel = "tcg" was requested, but the runner runs cloud-hypervisor, which needs KVM: use '
+            '--accel auto (or kvm), or build the VM with microvm.hypervisor = "qemu"',
+            exit_code=ExitCode.UNAVAILABLE,
+        )
+    if not assessment.usable:
+        notes.append(
+            f"cloud-hypervisor needs KVM, and {assessment.reason}; starting it anyway (a guest kernel "
+            f"built for this host may still boot). Remedy: {assessment.remedy}"
+        )
+    return Accel.KVM, "cloud-hypervisor runs on KVM only"
+
+
+def _runner_shares(
+    config: Config,
+    planned: runner.RunnerPlan,
+    default_layout: Mapping[str, Share],
+    declared: Mapping[str, str],
+) -> list[Share]:
+    """Each virtiofs tag of the runner gets its source from, in order: a [[shares]] entry with that
+    tag, the launcher's layout (work, agent-home, cri-storage), the source the runner declares."""
+    configured = {share.tag: share for share in config.shares or []}
+    path = planned.script.path
+    unknown = sorted(set(configured) - set(planned.share_tags))
+    if unknown:
+        raise SupervisorError(
+            f"the config has a share '{unknown[0]}' that the runner {path} does not use (its virtiofs "
+            f"tags: {', '.join(planned.share_tags) or 'none'}): remove it from [[shares]] or fix its tag",
+        )
+    result = []
+    for tag in planned.share_tags:
+        if tag in configured:
+            result.append(configured[tag])
+        elif tag in default_layout:
+            result.append(default_layout[tag])
+        elif tag in declared:
+            result.append(Share(tag=tag, source=declared[tag]))
+        else:
+            raise SupervisorError(
+                f"the runner {path} has a virtiofs share '{tag}' whose source directory is unknown (no "
+                "share/microvm/virtiofs next to its bin/): add a [[shares]] entry with tag = "
+                f'"{tag}" and its source',
+            )
+    return result

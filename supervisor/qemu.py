@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from supervisor.config import Accel, Machine
@@ -28,6 +28,7 @@ class QemuSpec:
     public_qmp_fd: int  # a listening socket the supervisor bound at RUNTIME/qmp.sock
     status_file: Path  # the guest writes its command's exit status to a virtio-serial port
     extra_args: list[str]
+    forwards: list[str] = field(default_factory=list)  # QEMU hostfwd= rules for a user-mode NIC
 
 
 def qemu_argv(spec: QemuSpec) -> list[str]:
@@ -70,6 +71,12 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
         argv += [
             "-chardev", f"socket,id=fs{index},path={socket_path}",
             "-device", f"vhost-user-fs-{bus},chardev=fs{index},tag={tag}",
+        ]  # fmt: skip
+    if spec.forwards:
+        argv += [
+            "-netdev", ",".join(["user", "id=agentvm-net", *spec.forwards]),
+            # romfile= : no PXE option ROM (Debian ships none without ipxe-qemu, and nothing netboots)
+            "-device", f"virtio-net-{bus},netdev=agentvm-net" + (",romfile=" if bus == "pci" else ""),
         ]  # fmt: skip
     argv += spec.extra_args
     return argv

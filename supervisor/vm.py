@@ -23,7 +23,8 @@ from typing import Any
 import anyio
 import structlog
 
-from supervisor import console, guest, readiness, runtime
+from supervisor import console, guest, launcher, readiness, runtime
+from supervisor import runner as microvm
 from supervisor.children import (
     Child,
     ChildSpec,
@@ -32,7 +33,7 @@ from supervisor.children import (
     read_start_ticks,
     run_child,
 )
-from supervisor.config import Machine, SocketMode
+from supervisor.config import Hypervisor, Machine, SocketMode
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.plan import Plan
 from supervisor.qemu import QemuSpec, qemu_argv
@@ -113,6 +114,10 @@ class Instance:
     async def _graceful_stop(self, runner: Child) -> None:
         """system_powerdown, a deadline, QMP quit, a deadline, then the group kill in run_child."""
         timeouts = self.plan.timeouts
+        planned = self.plan.runner
+        if planned is not None and planned.hypervisor is Hypervisor.CLOUD_HYPERVISOR:
+            await self._graceful_stop_api(runner)
+            return
         if self.qmp is not None:
             try:
                 await self.qmp.execute("system_powerdown")
@@ -128,6 +133,24 @@ class Instance:
             except QmpError as exc:
                 self.log.info("QMP unavailable for a graceful stop", reason=str(exc))
         runner.stop()
+
+    async def _graceful_stop_api(self, child: Child) -> None:
+        """cloud-hypervisor: vm.power-button, a deadline, vmm.shutdown, a deadline, then the kill."""
+        timeouts = self.plan.timeouts
+        api = self.plan.instance_dir / microvm.API_SOCKET
+        steps = (("vm.power-button", timeouts.graceful_stop), ("vmm.shutdown", timeouts.quit))
+        for endpoint, deadline in steps:
+            try:
+                status = await microvm.ch_api_put(api, endpoint, timeout=min(deadline, 5.0))
+            except microvm.ApiError as exc:
+                self.log.info("cloud-hypervisor's API unavailable for a graceful stop", reason=str(exc))
+                break
+            self.log.info("asked cloud-hypervisor", endpoint=endpoint, status=status, deadline_s=deadline)
+            with anyio.move_on_after(deadline):
+                await child.exited.wait()
+                return
+            self.log.warning("cloud-hypervisor did not exit in time", endpoint=endpoint)
+        child.stop()
 
     async def _handle_signals(self, everything: anyio.CancelScope) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -210,7 +233,8 @@ class Instance:
     def _child_env(self) -> dict[str, str]:
         # The instance id in every child's environment lets `list`, stale cleanup and tests find
         # a child by instance even when its argv does not name it.
-        return {**os.environ, INSTANCE_ENV: self.plan.instance}
+        # No child needs the agent's API key: it goes to the guest through .microvm-env only.
+        return launcher.child_environment(os.environ, {INSTANCE_ENV: self.plan.instance})
 
     async def _start_shares(self, tg: anyio.abc.TaskGroup) -> None:
         plan = self.plan
@@ -246,8 +270,31 @@ class Instance:
 
     # ---- the runner --------------------------------------------------------------------------
 
-    def _runner_spec(self, pty: console.ConsolePty, private_qmp: int, public_qmp: int) -> ChildSpec:
+    def _microvm_runner_spec(
+        self, planned: microvm.RunnerPlan, pty: console.ConsolePty, private_qmp: int
+    ) -> ChildSpec:
+        """A rewritten copy of the microvm.nix runner, in the runtime dir, run by its own shell."""
         plan = self.plan
+        qemu = planned.hypervisor is Hypervisor.QEMU
+        script = plan.instance_dir / microvm.SCRIPT_NAME
+        script.write_text(planned.render(plan.instance_dir, private_qmp if qemu else None))
+        script.chmod(0o500)
+        return ChildSpec(
+            name="runner",
+            argv=planned.argv(script),
+            pass_fds=(private_qmp,) if qemu else (),
+            stdin=pty.slave,
+            stdout=pty.slave,
+            env=self._child_env(),
+            cwd=str(planned.cwd or plan.instance_dir),
+            kill_grace=plan.timeouts.kill_grace,
+        )
+
+    def _runner_spec(self, pty: console.ConsolePty, private_qmp: int, public_qmp: int | None) -> ChildSpec:
+        plan = self.plan
+        if plan.runner is not None:
+            return self._microvm_runner_spec(plan.runner, pty, private_qmp)
+        assert plan.kernel is not None and public_qmp is not None
         argv = qemu_argv(
             QemuSpec(
                 binary=plan.qemu_binary,
@@ -265,6 +312,7 @@ class Instance:
                 public_qmp_fd=public_qmp,
                 status_file=plan.status_file,
                 extra_args=plan.qemu_extra_args,
+                forwards=[forward.hostfwd() for forward in plan.forwards],
             )
         )
         return ChildSpec(
@@ -282,21 +330,24 @@ class Instance:
         size = console.get_window_size(self.stdio.stdin)
         pty = console.open_console_pty(size)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        public = bind_vhost_user_socket(plan.qmp_socket)
+        # A microvm.nix runner's own -qmp is moved to the same path; QEMU binds that one itself.
+        public = bind_vhost_user_socket(plan.qmp_socket) if plan.runner is None else None
+        uses_qmp = plan.runner is None or plan.runner.hypervisor is Hypervisor.QEMU
         try:
             async with anyio.create_task_group() as tg:
                 try:
-                    runner = await tg.start(
-                        self._run_child, self._runner_spec(pty, theirs.fileno(), public.fileno())
-                    )
+                    spec = self._runner_spec(pty, theirs.fileno(), public.fileno() if public else None)
+                    runner = await tg.start(self._run_child, spec)
                 finally:
                     pty.close_slave()  # QEMU has it: its exit now reads as EOF on the master
                     theirs.close()
-                    public.close()
+                    if public is not None:
+                        public.close()
                 self.runner = runner
                 self.log.info("vm started", accel=plan.accel.value, why=plan.accel_reason)
-                self.qmp = QmpClient(ours, self._on_qmp_event)
-                tg.start_soon(self.qmp.run)
+                if uses_qmp:
+                    self.qmp = QmpClient(ours, self._on_qmp_event)
+                    tg.start_soon(self.qmp.run)
                 tg.start_soon(self._stop_when_requested, runner)
                 tg.start_soon(self._proxy_console, pty)
                 await runner.exited.wait()
@@ -326,6 +377,35 @@ class Instance:
 
     # ---- the whole instance ------------------------------------------------------------------
 
+    async def _refresh_devshell(self, devshell: launcher.Devshell) -> None:
+        """Cache the project's dev shell for the guest; a failure is logged, never fatal."""
+        status: int | None = None
+        if devshell.argv is not None:
+            self.log.warning("caching the dev shell environment", command=" ".join(devshell.argv))
+            stdout, stderr = launcher.open_devshell_outputs(devshell)
+            try:
+                async with anyio.create_task_group() as tg:
+                    spec = ChildSpec(
+                        name="devshell",
+                        argv=devshell.argv,
+                        stdout=stdout,
+                        stderr=stderr,
+                        env=self._child_env(),
+                        cwd=str(devshell.work_dir),
+                        kill_grace=self.plan.timeouts.kill_grace,
+                    )
+                    child = await tg.start(self._run_child, spec)
+            finally:
+                os.close(stdout)
+                os.close(stderr)
+            self.watchdog.release_group(child.pid)
+            status = child.status
+        if not launcher.finish_devshell(devshell, status):
+            self.log.warning(
+                "could not cache the dev shell; the guest starts without it",
+                details=str(devshell.errors),
+            )
+
     def _prepare_share_dirs(self) -> None:
         for share in self.plan.shares:
             if share.source.exists():
@@ -347,6 +427,10 @@ class Instance:
         runtime.ensure_base(plan.base_dir)
         runtime.clean_stale(plan.base_dir)
         self._prepare_share_dirs()
+        if plan.env_file is not None:
+            launcher.write_env_file(plan.env_file)
+        for note in plan.notes:
+            self.log.warning(note)
         runtime.create_instance_dir(plan.base_dir, plan.instance)
         self.watchdog.guard_dir(plan.instance_dir)
         self._supervisor_ticks = read_start_ticks(os.getpid())
@@ -356,6 +440,8 @@ class Instance:
             try:
                 async with anyio.create_task_group() as everything:
                     everything.start_soon(self._handle_signals, everything.cancel_scope)
+                    if plan.devshell is not None:
+                        await self._refresh_devshell(plan.devshell)
                     async with anyio.create_task_group() as shares:
                         await self._start_shares(shares)
                         await self._run_vm()
