@@ -258,7 +258,10 @@ def build_plan(
                 socket_path=socket_path,
             )
         )
-    home_share = next((s for s in shares if "agent-home" in default_layout and s.tag == "agent-home"), None)
+    # The launcher's files go to the agent home only when it is what the guest mounts at agent-home.
+    layout_home = default_layout.get("agent-home")
+    uses_layout_home = any(share is layout_home for share in shares_config)
+    home_share = next((s for s in shares if uses_layout_home and s.tag == "agent-home"), None)
     env_file: launcher.EnvFile | None = None
     devshell: launcher.Devshell | None = None
     if home_share is not None and agent_home is not None and work_dir is not None:

@@ -383,18 +383,21 @@ class Instance:
         if devshell.argv is not None:
             self.log.warning("caching the dev shell environment", command=" ".join(devshell.argv))
             stdout, stderr = launcher.open_devshell_outputs(devshell)
+            spec = ChildSpec(
+                name="devshell",
+                argv=devshell.argv,
+                stdout=stdout,
+                stderr=stderr,
+                env=self._child_env(),
+                cwd=str(devshell.work_dir),
+                kill_grace=self.plan.timeouts.kill_grace,
+            )
             try:
                 async with anyio.create_task_group() as tg:
-                    spec = ChildSpec(
-                        name="devshell",
-                        argv=devshell.argv,
-                        stdout=stdout,
-                        stderr=stderr,
-                        env=self._child_env(),
-                        cwd=str(devshell.work_dir),
-                        kill_grace=self.plan.timeouts.kill_grace,
-                    )
                     child = await tg.start(self._run_child, spec)
+            except BaseException:  # stopped by a signal: no half-written cache stays behind
+                devshell.temporary.unlink(missing_ok=True)
+                raise
             finally:
                 os.close(stdout)
                 os.close(stderr)
