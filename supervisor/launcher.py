@@ -37,6 +37,9 @@ API_KEY_VARS: Mapping[Agent, str] = {
 }
 # Kept out of every child's environment: no child needs them, and /proc/PID/environ outlives intent.
 SECRET_VARS = frozenset(API_KEY_VARS.values())
+# Readiness is the supervisor's to report; a child (e.g. a cloud-hypervisor runner's socat) must not
+# talk to systemd's notify socket on its own.
+PRIVATE_VARS = SECRET_VARS | {"NOTIFY_SOCKET"}
 CRI_RUNTIMES = ("containerd", "crun", "crio", "docker", "podman")
 
 ENV_FILE = ".microvm-env"
@@ -93,8 +96,8 @@ def instance_prefix(work_dir: Path, agent: Agent) -> str:
 
 
 def child_environment(env: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
-    """The environment every child gets: ours without the API keys, plus `extra`."""
-    return {**{k: v for k, v in env.items() if k not in SECRET_VARS}, **extra}
+    """The environment every child gets: ours without the API keys and NOTIFY_SOCKET, plus `extra`."""
+    return {**{k: v for k, v in env.items() if k not in PRIVATE_VARS}, **extra}
 
 
 # ---- port forwards ---------------------------------------------------------------------------

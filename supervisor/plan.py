@@ -222,7 +222,7 @@ def build_plan(
                 cmdline=config.qemu.cmdline,
                 tsc_khz=runner.host_tsc_khz(),
             ),
-            Path(config.runner.cwd).expanduser() if config.runner.cwd else None,
+            _runner_cwd(config.runner.cwd, cwd),
         )
         notes += runner_plan.notes
         shares_config = _runner_shares(config, runner_plan, default_layout, runner.declared_sources(script))
@@ -390,6 +390,20 @@ def _runner_accel(
             f"built for this host may still boot). Remedy: {assessment.remedy}"
         )
     return Accel.KVM, "cloud-hypervisor runs on KVM only"
+
+
+def _runner_cwd(raw: str | None, cwd: Path) -> Path | None:
+    if raw is None:
+        return None
+    path = Path(raw).expanduser()
+    path = path if path.is_absolute() else cwd / path
+    if not path.is_dir():
+        raise SupervisorError(
+            f"runner.cwd {path} is not an existing directory: create it, or leave runner.cwd out to run "
+            "the runner in the instance's runtime dir",
+            exit_code=ExitCode.NO_INPUT,
+        )
+    return path.resolve()
 
 
 def _runner_shares(

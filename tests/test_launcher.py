@@ -523,3 +523,13 @@ def test_sigint_during_the_devshell_refresh_stops_it_and_leaves_nothing(
     assert wait_until_gone("dsint") == []
     assert leftovers(short_runtime) == []
     assert not (home / ".microvm-devshell").exists()
+
+
+def test_children_get_neither_api_keys_nor_the_notify_socket() -> None:
+    env = {"PATH": "/bin", "ANTHROPIC_API_KEY": "a", "GEMINI_API_KEY": "g", "OPENAI_API_KEY": "o",
+           "NOTIFY_SOCKET": "/run/x", "TERM": "xterm"}  # fmt: skip
+    assert launcher.child_environment(env, {"AGENTVM_INSTANCE": "i"}) == {
+        "PATH": "/bin",
+        "TERM": "xterm",
+        "AGENTVM_INSTANCE": "i",
+    }

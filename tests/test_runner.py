@@ -203,6 +203,8 @@ def test_runner_errors_name_the_runner_and_the_remedy(
             command=["true"],
             kvm_assessment=NO_KVM,
         )
+    with pytest.raises(SupervisorError, match=r"runner.cwd .* is not an existing directory"):
+        _runner_plan(tmp_path, fixture.script, {"runner": {"script": str(fixture.script), "cwd": "nope"}})
     with pytest.raises(SupervisorError) as missing:
         _runner_plan(tmp_path, tmp_path / "nowhere" / "bin" / "microvm-run")
     assert missing.value.exit_code is ExitCode.NO_INPUT
