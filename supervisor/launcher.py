@@ -62,10 +62,10 @@ def _data_home(env: Mapping[str, str]) -> Path:
     return Path(home) / ".local" / "share"
 
 
-def default_agent_home(work_dir: Path, env: Mapping[str, str], agent: Agent = Agent.CLAUDE) -> Path:
+def default_agent_home(work_dir: Path, env: Mapping[str, str], agent: Agent | str = Agent.CLAUDE) -> Path:
     """$XDG_DATA_HOME/<agent>-microvm/<basename>-<first 12 hex of sha256(resolved work dir)>."""
     digest = hashlib.sha256(os.fsencode(work_dir)).hexdigest()[:12]
-    return _data_home(env) / f"{agent.value}-microvm" / f"{project_basename(work_dir)}-{digest}"
+    return _data_home(env) / f"{Agent(agent).value}-microvm" / f"{project_basename(work_dir)}-{digest}"
 
 
 def _absolute(raw: str, cwd: Path) -> Path:

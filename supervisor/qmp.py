@@ -43,7 +43,10 @@ class QmpClient:
         negotiated = False
         try:
             async with self._stream:
-                await self._stream.send(b'{"execute":"qmp_capabilities"}\n')
+                try:
+                    await self._stream.send(b'{"execute":"qmp_capabilities"}\n')
+                except (anyio.BrokenResourceError, OSError):
+                    return  # QEMU (or a runner script before its exec) is already gone
                 while True:
                     try:
                         chunk = await self._stream.receive()

@@ -477,7 +477,10 @@ class Instance:
         said = f" QEMU said: {said}." if said else ""
         if not self.plan.builtin_guest:
             if runner.status != 0:
-                self.log.error("runner failed", status=describe_status(runner.status))
+                # the runner's own words: a microvm.nix script can fail before it execs the hypervisor
+                self.log.error(
+                    "runner failed", status=describe_status(runner.status), said=runner.stderr_excerpt()
+                )
             return exit_code_of(runner.status)
         report = self.report
         if report.error is not None:

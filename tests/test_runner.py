@@ -419,3 +419,25 @@ def test_cloud_hypervisor_that_ignores_the_power_button_is_shut_down_after_the_d
     assert requests == ["PUT /api/v1/vm.power-button HTTP/1.1", "PUT /api/v1/vmm.shutdown HTTP/1.1"]
     assert "cloud-hypervisor did not exit in time" in stderr
     _assert_nothing_left("chdead", short_runtime, caller)
+
+
+def test_a_runner_failing_before_its_exec_reports_its_status_and_words(
+    guest_assets: guest.GuestAssets, tmp_path: Path, short_runtime: Path, launch: Launch
+) -> None:
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    fixture = RunnerFixture(
+        tmp_path / "runner", pre_start=['echo "preStart: var.img is not writable" >&2', "exit 3"]
+    )
+    fixture.write(qemu_command(guest_assets, guest_command=None))
+    sup = launch(
+        ["run", "--runner", str(fixture.script), "--work-dir", str(tmp_path),
+         "--runtime-dir", str(short_runtime), "--name", "rfail"],
+        env={"HOME": str(tmp_path / "home")},
+        cwd=caller,
+    )  # fmt: skip
+    code, _, stderr = sup.finish()
+    assert code == 3, stderr
+    [failed] = [json.loads(line) for line in stderr.splitlines() if '"runner failed"' in line]
+    assert failed["said"] == "preStart: var.img is not writable" and failed["status"] == "status 3"
+    _assert_nothing_left("rfail", short_runtime, caller)
