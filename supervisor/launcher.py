@@ -234,15 +234,22 @@ class Devshell:
     """A dev-shell cache refresh to run before the VM starts (`argv` None: the tool is missing)."""
 
     work_dir: Path
-    cache: Path  # AGENT_HOME/.microvm-devshell; .tmp, .err, .hash next to it
+    cache: Path  # AGENT_HOME/.microvm-devshell; .err and .hash next to it
     digest: str
     argv: list[str] | None
     missing: str  # why argv is None: written to the .err file
     owner: tuple[int, int] | None
+    # Outputs go to files of this instance's own and are renamed into place: two launches on one
+    # project refreshing at once never write into the same file.
+    token: str = field(default_factory=lambda: secrets.token_hex(4))
 
     @property
     def temporary(self) -> Path:
-        return self.cache.with_name(DEVSHELL_CACHE + ".tmp")
+        return self.cache.with_name(f"{DEVSHELL_CACHE}.{self.token}.tmp")
+
+    @property
+    def errors_temporary(self) -> Path:
+        return self.cache.with_name(f"{DEVSHELL_CACHE}.err.{self.token}.tmp")
 
     @property
     def errors(self) -> Path:
@@ -251,6 +258,12 @@ class Devshell:
     @property
     def hash_file(self) -> Path:
         return self.cache.with_name(DEVSHELL_CACHE + ".hash")
+
+    def discard(self) -> None:
+        """Remove this refresh's temporary files (it was stopped, or is finished)."""
+        for path in (self.temporary, self.errors_temporary):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def devshell_digest(work_dir: Path) -> str:
@@ -295,17 +308,18 @@ def plan_devshell(
 
 
 def open_devshell_outputs(plan: Devshell) -> tuple[int, int]:
-    """Open (truncate) the .tmp (stdout) and .err (stderr) files for the refresh; 0600."""
+    """Create this refresh's stdout and stderr files (0600); they are renamed into place after."""
     fds = []
     try:
-        for path in (plan.temporary, plan.errors):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        for path in (plan.temporary, plan.errors_temporary):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             fds.append(fd)
             if plan.owner is not None:
                 os.fchown(fd, *plan.owner)
     except OSError as exc:
         for fd in fds:
             os.close(fd)
+        plan.discard()
         raise SupervisorError(
             f"cannot create the dev-shell cache files in {plan.cache.parent} ({exc.strerror}): the "
             "agent home must be writable by this user",
@@ -315,19 +329,23 @@ def open_devshell_outputs(plan: Devshell) -> tuple[int, int]:
 
 
 def finish_devshell(plan: Devshell, status: int | None) -> bool:
-    """After the refresh: on success the cache and its hash replace the old ones; else keep .err."""
-    if plan.argv is None:
-        _write_atomically(plan.errors, (plan.missing + "\n").encode(), plan.owner)
-        return False
-    if status != 0:
-        with contextlib.suppress(OSError):
-            plan.temporary.unlink()
-        return False
+    """After the refresh: on success the cache and its hash replace the old ones and the old .err
+    goes; on failure the tool's stderr becomes .err and the previous cache stays."""
     try:
-        plan.temporary.replace(plan.cache)
-    except OSError:
-        return False
-    _write_atomically(plan.hash_file, (plan.digest + "\n").encode(), plan.owner)
-    with contextlib.suppress(OSError):
-        plan.errors.unlink()
-    return True
+        if plan.argv is None:
+            _write_atomically(plan.errors, (plan.missing + "\n").encode(), plan.owner)
+            return False
+        if status != 0:
+            with contextlib.suppress(OSError):
+                plan.errors_temporary.replace(plan.errors)
+            return False
+        try:
+            plan.temporary.replace(plan.cache)
+        except OSError:
+            return False
+        _write_atomically(plan.hash_file, (plan.digest + "\n").encode(), plan.owner)
+        with contextlib.suppress(OSError):
+            plan.errors.unlink()
+        return True
+    finally:
+        plan.discard()

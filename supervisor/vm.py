@@ -396,7 +396,7 @@ class Instance:
                 async with anyio.create_task_group() as tg:
                     child = await tg.start(self._run_child, spec)
             except BaseException:  # stopped by a signal: no half-written cache stays behind
-                devshell.temporary.unlink(missing_ok=True)
+                devshell.discard()
                 raise
             finally:
                 os.close(stdout)

@@ -307,7 +307,8 @@ def test_real_launch_through_a_microvm_nix_qemu_runner(
     fixture = RunnerFixture(tmp_path / "runner")
     fixture.write(qemu_command(guest_assets, guest_command=["sh", "-c", script]))
     sup = launch(
-        ["run", "--runner", str(fixture.script), "--runtime-dir", str(short_runtime), "-v"],
+        # --accel tcg: the switch happens on any host (here auto picks TCG anyway: PVM-based KVM)
+        ["run", "--runner", str(fixture.script), "--runtime-dir", str(short_runtime), "--accel", "tcg", "-v"],
         env={"WORK_DIR": str(work), "HOME": str(tmp_path / "home"), "ENABLE_CRI": "docker"},
         cwd=caller,
     )
