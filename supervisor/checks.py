@@ -268,9 +268,13 @@ def _kvm_problem(name: str, requested: Accel, assessment: kvm.KvmAssessment, fac
     return skip(name, f'not needed (accel = "tcg"): {assessment.reason}', facts)
 
 
-def kvm_checks(device: Path, requested: Accel) -> tuple[list[Check], Accel | None, str]:
-    """The KVM rows, then the accelerator row; returns them with the accelerator (None: no start)."""
-    assessment = kvm.assess_kvm(device)
+def kvm_checks(
+    device: Path, requested: Accel, assessment: kvm.KvmAssessment | None = None
+) -> tuple[list[Check], Accel | None, str]:
+    """The KVM rows, then the accelerator row; returns them with the accelerator (None: no start).
+
+    `assessment` replaces looking at the host (tests of plans for hosts other than this one)."""
+    assessment = assessment if assessment is not None else kvm.assess_kvm(device)
     failed = len(_STAGES) if assessment.usable else _STAGES.index(f"kvm-{assessment.stage}")
     state = assessment.node
     facts: dict[str, Fact] = {"device": str(device)}

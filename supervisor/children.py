@@ -41,6 +41,7 @@ class ChildSpec:
     pass_fds: Sequence[int] = ()
     stdin: int | None = None  # an fd (e.g. a PTY slave); None: /dev/null
     stdout: int | None = None  # an fd; None: merged into the logged stderr pipe
+    stderr: int | None = None  # an fd; None: the logged stderr pipe
     env: Mapping[str, str] | None = None
     cwd: str | None = None
     kill_grace: float = 2.0
@@ -123,7 +124,7 @@ def _spawn(spec: ChildSpec, stderr_write: int) -> subprocess.Popen[bytes]:
             list(spec.argv),
             stdin=spec.stdin if spec.stdin is not None else subprocess.DEVNULL,
             stdout=spec.stdout if spec.stdout is not None else stderr_write,
-            stderr=stderr_write,
+            stderr=spec.stderr if spec.stderr is not None else stderr_write,
             pass_fds=tuple(spec.pass_fds),
             env=dict(spec.env) if spec.env is not None else None,
             cwd=spec.cwd,

@@ -70,10 +70,26 @@ def _wait_timeout(value: str) -> float:
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """The flags laid over the config file: the same for `run` and `doctor`."""
     parser.add_argument("--config", type=Path, help="TOML config file (see docs/config.md)")
-    parser.add_argument("--work-dir", help="project dir mounted at /work (default: current dir)")
-    parser.add_argument("--agent-home", help="host dir mounted at /home/agent")
+    parser.add_argument(
+        "--agent", choices=["claude", "gemini", "codex"], help="agent flavor: names the agent home (claude)"
+    )
+    parser.add_argument(
+        "--work-dir", help="project dir mounted at /work (default: $WORK_DIR, else current dir)"
+    )
+    parser.add_argument(
+        "--agent-home", help="host dir mounted at /home/agent (default: $AGENT_HOME, else derived)"
+    )
+    parser.add_argument(
+        "--runner", metavar="SCRIPT", help="a microvm.nix runner (bin/microvm-run or its package dir) to run"
+    )
+    parser.add_argument(
+        "--forward",
+        action="append",
+        metavar="[ADDR:]HOST:GUEST",
+        help="forward a host port to a guest port (repeatable; ADDR defaults to 127.0.0.1)",
+    )
     parser.add_argument("--runtime-dir", help="base dir for instance dirs (sockets, state)")
-    parser.add_argument("--name", help="instance name prefix (default: agentvm)")
+    parser.add_argument("--name", help="instance name prefix (default: <basename>-<agent>-vm)")
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default: auto)")
     parser.add_argument("--kvm-device", metavar="PATH", help="the KVM node to check and wait for (/dev/kvm)")
     parser.add_argument("--machine", choices=["q35", "microvm"], help="QEMU machine type")
@@ -142,6 +158,8 @@ def _parser() -> _Parser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     top = {
+        "agent": args.agent,
+        "forwards": args.forward,
         "work-dir": args.work_dir,
         "agent-home": args.agent_home,
         "runtime-dir": args.runtime_dir,
@@ -161,7 +179,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "sandbox-fallback": args.sandbox_fallback,
     }
     result: dict[str, Any] = {key: value for key, value in top.items() if value is not None}
-    for section, values in (("qemu", qemu), ("virtiofsd", virtiofsd)):
+    runner = {"script": args.runner}
+    for section, values in (("qemu", qemu), ("virtiofsd", virtiofsd), ("runner", runner)):
         present = {key: value for key, value in values.items() if value is not None}
         if present:
             result[section] = present

@@ -63,6 +63,20 @@ class Machine(enum.StrEnum):
     MICROVM = "microvm"
 
 
+class Agent(enum.StrEnum):
+    """The coding agent (claude-microvm's flavor): names the agent home and the instance."""
+
+    CLAUDE = "claude"
+    GEMINI = "gemini"
+    CODEX = "codex"
+
+
+class Hypervisor(enum.StrEnum):
+    AUTO = "auto"  # the runner's share/microvm/hypervisor, else the program its exec line runs
+    QEMU = "qemu"
+    CLOUD_HYPERVISOR = "cloud-hypervisor"
+
+
 class Share(_Strict, frozen=True):
     tag: Tag
     source: str
@@ -100,8 +114,9 @@ class Qemu(_Strict, frozen=True):
     kernel: str | None = None  # None (with initrd None): the built-in guest
     initrd: str | None = None
     cmdline: str = ""
-    memory_mib: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 512
-    vcpus: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    # None: 512 / 1 for the built-in guest; a microvm.nix runner keeps its own
+    memory_mib: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] | None = None
+    vcpus: Annotated[int, msgspec.Meta(ge=1, le=256)] | None = None
     extra_args: list[str] = []
 
 
@@ -112,11 +127,22 @@ class Timeouts(_Strict, frozen=True):
     kill_grace: Seconds = 2.0  # SIGTERM to a process group -> SIGKILL
 
 
+class Runner(_Strict, frozen=True):
+    """A microvm.nix runner (`bin/microvm-run`) run instead of the supervisor's own QEMU command."""
+
+    script: str  # the runner's bin/microvm-run, or the runner package's directory
+    hypervisor: Hypervisor = Hypervisor.AUTO
+    cwd: str | None = None  # the runner's working directory; None: the instance's runtime dir
+
+
 class Config(_Strict, frozen=True):
-    name: Name = "agentvm"
+    name: Name | None = None  # None: <basename>-<agent>-vm, as claude-microvm names its VMs
+    agent: Agent = Agent.CLAUDE
     runtime_dir: str | None = None  # base dir for instance dirs; None: $XDG_RUNTIME_DIR/agentvm, ...
-    work_dir: str | None = None  # the built-in guest's /work; None: the current directory
-    agent_home: str | None = None  # None: $XDG_DATA_HOME/claude-microvm/<basename>-<hash>
+    work_dir: str | None = None  # the project dir (/work); None: $WORK_DIR, else the current directory
+    agent_home: str | None = None  # None: $AGENT_HOME, else $XDG_DATA_HOME/<agent>-microvm/<basename>-<hash>
+    forwards: list[str] = []  # "[ADDR:]HOST:GUEST[/udp]" port forwards (QEMU user networking)
+    runner: Runner | None = None
     shares: list[Share] | None = None  # None: work, agent-home, cri-storage as claude-microvm has them
     virtiofsd: Virtiofsd = Virtiofsd()
     qemu: Qemu = Qemu()
@@ -163,7 +189,8 @@ def _field_type(path: str) -> Any:
 
 
 def _explain(error: msgspec.ValidationError) -> str:
-    text = str(error)
+    # An optional field reads "Expected `int | null`": TOML has no null; leaving a field out is how.
+    text = str(error).replace(" | null`", "`")
     found = re.search(r"`(\$[^`]*)`", text)
     if found and "enum value" in text:
         kind = _field_type(found.group(1))

@@ -9,21 +9,33 @@ behind.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supervisor import checks, control, guest, kvm, runtime
-from supervisor.config import Accel, Config, Machine, Share, SocketMode, Timeouts, UidMapping
+from supervisor import checks, control, guest, kvm, launcher, runner, runtime
+from supervisor.config import (
+    Accel,
+    Agent,
+    Config,
+    Hypervisor,
+    Machine,
+    Share,
+    SocketMode,
+    Timeouts,
+    UidMapping,
+)
 from supervisor.errors import ExitCode, SupervisorError
+from supervisor.launcher import default_agent_home, project_basename
 from supervisor.qemu import host_tsc_khz
 from supervisor.virtiofsd import CRI_STORAGE_XATTRMAP, ShareIds, ShareSpec, virtiofsd_argv
 
-DEFAULT_AGENT = "claude"
+__all__ = ["Plan", "build_plan", "default_agent_home", "project_basename"]
+
+DEFAULT_MEMORY_MIB = 512
+DEFAULT_VCPUS = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +53,7 @@ class Plan:
     accel: Accel
     accel_reason: str
     cpu: str
-    kernel: Path
+    kernel: Path | None  # None: a microvm.nix runner brings its own
     initrd: Path | None
     cmdline: str
     memory_mib: int
@@ -51,6 +63,13 @@ class Plan:
     command: list[str] | None
     timeouts: Timeouts
     work_dir: Path | None
+    agent: Agent = Agent.CLAUDE
+    agent_home: Path | None = None  # the default layout's agent home: .microvm-env and the dev shell go here
+    env_file: launcher.EnvFile | None = None
+    devshell: launcher.Devshell | None = None
+    forwards: list[launcher.Forward] = field(default_factory=list)
+    runner: runner.RunnerPlan | None = None  # a microvm.nix runner instead of our own QEMU command
+    notes: list[str] = field(default_factory=list)  # warnings to log when the instance starts
     kvm_device: Path = kvm.DEFAULT_DEVICE  # what the supervisor checks and watches; QEMU opens /dev/kvm
     checks: tuple[checks.Check, ...] = ()  # the preflight, warnings included
 
@@ -65,18 +84,6 @@ class Plan:
     @property
     def control_socket(self) -> Path:
         return self.instance_dir / control.SOCKET_NAME
-
-
-def project_basename(work_dir: Path) -> str:
-    """claude-microvm's <basename>: the dir name's first 12 chars of [A-Za-z0-9_-], or "root"."""
-    cleaned = re.sub(r"[^A-Za-z0-9_-]", "", work_dir.name)[:12]
-    return cleaned or "root"
-
-
-def default_agent_home(work_dir: Path, env: Mapping[str, str], agent: str = DEFAULT_AGENT) -> Path:
-    data_home = env.get("XDG_DATA_HOME") or str(Path(env.get("HOME", "/root")) / ".local" / "share")
-    digest = hashlib.sha256(os.fsencode(work_dir)).hexdigest()[:12]
-    return Path(data_home) / f"{agent}-microvm" / f"{project_basename(work_dir)}-{digest}"
 
 
 def _default_shares(work_dir: Path, agent_home: Path) -> list[Share]:
@@ -177,6 +184,7 @@ def build_plan(
     command: Sequence[str] | None,
     terminal_size: tuple[int, int] | None = None,
     preflight: checks.Preflight | None = None,
+    kvm_assessment: kvm.KvmAssessment | None = None,
 ) -> Plan:
     """Check the inputs (each bad one raises at once), then the environment's preconditions.
 
@@ -186,34 +194,84 @@ def build_plan(
     """
     preflight = preflight if preflight is not None else checks.Preflight(strict=True)
     euid = os.geteuid()
+    agent = config.agent
+    work_raw, work_named_by = launcher.work_dir_source(config.work_dir, env)
     work_dir: Path | None = None
-    if config.shares is None or config.work_dir is not None:
-        raw_work = Path(config.work_dir).expanduser() if config.work_dir else cwd
+    if config.shares is None or config.runner is not None or work_raw is not None:
+        raw_work = Path(work_raw).expanduser() if work_raw else cwd
         if not raw_work.is_absolute():
             raw_work = cwd / raw_work
         if not raw_work.is_dir():
             raise SupervisorError(
-                f"the work dir {raw_work} does not exist or is not a directory: pass an existing "
-                "directory with --work-dir (or work-dir in the config)",
+                f"the work dir {raw_work} (from {work_named_by}) does not exist or is not a directory: "
+                "pass an existing directory with --work-dir, work-dir in the config, or WORK_DIR",
                 exit_code=ExitCode.NO_INPUT,
             )
         work_dir = raw_work.resolve()
-    if config.shares is None:
-        assert work_dir is not None
-        agent_home = (
-            Path(config.agent_home).expanduser() if config.agent_home else default_agent_home(work_dir, env)
+    default_layout: dict[str, Share] = {}
+    agent_home: Path | None = None
+    if work_dir is not None and (config.shares is None or config.runner is not None):
+        agent_home = launcher.resolve_agent_home(
+            config.agent_home, env, work_dir=work_dir, agent=agent, cwd=cwd
         )
-        shares_config = _default_shares(work_dir, agent_home)
-    else:
-        shares_config = list(config.shares)
-    if not shares_config:
-        raise SupervisorError("the config lists no shares: add at least one [[shares]] entry")
+        default_layout = {share.tag: share for share in _default_shares(work_dir, agent_home)}
 
     base = Path(config.runtime_dir) if config.runtime_dir else runtime.default_base(env, euid)
     if not base.is_absolute():
         raise SupervisorError(f"runtime-dir '{base}' is relative: give an absolute path")
-    instance = runtime.new_instance_id(config.name)
+    prefix = config.name or launcher.instance_prefix(work_dir or cwd.resolve(), agent)
+    instance = runtime.new_instance_id(prefix)
     instance_dir = base / instance
+    forwards = launcher.parse_forwards(config.forwards)
+    notes: list[str] = []
+
+    # The KVM rows are worked out now (a runner is rewritten for the accelerator) but go into the
+    # preflight below, after the input checks, in the order `doctor` lists them.
+    kvm_device = Path(config.qemu.kvm_device).expanduser()
+    kvm_rows, chosen_accel, accel_reason = checks.kvm_checks(kvm_device, config.qemu.accel, kvm_assessment)
+    accel = chosen_accel or Accel.TCG  # None only in a lenient preflight, which already has the failure
+
+    runner_plan: runner.RunnerPlan | None = None
+    if config.runner is not None:
+        if command:
+            raise SupervisorError(
+                "a guest command (after --) needs the built-in guest; a microvm.nix runner runs what its "
+                "NixOS configuration says (claude-microvm: the agent, on login)",
+            )
+        if config.qemu.kernel is not None:
+            raise SupervisorError(
+                "the config sets both runner.script and qemu.kernel: a microvm.nix runner brings its own "
+                "kernel; remove one of them",
+            )
+        script = runner.read_script(config.runner.script, cwd)
+        hypervisor = runner.detect_hypervisor(script, config.runner.hypervisor)
+        if hypervisor is not Hypervisor.QEMU:
+            assessment = kvm_assessment if kvm_assessment is not None else kvm.assess_kvm(kvm_device)
+            accel, accel_reason = _runner_accel(config, assessment, notes)
+        runner_plan = runner.plan_runner(
+            script,
+            hypervisor,
+            instance_dir,
+            runner.Overrides(
+                instance=instance,
+                accel=accel,
+                cpu=config.qemu.cpu,
+                memory_mib=config.qemu.memory_mib,
+                vcpus=config.qemu.vcpus,
+                forwards=forwards,
+                cmdline=config.qemu.cmdline,
+                tsc_khz=host_tsc_khz(),
+            ),
+            _runner_cwd(config.runner.cwd, cwd),
+        )
+        notes += runner_plan.notes
+        shares_config = _runner_shares(config, runner_plan, default_layout, runner.declared_sources(script))
+    elif config.shares is None:
+        shares_config = list(default_layout.values())
+    else:
+        shares_config = list(config.shares)
+    if not shares_config and runner_plan is None:
+        raise SupervisorError("the config lists no shares: add at least one [[shares]] entry")
 
     owner_path = work_dir
     seen: set[str] = set()
@@ -241,19 +299,36 @@ def build_plan(
                 socket_path=socket_path,
             )
         )
+    # The launcher's files go to the agent home only when it is what the guest mounts at agent-home.
+    layout_home = default_layout.get("agent-home")
+    uses_layout_home = any(share is layout_home for share in shares_config)
+    home_share = next((s for s in shares if uses_layout_home and s.tag == "agent-home"), None)
+    env_file: launcher.EnvFile | None = None
+    devshell: launcher.Devshell | None = None
+    if home_share is not None and agent_home is not None and work_dir is not None:
+        owner_ids = (home_share.ids.host_uid, home_share.ids.host_gid) if euid == 0 else None
+        env_file = launcher.plan_env_file(agent_home, env, agent, owner_ids)
+        devshell = launcher.plan_devshell(
+            work_dir, agent_home, launcher.child_environment(env, {}), owner_ids
+        )
+    else:
+        agent_home = None
     sockets += [
         (instance_dir / "qmp.sock", "QMP"),
         (instance_dir / "console.sock", "the console"),
         (instance_dir / control.SOCKET_NAME, "the control socket"),
+        (instance_dir / runner.API_SOCKET, "the runner's API"),
     ]
 
-    builtin = config.qemu.kernel is None
+    builtin = config.qemu.kernel is None and runner_plan is None
     if not builtin and command:
         raise SupervisorError(
             "a guest command (after --) needs the built-in guest, which knows how to run it and report "
             "its status; with your own qemu.kernel, put the command in the guest's own configuration",
         )
-    if builtin:
+    if runner_plan is not None:
+        cmdline = ""
+    elif builtin:
         first = shares[0].ids
         cmdline = guest.guest_cmdline(
             mounts=[(share.tag, share.guest_path) for share in shares],
@@ -275,11 +350,8 @@ def build_plan(
         cmdline = config.qemu.cmdline
 
     # The environment's preconditions, in the order `doctor` lists them.
-    kvm_device = Path(config.qemu.kvm_device).expanduser()
-    rows, chosen_accel, accel_reason = checks.kvm_checks(kvm_device, config.qemu.accel)
-    for row in rows:
+    for row in kvm_rows:
         preflight.add(row)
-    accel = chosen_accel or Accel.TCG  # None only in a lenient preflight, which already has the failure
     sandbox = config.virtiofsd.sandbox
     fallback_sandbox = "chroot" if euid == 0 else "none"  # chroot needs CAP_SYS_CHROOT
     namespaces = preflight.add(
@@ -318,15 +390,26 @@ def build_plan(
         )
         row = preflight.add(checks.check_virtiofsd(virtiofsd_name, needed))
         virtiofsd_binary = str(row.facts.get("path") or virtiofsd_name)
-    row = preflight.add(checks.check_qemu(config.qemu.binary, config.qemu.machine, chosen_accel))
-    qemu_binary = str(row.facts.get("path") or config.qemu.binary)
+    if runner_plan is None:
+        row = preflight.add(checks.check_qemu(config.qemu.binary, config.qemu.machine, chosen_accel))
+        qemu_binary = str(row.facts.get("path") or config.qemu.binary)
+    else:
+        qemu_binary = runner_plan.script.program
+        preflight.add(
+            checks.skip(
+                "qemu", f"the runner {runner_plan.script.path} brings its own hypervisor ({qemu_binary})"
+            )
+        )
     preflight.add(checks.check_memfd())
     preflight.add(checks.check_runtime_dir(base))
     preflight.add(checks.check_socket_paths(sockets))
 
     cpu = config.qemu.cpu or ("host" if accel is Accel.KVM else "max")
+    kernel: Path | None
     initrd: Path | None
-    if builtin:
+    if runner_plan is not None:
+        kernel, initrd = None, None
+    elif builtin:
         if assets is None:  # lenient preflight without a built guest: where it will be
             assets = guest.GuestAssets(guest.cache_root(env) / f"guest-{guest.assets_hash()}")
         kernel, initrd = assets.kernel, assets.initrd
@@ -351,13 +434,83 @@ def build_plan(
         kernel=kernel,
         initrd=initrd,
         cmdline=cmdline,
-        memory_mib=config.qemu.memory_mib,
-        vcpus=config.qemu.vcpus,
+        memory_mib=config.qemu.memory_mib or DEFAULT_MEMORY_MIB,
+        vcpus=config.qemu.vcpus or DEFAULT_VCPUS,
         qemu_extra_args=list(config.qemu.extra_args),
         builtin_guest=builtin,
         command=list(command) if command else None,
         timeouts=config.timeouts,
         work_dir=work_dir,
+        agent=agent,
+        agent_home=agent_home,
+        env_file=env_file,
+        devshell=devshell,
+        forwards=forwards,
+        runner=runner_plan,
+        notes=notes,
         kvm_device=kvm_device,
         checks=tuple(preflight.checks),
     )
+
+
+def _runner_accel(config: Config, assessment: kvm.KvmAssessment, notes: list[str]) -> tuple[Accel, str]:
+    """cloud-hypervisor has no TCG to fall back to (QEMU runners choose like our own QEMU)."""
+    if config.qemu.accel is Accel.TCG:
+        raise SupervisorError(
+            'accel = "tcg" was requested, but the runner runs cloud-hypervisor, which needs KVM: use '
+            '--accel auto (or kvm), or build the VM with microvm.hypervisor = "qemu"',
+            exit_code=ExitCode.UNAVAILABLE,
+        )
+    if not assessment.usable:
+        notes.append(
+            f"cloud-hypervisor needs KVM, and {assessment.reason}; starting it anyway (a guest kernel "
+            f"built for this host may still boot). Remedy: {assessment.remedy}"
+        )
+    return Accel.KVM, "cloud-hypervisor runs on KVM only"
+
+
+def _runner_cwd(raw: str | None, cwd: Path) -> Path | None:
+    if raw is None:
+        return None
+    path = Path(raw).expanduser()
+    path = path if path.is_absolute() else cwd / path
+    if not path.is_dir():
+        raise SupervisorError(
+            f"runner.cwd {path} is not an existing directory: create it, or leave runner.cwd out to run "
+            "the runner in the instance's runtime dir",
+            exit_code=ExitCode.NO_INPUT,
+        )
+    return path.resolve()
+
+
+def _runner_shares(
+    config: Config,
+    planned: runner.RunnerPlan,
+    default_layout: Mapping[str, Share],
+    declared: Mapping[str, str],
+) -> list[Share]:
+    """Each virtiofs tag of the runner gets its source from, in order: a [[shares]] entry with that
+    tag, the launcher's layout (work, agent-home, cri-storage), the source the runner declares."""
+    configured = {share.tag: share for share in config.shares or []}
+    path = planned.script.path
+    unknown = sorted(set(configured) - set(planned.share_tags))
+    if unknown:
+        raise SupervisorError(
+            f"the config has a share '{unknown[0]}' that the runner {path} does not use (its virtiofs "
+            f"tags: {', '.join(planned.share_tags) or 'none'}): remove it from [[shares]] or fix its tag",
+        )
+    result = []
+    for tag in planned.share_tags:
+        if tag in configured:
+            result.append(configured[tag])
+        elif tag in default_layout:
+            result.append(default_layout[tag])
+        elif tag in declared:
+            result.append(Share(tag=tag, source=declared[tag]))
+        else:
+            raise SupervisorError(
+                f"the runner {path} has a virtiofs share '{tag}' whose source directory is unknown (no "
+                "share/microvm/virtiofs next to its bin/): add a [[shares]] entry with tag = "
+                f'"{tag}" and its source',
+            )
+    return result

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from supervisor.config import Accel, Machine
@@ -29,20 +29,26 @@ class QemuSpec:
     public_qmp_fd: int  # a listening socket the supervisor bound at RUNTIME/qmp.sock
     status_file: Path  # the guest writes its command's exit status to a virtio-serial port
     extra_args: list[str]
+    forwards: list[str] = field(default_factory=list)  # QEMU hostfwd= rules for a user-mode NIC
 
 
 def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
-    """The host CPU's clock in kHz, for the guest's `tsc_early_khz` on `-M microvm`.
+    """The host's TSC rate in kHz, when /proc/cpuinfo can tell it: with a constant TSC, "cpu MHz".
 
-    microvm has no PIT to calibrate the TSC against; without the hint most boots hang at "Marking
-    TSC unstable". Under TCG the guest's TSC runs at the host's rate, so the host's clock is right.
+    Under TCG, QEMU's guest TSC is the host's. On the microvm machine a guest kernel has nothing to
+    calibrate the TSC against (no PIT, no HPET, no ACPI PM timer it trusts) and most boots hang at
+    "Marking TSC unstable"; tsc_early_khz= tells it the rate instead.
     """
     try:
         text = cpuinfo.read_text(errors="replace")
     except OSError:
         return None
-    found = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", text, re.MULTILINE)
-    return round(float(found.group(1)) * 1000) if found else None
+    flags = re.search(r"^flags\s*:(.*)$", text, re.MULTILINE)
+    mhz = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", text, re.MULTILINE)
+    if not flags or "constant_tsc" not in flags.group(1).split() or not mhz:
+        return None
+    khz = round(float(mhz.group(1)) * 1000)
+    return khz if khz > 0 else None
 
 
 def qemu_argv(spec: QemuSpec) -> list[str]:
@@ -85,6 +91,12 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
         argv += [
             "-chardev", f"socket,id=fs{index},path={socket_path}",
             "-device", f"vhost-user-fs-{bus},chardev=fs{index},tag={tag}",
+        ]  # fmt: skip
+    if spec.forwards:
+        argv += [
+            "-netdev", ",".join(["user", "id=agentvm-net", *spec.forwards]),
+            # romfile= : no PXE option ROM (Debian ships none without ipxe-qemu, and nothing netboots)
+            "-device", f"virtio-net-{bus},netdev=agentvm-net" + (",romfile=" if bus == "pci" else ""),
         ]  # fmt: skip
     argv += spec.extra_args
     return argv

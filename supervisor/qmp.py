@@ -46,7 +46,7 @@ class QmpClient:
                 try:
                     await self._stream.send(b'{"execute":"qmp_capabilities"}\n')
                 except (anyio.BrokenResourceError, OSError):
-                    return  # QEMU died before the handshake (a bad flag): its exit status tells why
+                    return  # QEMU (or a runner script before its exec) is already gone
                 while True:
                     try:
                         chunk = await self._stream.receive()

@@ -24,7 +24,8 @@ from typing import Any
 import anyio
 import structlog
 
-from supervisor import console, control, guest, kvm_watch, pid1, readiness, runtime
+from supervisor import console, control, guest, kvm_watch, launcher, pid1, readiness, runtime
+from supervisor import runner as microvm
 from supervisor.children import (
     Child,
     ChildSpec,
@@ -33,7 +34,7 @@ from supervisor.children import (
     read_start_ticks,
     run_child,
 )
-from supervisor.config import Machine, SocketMode
+from supervisor.config import Hypervisor, Machine, SocketMode
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.notify import Notifier
 from supervisor.plan import Plan
@@ -142,6 +143,10 @@ class Instance:
         """system_powerdown, a deadline, QMP quit, a deadline, then the group kill in run_child."""
         timeouts = self.plan.timeouts
         graceful = self._stop_deadline if self._stop_deadline is not None else timeouts.graceful_stop
+        planned = self.plan.runner
+        if planned is not None and planned.hypervisor is Hypervisor.CLOUD_HYPERVISOR:
+            await self._graceful_stop_api(runner)
+            return
         if self.qmp is not None:
             # Each step has its deadline around the QMP call too: a QEMU that never finished the
             # QMP handshake must not hold the stop path forever.
@@ -159,6 +164,24 @@ class Instance:
             except QmpError as exc:
                 self.log.info("QMP unavailable for a graceful stop", reason=str(exc))
         runner.stop()
+
+    async def _graceful_stop_api(self, child: Child) -> None:
+        """cloud-hypervisor: vm.power-button, a deadline, vmm.shutdown, a deadline, then the kill."""
+        timeouts = self.plan.timeouts
+        api = self.plan.instance_dir / microvm.API_SOCKET
+        steps = (("vm.power-button", timeouts.graceful_stop), ("vmm.shutdown", timeouts.quit))
+        for endpoint, deadline in steps:
+            try:
+                status = await microvm.ch_api_put(api, endpoint, timeout=min(deadline, 5.0))
+            except microvm.ApiError as exc:
+                self.log.info("cloud-hypervisor's API unavailable for a graceful stop", reason=str(exc))
+                break
+            self.log.info("asked cloud-hypervisor", endpoint=endpoint, status=status, deadline_s=deadline)
+            with anyio.move_on_after(deadline):
+                await child.exited.wait()
+                return
+            self.log.warning("cloud-hypervisor did not exit in time", endpoint=endpoint)
+        child.stop()
 
     async def _handle_signals(self, everything: anyio.CancelScope) -> None:
         with anyio.open_signal_receiver(*pid1.STOP_SIGNALS) as signals:
@@ -306,7 +329,8 @@ class Instance:
     def _child_env(self) -> dict[str, str]:
         # The instance id in every child's environment lets `list`, stale cleanup and tests find
         # a child by instance even when its argv does not name it.
-        return {**os.environ, INSTANCE_ENV: self.plan.instance}
+        # No child needs the agent's API key: it goes to the guest through .microvm-env only.
+        return launcher.child_environment(os.environ, {INSTANCE_ENV: self.plan.instance})
 
     async def _start_shares(self, tg: anyio.abc.TaskGroup) -> None:
         plan = self.plan
@@ -342,8 +366,31 @@ class Instance:
 
     # ---- the runner --------------------------------------------------------------------------
 
-    def _runner_spec(self, pty: console.ConsolePty, private_qmp: int, public_qmp: int) -> ChildSpec:
+    def _microvm_runner_spec(
+        self, planned: microvm.RunnerPlan, pty: console.ConsolePty, private_qmp: int
+    ) -> ChildSpec:
+        """A rewritten copy of the microvm.nix runner, in the runtime dir, run by its own shell."""
         plan = self.plan
+        qemu = planned.hypervisor is Hypervisor.QEMU
+        script = plan.instance_dir / microvm.SCRIPT_NAME
+        script.write_text(planned.render(plan.instance_dir, private_qmp if qemu else None))
+        script.chmod(0o500)
+        return ChildSpec(
+            name="runner",
+            argv=planned.argv(script),
+            pass_fds=(private_qmp,) if qemu else (),
+            stdin=pty.slave,
+            stdout=pty.slave,
+            env=self._child_env(),
+            cwd=str(planned.cwd or plan.instance_dir),
+            kill_grace=plan.timeouts.kill_grace,
+        )
+
+    def _runner_spec(self, pty: console.ConsolePty, private_qmp: int, public_qmp: int | None) -> ChildSpec:
+        plan = self.plan
+        if plan.runner is not None:
+            return self._microvm_runner_spec(plan.runner, pty, private_qmp)
+        assert plan.kernel is not None and public_qmp is not None
         argv = qemu_argv(
             QemuSpec(
                 binary=plan.qemu_binary,
@@ -361,6 +408,7 @@ class Instance:
                 public_qmp_fd=public_qmp,
                 status_file=plan.status_file,
                 extra_args=plan.qemu_extra_args,
+                forwards=[forward.hostfwd() for forward in plan.forwards],
             )
         )
         return ChildSpec(
@@ -380,22 +428,29 @@ class Instance:
         size = console.get_window_size(self.stdio.stdin)
         pty = console.open_console_pty(size)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        public = bind_vhost_user_socket(plan.qmp_socket)
+        # A microvm.nix runner's own -qmp is moved to the same path; QEMU binds that one itself.
+        public = bind_vhost_user_socket(plan.qmp_socket) if plan.runner is None else None
+        uses_qmp = plan.runner is None or plan.runner.hypervisor is Hypervisor.QEMU
         try:
             async with anyio.create_task_group() as tg:
                 try:
-                    runner = await tg.start(
-                        self._run_child, self._runner_spec(pty, theirs.fileno(), public.fileno())
-                    )
+                    spec = self._runner_spec(pty, theirs.fileno(), public.fileno() if public else None)
+                    runner = await tg.start(self._run_child, spec)
                 finally:
                     pty.close_slave()  # QEMU has it: its exit now reads as EOF on the master
                     theirs.close()
-                    public.close()
+                    if public is not None:
+                        public.close()
                 self.runner = runner
                 self.log.info("vm started", accel=plan.accel.value, why=plan.accel_reason)
-                self.qmp = QmpClient(ours, self._on_qmp_event)
-                tg.start_soon(self.qmp.run)
-                tg.start_soon(self._announce_ready, self.qmp)
+                if uses_qmp:
+                    self.qmp = QmpClient(ours, self._on_qmp_event)
+                    tg.start_soon(self.qmp.run)
+                    tg.start_soon(self._announce_ready, self.qmp)
+                else:  # cloud-hypervisor has no QMP to answer: started is all we can know
+                    self.host.notifier.ready(
+                        f"running {plan.instance} ({plan.accel.value}, pid {os.getpid()})"
+                    )
                 tg.start_soon(self._stop_when_requested, runner)
                 tg.start_soon(self._proxy_console, pty)
                 tg.start_soon(kvm_watch.report_changes, plan.kvm_device, plan.accel)
@@ -439,6 +494,38 @@ class Instance:
 
     # ---- the whole instance ------------------------------------------------------------------
 
+    async def _refresh_devshell(self, devshell: launcher.Devshell) -> None:
+        """Cache the project's dev shell for the guest; a failure is logged, never fatal."""
+        status: int | None = None
+        if devshell.argv is not None:
+            self.log.warning("caching the dev shell environment", command=" ".join(devshell.argv))
+            stdout, stderr = launcher.open_devshell_outputs(devshell)
+            spec = ChildSpec(
+                name="devshell",
+                argv=devshell.argv,
+                stdout=stdout,
+                stderr=stderr,
+                env=self._child_env(),
+                cwd=str(devshell.work_dir),
+                kill_grace=self.plan.timeouts.kill_grace,
+            )
+            try:
+                async with anyio.create_task_group() as tg:
+                    child = await tg.start(self._run_child, spec)
+            except BaseException:  # stopped by a signal: no half-written cache stays behind
+                devshell.discard()
+                raise
+            finally:
+                os.close(stdout)
+                os.close(stderr)
+            self.watchdog.release_group(child.pid)
+            status = child.status
+        if not launcher.finish_devshell(devshell, status):
+            self.log.warning(
+                "could not cache the dev shell; the guest starts without it",
+                details=str(devshell.errors),
+            )
+
     def _prepare_share_dirs(self) -> None:
         for share in self.plan.shares:
             if share.source.exists():
@@ -460,6 +547,10 @@ class Instance:
         runtime.ensure_base(plan.base_dir)
         runtime.clean_stale(plan.base_dir)
         self._prepare_share_dirs()
+        if plan.env_file is not None:
+            launcher.write_env_file(plan.env_file)
+        for note in plan.notes:
+            self.log.warning(note)
         runtime.create_instance_dir(plan.base_dir, plan.instance)
         self.watchdog.guard_dir(plan.instance_dir)
         self._supervisor_ticks = read_start_ticks(os.getpid())
@@ -476,6 +567,8 @@ class Instance:
                         pid1.become_subreaper()
                         everything.start_soon(pid1.reap_orphans, self._is_own_child)
                     await everything.start(control.Server(plan.control_socket, self).serve)
+                    if plan.devshell is not None:
+                        await self._refresh_devshell(plan.devshell)
                     async with anyio.create_task_group() as shares:
                         await self._start_shares(shares)
                         await self._run_vm()
@@ -511,7 +604,10 @@ class Instance:
         said = f" QEMU said: {said}." if said else ""
         if not self.plan.builtin_guest:
             if runner.status != 0:
-                self.log.error("runner failed", status=describe_status(runner.status))
+                # the runner's own words: a microvm.nix script can fail before it execs the hypervisor
+                self.log.error(
+                    "runner failed", status=describe_status(runner.status), said=runner.stderr_excerpt()
+                )
             return exit_code_of(runner.status)
         report = self.report
         if report.error is not None:

@@ -3,13 +3,15 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from supervisor import guest
-from tests.support import TEST_CACHE, TEST_USER
+from tests.support import TEST_CACHE, TEST_USER, Supervisor, start_supervisor
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +41,30 @@ def shared_tmp(tmp_path: Path) -> Iterator[Path]:
     path.mkdir(mode=0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def short_runtime() -> Iterator[Path]:
+    """A runtime base short enough for unix socket paths under long instance names (sun_path)."""
+    path = Path(tempfile.mkdtemp(prefix="avr-", dir="/tmp"))
+    path.chmod(0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def launch() -> Iterator[Callable[..., Supervisor]]:
+    """start_supervisor, with a supervisor a failed test left running SIGKILLed (its watchdog then
+    tears the instance down), so one failure does not leak VMs into the next test."""
+    started: list[Supervisor] = []
+
+    def start(*args: Any, **kwargs: Any) -> Supervisor:
+        sup = start_supervisor(*args, **kwargs)
+        started.append(sup)
+        return sup
+
+    yield start
+    for sup in started:
+        if sup.proc.poll() is None:
+            sup.proc.kill()
+            sup.proc.communicate(timeout=30)

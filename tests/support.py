@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,3 +166,6 @@ def children_of(pid: int) -> Iterator[int]:
 def user_ids(user: str) -> tuple[int, int]:
     entry = pwd.getpwnam(user)
     return entry.pw_uid, entry.pw_gid
+
+
+Launch = Callable[..., Supervisor]  # the `launch` fixture: start_supervisor, cleaned up after the test

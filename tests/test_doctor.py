@@ -181,7 +181,7 @@ def test_socket_path_of_120_bytes(guest_assets: guest.GuestAssets, tmp_path: Pat
     # BASE/agentvm-XXXXXXXX/cri-storage.sock is the longest: len(BASE) + 34 bytes.
     base = tmp_path / ("r" * (120 - 34 - len(os.fsencode(tmp_path)) - 1))
     assert len(os.fsencode(base)) + 34 == 120
-    code, report = _doctor([*_dirs(tmp_path)[:4], "--runtime-dir", str(base)])
+    code, report = _doctor([*_dirs(tmp_path)[:4], "--runtime-dir", str(base), "--name", "agentvm"])
     assert code == 64
     failed = _only_failure(report)
     assert failed["name"] == "socket-paths" and failed["facts"]["bytes"] == 120
