@@ -43,7 +43,10 @@ class QmpClient:
         negotiated = False
         try:
             async with self._stream:
-                await self._stream.send(b'{"execute":"qmp_capabilities"}\n')
+                try:
+                    await self._stream.send(b'{"execute":"qmp_capabilities"}\n')
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    return  # QEMU exited before we could say hello (e.g. a bad argument)
                 while True:
                     try:
                         chunk = await self._stream.receive()
@@ -72,6 +75,7 @@ class QmpClient:
             self.closed.set()
             self.ready.set()
             self._replies.close()
+            self._reply_receive.close()  # a waiting execute() gets QmpError, and nothing is left open
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send one command and wait for its reply; raises QmpError if QEMU is gone or refuses."""

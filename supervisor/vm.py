@@ -158,9 +158,14 @@ class Instance:
     async def _watch_share(self, child: Child, share: ShareSpec) -> None:
         await child.exited.wait()
         runner = self.runner
-        if runner is None or runner.exited.is_set() or self.outcome.shutting_down.is_set():
+        if self.outcome.shutting_down.is_set():
             return
-        if child.status == 0:
+        if runner is not None and runner.exited.is_set() and (child.status == 0 or runner.status == 0):
+            return  # it followed QEMU out, or it died after the VM had ended well
+        # Dying before QEMU could use it is the cause of what QEMU does next (it cannot connect):
+        # name the share, not QEMU's "Connection refused".
+        early = runner is None or runner.exited.is_set()
+        if runner is not None and not early and child.status == 0:
             with anyio.move_on_after(SHARE_EXIT_CONFIRM_S):
                 async with anyio.create_task_group() as tg:
 
@@ -178,16 +183,27 @@ class Instance:
                 return
         said = child.stderr_excerpt()
         said = f" Its last output: {said}." if said else ""
-        self.outcome.fail(
-            SupervisorError(
-                f"virtiofsd for share '{share.tag}' (pid {child.pid}, {share.source}) "
-                f"{describe_status(child.status)} while the VM was running.{said} The VM was stopped, "
-                "because I/O on that share would hang it. Check that the directory is still there and "
-                "that nothing kills the daemon (OOM killer, a cleanup script).",
+        what = (
+            f"virtiofsd for share '{share.tag}' (pid {child.pid}, {share.source}) "
+            f"{describe_status(child.status)}"
+        )
+        if early:
+            error = SupervisorError(
+                f"{what} before the VM could use it.{said} Check that the directory exists and that "
+                "nothing kills the daemon; run with --debug to see its command line.",
                 exit_code=ExitCode.SHARE_FAILED,
             )
-        )
+        else:
+            error = SupervisorError(
+                f"{what} while the VM was running.{said} The VM was stopped, because I/O on that share "
+                "would hang it. Check that the directory is still there and that nothing kills the "
+                "daemon (OOM killer, a cleanup script).",
+                exit_code=ExitCode.SHARE_FAILED,
+            )
+        self.outcome.fail(error)
         self.log.error("share daemon died; stopping the VM", share=share.tag)
+        if runner is None:
+            raise error  # still starting: this ends the start
         runner.stop()  # QEMU would hang on the dead share, even during the guest's own power-off
 
     def _share_child(self, share: ShareSpec, fd: int | None) -> ChildSpec:
@@ -388,7 +404,8 @@ class Instance:
         said = f" QEMU said: {said}." if said else ""
         if not self.plan.builtin_guest:
             if runner.status != 0:
-                self.log.error("runner failed", status=describe_status(runner.status))
+                output = {"output": runner.stderr_excerpt()} if runner.stderr_excerpt() else {}
+                self.log.error("runner failed", status=describe_status(runner.status), **output)
             return exit_code_of(runner.status)
         report = self.report
         if report.error is not None:
