@@ -15,6 +15,7 @@ else (a custom kernel) exits with that status.
   ignore-powerdown   answer system_powerdown but never power off (the supervisor must quit/kill)
   slow-powerdown     power off 0.3 s after system_powerdown
   ignore-term        ignore SIGTERM
+  exit-at-once       the guest command ends as soon as it booted (as on SIGUSR1)
 """
 
 from __future__ import annotations
@@ -131,12 +132,16 @@ def main(argv: list[str]) -> None:
                 )
             backends.append(sock)
     os.write(1, b"GUEST-READY\r\n")
+    if "exit-at-once" in behaviours:
+        received.append(signal.SIGUSR1)
     if qmp is not None:
         qmp.send({"QMP": {"version": {"qemu": {"major": 9, "minor": 2, "micro": 0}}, "capabilities": []}})
 
     power_off_at: float | None = None
     while True:
         timeout = None if power_off_at is None else max(0.0, power_off_at - time.monotonic())
+        if received:
+            timeout = 0.0
         watched: list[int | socket.socket] = [wake_read, *backends]
         if qmp is not None:
             watched.append(qmp.sock)
