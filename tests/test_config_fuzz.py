@@ -371,14 +371,16 @@ def play(sandbox: Sandbox, argv: list[str], example: str) -> list[str]:
     return problems
 
 
+# AGENTVM_FUZZ_EXAMPLES raises the count for a long run (README, "Fault injection and fuzzing").
+EXAMPLES = int(os.environ.get("AGENTVM_FUZZ_EXAMPLES") or 200)
 FUZZ_SETTINGS = settings(
-    max_examples=200,
+    max_examples=EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 
 
-@settings(FUZZ_SETTINGS, max_examples=100)  # most of these start: slower
+@settings(FUZZ_SETTINGS, max_examples=max(1, EXAMPLES // 2))  # most of these start: slower
 @given(document=documents(junk_fields=False))
 def test_random_valid_looking_toml_starts_or_gives_one_clear_error(
     sandbox: Sandbox, document: dict[str, Any]
