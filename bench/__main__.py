@@ -64,6 +64,7 @@ class Idle(msgspec.Struct):
     wakeups_per_s: float
     cpu_ms: float
     rss_mib: float
+    pss_mib: float
     threads: int
 
 
@@ -210,6 +211,7 @@ def idle(bench: Bench, results: Results, seconds: float, launchers: list[str]) -
                 wakeups_per_s=(after[what].switches - before[what].switches) / elapsed,
                 cpu_ms=(after[what].cpu_ns - before[what].cpu_ns) / 1e6,
                 rss_mib=after[what].rss_kib / 1024,
+                pss_mib=after[what].pss_kib / 1024,
                 threads=after[what].threads,
             )
             for what in watched
@@ -361,12 +363,13 @@ def report(results: Results, earlier: Results | None) -> str:
                 f"({stat.p95:.1f}) exit {exit_:.0f} ms; left: {', '.join(left) or 'nothing'}",
             )
     if results.idle:
-        lines.append(f"\nidle: over {results.idle_seconds:g} s (context switches/s, CPU, RSS)")
+        lines.append(f"\nidle: over {results.idle_seconds:g} s (context switches/s, CPU time, memory)")
         for idle_item in results.idle:
             row(
                 idle_item.what,
                 f"{idle_item.wakeups_per_s:.2f}/s",
-                f"cpu {idle_item.cpu_ms:.1f} ms, rss {idle_item.rss_mib:.1f} MiB, "
+                f"cpu {idle_item.cpu_ms:.1f} ms, rss {idle_item.rss_mib:.1f} MiB "
+                f"(pss {idle_item.pss_mib:.1f}), "
                 f"{idle_item.threads} threads",
             )
     if results.scale:

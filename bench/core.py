@@ -373,6 +373,7 @@ class ProcStats:
     switches: int  # voluntary + nonvoluntary context switches, all threads
     cpu_ns: int  # time on CPU (schedstat), all threads
     rss_kib: int
+    pss_kib: int  # RSS with pages shared with other processes (a fork's parent) split among them
     threads: int
 
 
@@ -385,11 +386,15 @@ def proc_stats(pid: int) -> ProcStats:
                 if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
                     switches += int(line.split()[1])
             cpu += int((task / "schedstat").read_text().split()[0])
-    rss = 0
+    rss = pss = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             rss = int(line.split()[1])
-    return ProcStats(switches, cpu, rss, len(tasks))
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                pss = int(line.split()[1])
+    return ProcStats(switches, cpu, rss, pss, len(tasks))
 
 
 def children(pid: int) -> list[int]:
