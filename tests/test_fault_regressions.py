@@ -139,6 +139,17 @@ def test_virtiofsd_dying_right_after_creating_its_socket_names_the_share(
     )
 
 
+@pytest.mark.parametrize("builtin", [False, True])
+def test_path_mode_waits_for_the_socket_to_listen_not_just_to_exist(
+    case_root: Path, guest_assets: object, builtin: bool
+) -> None:
+    """A virtiofsd stopped (or preempted) between bind() and listen() looked ready to inotify, and
+    QEMU's connect was refused (found by a SIGSTOP during start in --socket-path mode)."""
+    _play(
+        case_root, phase="start", socket_mode="path", virtiofsd_behaviour="home=slow-listen", builtin=builtin
+    )
+
+
 def test_ctrl_c_while_python_imports_the_supervisor_exits_130_without_a_traceback() -> None:
     # An import hook raising KeyboardInterrupt stands in for Ctrl-C landing during the imports.
     code = (

@@ -10,6 +10,7 @@ front-end connection and exits 0 when that front-end disconnects. Unknown flags 
 `tag=behaviour[,tag=behaviour...]` with the behaviours
   exit-early    print an error and exit 1 before accepting (virtiofsd dying before QEMU connects)
   exit-after-listen   the same, but after creating its --socket-path socket (it looked ready)
+  slow-listen   bind the --socket-path socket, then wait 0.3 s before listen() (connects are refused)
   slow-socket   wait 0.3 s before creating the --socket-path socket
   no-socket     never create the --socket-path socket (hangs until killed)
   ignore-term   ignore SIGTERM, so only the supervisor's SIGKILL ends it
@@ -91,6 +92,8 @@ def main(argv: list[str]) -> None:
                 signal.pause()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(options["--socket-path="])
+        if behaviour == "slow-listen":
+            time.sleep(0.3)
         listener.listen(1)
         if behaviour == "exit-after-listen":
             _fail(f"lost {shared_dir} right after listening (injected by STUB_VIRTIOFSD)")
