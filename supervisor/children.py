@@ -194,7 +194,8 @@ async def run_child(
     """Run one child until it exits or this task is cancelled; see the module docstring.
 
     `on_start(child)` runs synchronously right after the fork (e.g. to register the group with the
-    watchdog) before anything can cancel us.
+    watchdog) before anything can cancel us; if it raises, the child is stopped and reaped like on
+    any other error.
     """
     log = structlog.get_logger().bind(child=spec.name)
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
@@ -214,9 +215,9 @@ async def run_child(
     child = Child(spec=spec, pid=proc.pid, start_ticks=start_ticks, started_at=time.monotonic())
     log = log.bind(pid=proc.pid)
     log.info("started", argv=" ".join(spec.argv))
-    if on_start is not None:
-        on_start(child)
     try:
+        if on_start is not None:
+            on_start(child)
         async with anyio.create_task_group() as pumps:
             pumps.start_soon(_pump_stderr, child, read_fd, log)
             task_status.started(child)

@@ -199,6 +199,18 @@ def _explain(error: msgspec.ValidationError) -> str:
     return text
 
 
+def _find_nul(value: Any, where: str) -> str | None:
+    """The `$.path` of the first string holding a NUL byte: no path or argv can carry one."""
+    if isinstance(value, str):
+        return where if "\0" in value else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _find_nul(item, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}")
+        if found:
+            return found
+    return None
+
+
 def load(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
     """Decode the TOML file at `path` (None: no file) with `overrides` laid over it."""
     document: dict[str, Any] = {}
@@ -224,8 +236,16 @@ def load(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Confi
             raise SupervisorError(
                 _paragraph(f"config file {path} is not valid TOML: {exc}. Fix the syntax at that spot.")
             ) from None
+    merged = _merge(document, overrides or {})
+    nul = _find_nul(merged, "$")
+    if nul is not None:
+        raise SupervisorError(
+            f"invalid configuration in {where}: the value at `{nul}` contains a NUL byte, which no "
+            "path or command-line argument can hold; remove it (an escape such as \\u0000 in the "
+            "TOML, or a stray byte in a flag)"
+        )
     try:
-        return msgspec.convert(_merge(document, overrides or {}), Config)
+        return msgspec.convert(merged, Config)
     except msgspec.ValidationError as exc:
         raise SupervisorError(
             _paragraph(

@@ -45,8 +45,8 @@ class QmpClient:
             async with self._stream:
                 try:
                     await self._stream.send(b'{"execute":"qmp_capabilities"}\n')
-                except (anyio.BrokenResourceError, OSError):
-                    return  # QEMU (or a runner script before its exec) is already gone
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    return  # QEMU exited before we could say hello (e.g. a bad argument)
                 while True:
                     try:
                         chunk = await self._stream.receive()
@@ -75,7 +75,7 @@ class QmpClient:
             self.closed.set()
             self.ready.set()
             self._replies.close()
-            self._reply_receive.close()  # a waiting execute() gets ClosedResourceError: QmpError
+            self._reply_receive.close()  # a waiting execute() gets QmpError, and nothing is left open
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send one command and wait for its reply; raises QmpError if QEMU is gone or refuses."""

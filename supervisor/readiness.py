@@ -19,6 +19,8 @@ import anyio
 from supervisor.children import Child
 from supervisor.errors import ExitCode, SupervisorError
 
+SO_ACCEPTCON = 0x10000  # /proc/net/unix "Flags" of a listening socket
+LISTEN_RECHECK_S = 0.002
 IN_CREATE = 0x100
 IN_MOVED_TO = 0x80
 IN_DELETE_SELF = 0x400
@@ -85,8 +87,36 @@ def _is_socket(path: Path) -> bool:
         return False
 
 
+def _is_listening(path: Path) -> bool:
+    """Whether a unix socket bound at `path` accepts connections, from /proc/net/unix.
+
+    The socket file appears at bind(), before listen(): a connect in between is refused. When
+    /proc/net/unix cannot tell (not mounted, another network namespace), the file is taken as ready.
+    """
+    try:
+        lines = Path("/proc/net/unix").read_text(errors="surrogateescape").splitlines()[1:]
+    except OSError:
+        return True
+    target = os.fsdecode(path)
+    seen = False
+    for line in lines:
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7] == target:
+            seen = True
+            if int(fields[3], 16) & SO_ACCEPTCON:
+                return True
+    return not seen
+
+
+async def _wait_listening(path: Path) -> None:
+    # No event marks listen(); bind() -> listen() is microseconds unless the daemon is preempted
+    # or stopped right there, so a short re-check is cheap and rare.
+    while not _is_listening(path):
+        await anyio.sleep(LISTEN_RECHECK_S)
+
+
 async def wait_socket(path: Path, child: Child, *, timeout: float, owner: str) -> float:
-    """Wait until `path` is a socket; fail if `child` exits first or `timeout` passes.
+    """Wait until `path` is a listening socket; fail if `child` exits first or `timeout` passes.
 
     `owner` names the child for the error ("virtiofsd for share 'work'"). Returns the seconds waited.
     """
@@ -95,20 +125,21 @@ async def wait_socket(path: Path, child: Child, *, timeout: float, owner: str) -
     with Inotify() as inotify:
         # Watch first, then look: a socket created between the two is still seen.
         inotify.add_watch(path.parent, IN_CREATE | IN_MOVED_TO | IN_DELETE_SELF)
-        if _is_socket(path):
+        if _is_socket(path) and _is_listening(path):
             return 0.0
 
         async def socket_appears() -> None:
-            while True:
+            while not _is_socket(path):
                 for mask, name in await inotify.read_events():
                     if mask & IN_DELETE_SELF:
                         outcome.append("dir-removed")
                         tg.cancel_scope.cancel()
                         return
                     if name == path.name and _is_socket(path):
-                        outcome.append("ready")
-                        tg.cancel_scope.cancel()
-                        return
+                        break
+            await _wait_listening(path)
+            outcome.append("ready")
+            tg.cancel_scope.cancel()
 
         async def child_exits() -> None:
             await child.exited.wait()

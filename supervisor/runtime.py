@@ -134,8 +134,16 @@ def create_instance_dir(base: Path, instance: str) -> Path:
 def write_state(path: Path, state: InstanceState) -> None:
     """Replace INSTANCE/state.json atomically (readers never see half a file)."""
     temporary = path / f".{STATE_FILE}.tmp"
-    temporary.write_bytes(msgspec.json.encode(state))
-    temporary.replace(path / STATE_FILE)
+    try:
+        temporary.write_bytes(msgspec.json.encode(state))
+        temporary.replace(path / STATE_FILE)
+    except OSError as exc:
+        raise SupervisorError(
+            f"cannot write {path / STATE_FILE} ({exc.strerror}): the instance dir {path} was changed "
+            "while the VM was starting (its permissions, or removed, or the disk is full); keep other "
+            "programs out of the runtime dir, or choose another with --runtime-dir",
+            exit_code=ExitCode.CANT_CREATE,
+        ) from None
 
 
 def read_state(path: Path) -> InstanceState | None:
@@ -199,6 +207,10 @@ def clean_stale(base: Path) -> list[str]:
 
 
 def remove_instance_dir(path: Path) -> None:
+    # rmtree cannot empty a dir it may not write, and something may have made ours read-only.
+    with contextlib.suppress(OSError):
+        for directory, _, _ in os.walk(path):
+            Path(directory).chmod(0o700)
     shutil.rmtree(path, ignore_errors=True)
 
 

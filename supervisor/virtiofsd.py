@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.config import Cache, SocketMode, UidMapping
+from supervisor.errors import ExitCode, SupervisorError
 
 # claude-microvm's cri-storage mapping: container storage in the guest (overlayfs, SELinux labels)
 # needs trusted.* and security.* xattrs, which an unprivileged host user cannot set; store them as
@@ -99,6 +100,14 @@ def bind_vhost_user_socket(path: Path) -> socket.socket:
         path.unlink(missing_ok=True)
         sock.bind(os.fsencode(path))
         sock.listen(1)
+    except OSError as exc:
+        sock.close()
+        raise SupervisorError(
+            f"cannot create the socket {path} ({exc.strerror}): the instance dir {path.parent} was "
+            "changed while the VM was starting (its permissions, or removed); keep other programs out "
+            "of the runtime dir, or choose another with --runtime-dir",
+            exit_code=ExitCode.CANT_CREATE,
+        ) from None
     except BaseException:
         sock.close()
         raise

@@ -266,32 +266,36 @@ class Instance:
     async def _watch_share(self, child: Child, share: ShareSpec) -> None:
         await child.exited.wait()
         runner = self.runner
-        if runner is not None and (runner.exited.is_set() or self.outcome.shutting_down.is_set()):
-            return  # the VM is ending anyway: virtiofsd exits when QEMU disconnects
-        if child.status == 0 and runner is not None:
+        if self.outcome.shutting_down.is_set():
+            return
+        if runner is not None and runner.exited.is_set() and (child.status == 0 or runner.status == 0):
+            return  # it followed QEMU out, or it died after the VM had ended well
+        # Dying before QEMU could use it is the cause of what QEMU does next (it cannot connect):
+        # name the share, not QEMU's "Connection refused".
+        early = runner is None or runner.exited.is_set()
+        if runner is not None and not early and child.status == 0:
             await self._confirm_vm_ending(runner)
             if runner.exited.is_set() or self.outcome.shutting_down.is_set():
                 return
         said = child.stderr_excerpt()
         said = f" Its last output: {said}." if said else ""
         when, consequence = (
-            ("while the VM was running", "The VM was stopped, because I/O on that share would hang it.")
-            if runner is not None
-            else ("before the VM started", "The VM was not started.")
+            ("before the VM could use it", "The VM was not started, or stopped at once.")
+            if early
+            else ("while the VM was running", "The VM was stopped, because I/O on that share would hang it.")
         )
-        self.outcome.fail(
-            SupervisorError(
-                f"virtiofsd for share '{share.tag}' (pid {child.pid}, {share.source}) exited "
-                f"({describe_status(child.status)}) {when}.{said} {consequence} Check that the "
-                "directory exists and is readable, that the "
-                "virtiofsd flags suit this virtiofsd (--debug shows them), and that nothing kills the "
-                "daemon (OOM killer, a cleanup script).",
-                exit_code=ExitCode.SHARE_FAILED,
-            )
+        error = SupervisorError(
+            f"virtiofsd for share '{share.tag}' (pid {child.pid}, {share.source}) exited "
+            f"({describe_status(child.status)}) {when}.{said} {consequence} Check that the directory "
+            "exists and is readable, that the virtiofsd flags suit this virtiofsd (--debug shows "
+            "them), and that nothing kills the daemon (OOM killer, a cleanup script).",
+            exit_code=ExitCode.SHARE_FAILED,
         )
+        self.outcome.fail(error)
         self.log.error("share daemon died; stopping the VM", share=share.tag)
-        if runner is not None:
-            runner.stop()  # QEMU would hang on the dead share, even during the guest's own power-off
+        if runner is None:
+            raise error  # still starting: this ends the start
+        runner.stop()  # QEMU would hang on the dead share, even during the guest's own power-off
 
     async def _confirm_vm_ending(self, runner: Child) -> None:
         """Wait briefly for the runner's exit or a SHUTDOWN event, whichever comes first."""
@@ -604,10 +608,8 @@ class Instance:
         said = f" QEMU said: {said}." if said else ""
         if not self.plan.builtin_guest:
             if runner.status != 0:
-                # the runner's own words: a microvm.nix script can fail before it execs the hypervisor
-                self.log.error(
-                    "runner failed", status=describe_status(runner.status), said=runner.stderr_excerpt()
-                )
+                output = {"output": runner.stderr_excerpt()} if runner.stderr_excerpt() else {}
+                self.log.error("runner failed", status=describe_status(runner.status), **output)
             return exit_code_of(runner.status)
         report = self.report
         if report.error is not None:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 import signal
 import termios
 from pathlib import Path
 from typing import Any
+
+from supervisor.runtime import remove_instance_dir
 
 
 class Watchdog:
@@ -108,7 +109,7 @@ def _watch(
         with contextlib.suppress(OSError):
             os.killpg(pgid, signal.SIGKILL)
     for path in dirs:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_instance_dir(Path(path))
     if kept_tty is not None and saved_tty is not None:
         with contextlib.suppress(OSError, termios.error):
             termios.tcsetattr(kept_tty, termios.TCSADRAIN, saved_tty[0])

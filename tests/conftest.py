@@ -11,6 +11,14 @@ from typing import Any
 import pytest
 
 from supervisor import guest
+from tests.faults import (
+    CASES_ENV,
+    FAULT_SETTINGS,
+    JOBS_ENV,
+    SEED_ENV,
+    FaultSettings,
+    fault_settings,
+)
 from tests.support import TEST_CACHE, TEST_USER, Supervisor, start_supervisor
 
 
@@ -68,3 +76,35 @@ def launch() -> Iterator[Callable[..., Supervisor]]:
         if sup.proc.poll() is None:
             sup.proc.kill()
             sup.proc.communicate(timeout=30)
+
+
+# ---- the fault-injection suite's knobs (tests/test_faults.py, README "Fault injection") --------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("faults", "fault injection (tests/test_faults.py)")
+    group.addoption("--fault-seed", type=int, help=f"seed of the randomized cases (env {SEED_ENV})")
+    group.addoption("--fault-cases", type=int, help=f"number of cases (env {CASES_ENV}; default 200)")
+    group.addoption("--fault-jobs", type=int, help=f"cases played at once (env {JOBS_ENV}; default 4)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[FAULT_SETTINGS] = fault_settings(
+        seed=config.getoption("--fault-seed"),
+        cases=config.getoption("--fault-cases"),
+        jobs=config.getoption("--fault-jobs"),
+        env=os.environ,
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    settings = config.stash[FAULT_SETTINGS]
+    return (
+        f"fault injection: seed {settings.seed}, {settings.count} cases, {settings.jobs} at once "
+        f"(repeat with {SEED_ENV}={settings.seed})"
+    )
+
+
+@pytest.fixture(scope="session")
+def faults(request: pytest.FixtureRequest) -> FaultSettings:
+    return request.config.stash[FAULT_SETTINGS]

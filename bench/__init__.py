@@ -1,0 +1,1 @@
+"""agentvm-supervise benchmarks against its peers: run `.venv/bin/python -m bench` (README, "Bench")."""
