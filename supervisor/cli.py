@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -270,6 +271,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {exc.message}", file=sys.stderr)
         return int(exc.exit_code)
     except pid1.StopRequested as stop:
+        print(
+            f"{PROG}: stopped by {signal.Signals(stop.signum).name} while starting, before any VM "
+            "process existed; nothing was left behind.",
+            file=sys.stderr,
+        )
         return ExitCode.SIGNAL_BASE + stop.signum
     except KeyboardInterrupt:
         return ExitCode.SIGNAL_BASE + 2

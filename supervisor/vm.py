@@ -608,8 +608,10 @@ class Instance:
         said = f" QEMU said: {said}." if said else ""
         if not self.plan.builtin_guest:
             if runner.status != 0:
-                output = {"output": runner.stderr_excerpt()} if runner.stderr_excerpt() else {}
-                self.log.error("runner failed", status=describe_status(runner.status), **output)
+                # the runner's own words: a microvm.nix script can fail before it execs the hypervisor
+                self.log.error(
+                    "runner failed", status=describe_status(runner.status), said=runner.stderr_excerpt()
+                )
             return exit_code_of(runner.status)
         report = self.report
         if report.error is not None:

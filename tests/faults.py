@@ -203,7 +203,9 @@ class Allowed:
 
 
 def _signal_message(signum: int) -> str:
-    return rf"stopping on signal .*signal={SIGNAL_NAMES[signal.Signals(signum)]}"
+    name = SIGNAL_NAMES[signal.Signals(signum)]
+    # Logged once the VM's processes run; said in one line when it came earlier, during the start.
+    return rf"stopping on signal .*signal={name}|stopped by {name} while starting"
 
 
 def _normal(case: Case) -> list[Allowed]:
@@ -288,7 +290,13 @@ def _allowed(case: Case, *, injected: bool) -> list[Allowed]:
             return [Allowed(76, r"QEMU .*exited with status 1 .*-bogus-option: invalid option", "bad arg")]
         return [Allowed(1, r"-bogus-option: invalid option", "bad argument")]
     if case.fault == "base-unwritable":
-        return [Allowed(73, r"cannot create the (runtime|instance) dir", "runtime dir unwritable")]
+        return [
+            Allowed(
+                73,
+                r"cannot create the (runtime|instance) dir|the runtime dir .* cannot be created",
+                "runtime dir unwritable",
+            )
+        ]
     if case.fault == "dir-readonly":
         if case.phase == "start":
             return [
@@ -347,8 +355,8 @@ def find_target(supervisor: int, target: str) -> int | None:
                 # The watchdog is the supervisor's fork with its std streams on /dev/null.
                 if cmdline == own and str(Path(f"/proc/{pid}/fd/2").readlink()) == os.devnull:
                     return pid
-        elif kind == "runner" and FAKE_QEMU.name in cmdline:
-            return pid
+        elif kind == "runner" and FAKE_QEMU.name in cmdline and " -name " in cmdline:
+            return pid  # the runner itself, not the preflight's `-version` / `-machine help` probes
         elif FAKE_VIRTIOFSD.name in cmdline and f"/{tag} " in cmdline + " ":
             if kind == "virtiofsd":
                 return pid

@@ -186,7 +186,7 @@ async def test_socket_readiness_deadline(tmp_path: Path) -> None:
 
 async def test_a_regular_file_with_the_sockets_name_is_not_readiness(tmp_path: Path) -> None:
     path = tmp_path / "x.sock"
-    script = f"import socket, time; open({str(path)!r}, 'w').close(); time.sleep(0.2); import os; os.unlink({str(path)!r}); s = socket.socket(socket.AF_UNIX); s.bind({str(path)!r}); time.sleep(300)"
+    script = f"import socket, time; open({str(path)!r}, 'w').close(); time.sleep(0.2); import os; os.unlink({str(path)!r}); s = socket.socket(socket.AF_UNIX); s.bind({str(path)!r}); s.listen(); time.sleep(300)"
     async with anyio.create_task_group() as tg:
         child: Child = await tg.start(run_child, ChildSpec(name="t", argv=[sys.executable, "-c", script]))
         await wait_socket(path, child, timeout=20, owner="t")

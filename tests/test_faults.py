@@ -92,7 +92,7 @@ def _wait_for_pids(name: str, needle: str, count: int = 1, timeout: float = 60.0
 
 def _assert_nothing_left(name: str, tmp: Path) -> None:
     assert wait_until_gone(name) == []
-    assert leftovers(tmp / "rt") == []
+    assert leftovers(tmp / "rt", timeout=10) == []  # the watchdog cleans up asynchronously
 
 
 @pytest.mark.vm
@@ -122,11 +122,17 @@ def test_real_guest_qemu_refusing_a_bad_argument(guest_assets: guest.GuestAssets
 def test_real_guest_virtiofsd_exiting_before_qemu_connects(
     guest_assets: guest.GuestAssets, tmp_path: Path
 ) -> None:
-    config = tmp_path / "c.toml"
-    config.write_text('[virtiofsd]\nextra-args = ["--no-such-flag"]\n')
-    result = run_supervisor([*_real_args(tmp_path, "rf-early"), "--config", str(config), "--", "true"])
+    # The real virtiofsd answers the preflight, then fails the way a real start failure does.
+    dying = tmp_path / "virtiofsd"
+    dying.write_text(
+        "#!/bin/sh\n"
+        f'case "$1" in --version|--help) exec {guest_assets.virtiofsd} "$1" ;; esac\n'
+        "echo 'error: the shared dir vanished' >&2\nexit 1\n"
+    )
+    dying.chmod(0o755)
+    result = run_supervisor([*_real_args(tmp_path, "rf-early"), "--virtiofsd", str(dying), "--", "true"])
     assert result.returncode == 75, result.stderr
-    assert "virtiofsd for share '" in result.stderr and "--no-such-flag" in result.stderr
+    assert "virtiofsd for share '" in result.stderr and "the shared dir vanished" in result.stderr
     _assert_nothing_left("rf-early", tmp_path)
 
 

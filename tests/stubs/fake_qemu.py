@@ -38,6 +38,9 @@ WITH_ARGUMENT = {
 SWITCHES = {"-nodefaults", "-no-user-config", "-no-reboot", "-nographic", "-S"}
 
 
+REAL_QEMU = "/usr/bin/qemu-system-x86_64"
+
+
 def _die(message: str) -> NoReturn:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
     os._exit(1)
@@ -84,6 +87,9 @@ class Qmp:
 
 
 def main(argv: list[str]) -> None:
+    if argv[1:] == ["-version"] or (len(argv) == 3 and argv[2] == "help"):
+        # The supervisor's preflight queries (version, machines, devices): the real QEMU answers.
+        os.execv(REAL_QEMU, [REAL_QEMU, *argv[1:]])
     behaviours = set(filter(None, os.environ.get("STUB_QEMU", "").split(",")))
     status_value = int(os.environ.get("STUB_QEMU_STATUS", "0"))
     chardevs: list[tuple[str, dict[str, str]]] = []

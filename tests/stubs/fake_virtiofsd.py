@@ -64,6 +64,16 @@ def _serve(listener: socket.socket) -> None:
 
 
 def main(argv: list[str]) -> None:
+    # The supervisor's preflight asks for the version and which flags exist, as of the real one.
+    if argv[1:] == ["--version"]:
+        print("virtiofsd 1.13.2 (stub)")
+        return
+    if argv[1:] == ["--help"]:
+        print(
+            "Usage: virtiofsd [OPTIONS]\n"
+            + "\n".join(f"  {flag.rstrip('=')}" for flag in KNOWN_FLAGS + KNOWN_SWITCHES)
+        )
+        return
     options: dict[str, str] = {}
     for arg in argv[1:]:
         if arg in KNOWN_SWITCHES:
