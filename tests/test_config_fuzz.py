@@ -330,9 +330,9 @@ def _created_dirs_only(before: Mapping[str, Any], after: Mapping[str, Any]) -> l
     or the launcher's files in the agent home."""
     bad = [path for path in before if after.get(path) != before[path] and not Path(path).is_dir()]
     for path, (mode, _, _) in after.items():
-        if path not in before and (mode & 0o170000) != 0o040000:  # not a dir
-            if Path(path).name not in LAUNCHER_FILES:
-                bad.append(path)
+        is_dir = (mode & 0o170000) == 0o040000
+        if path not in before and not is_dir and Path(path).name not in LAUNCHER_FILES:
+            bad.append(path)
     return sorted(bad)
 
 

@@ -89,7 +89,7 @@ class Qmp:
 def main(argv: list[str]) -> None:
     if argv[1:] == ["-version"] or (len(argv) == 3 and argv[2] == "help"):
         # The supervisor's preflight queries (version, machines, devices): the real QEMU answers.
-        os.execv(REAL_QEMU, [REAL_QEMU, *argv[1:]])
+        os.execv(REAL_QEMU, [REAL_QEMU, *argv[1:]])  # noqa: S606
     behaviours = set(filter(None, os.environ.get("STUB_QEMU", "").split(",")))
     status_value = int(os.environ.get("STUB_QEMU_STATUS", "0"))
     chardevs: list[tuple[str, dict[str, str]]] = []
