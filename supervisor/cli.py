@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import anyio
 
-from supervisor import __version__, config, console, logs, plan
+from supervisor import __version__, attach, config, console, logs, plan, runtime
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.vm import Instance, Stdio
 from supervisor.watchdog import Watchdog
@@ -29,23 +29,6 @@ PROG = "agentvm-supervise"
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise SupervisorError(f"{message}. Run '{self.prog} --help' for the flags and their values.")
-
-
-def _escape_key(value: str) -> int | None:
-    """'^]' / 'ctrl-]' style names, a single character, or 'none'."""
-    text = value.strip().lower()
-    if text == "none":
-        return None
-    for prefix in ("ctrl-", "c-", "^"):
-        if text.startswith(prefix) and len(text) == len(prefix) + 1:
-            code = ord(text[-1].upper()) ^ 0x40
-            if 0 <= code < 32:
-                return code
-    if len(value) == 1:
-        return ord(value)
-    raise argparse.ArgumentTypeError(
-        f"invalid escape key '{value}': use ctrl-X (e.g. ctrl-]), ^X, a single character, or none"
-    )
 
 
 def _parser() -> _Parser:
@@ -71,16 +54,30 @@ def _parser() -> _Parser:
     run.add_argument("--qemu", metavar="BINARY", help="QEMU binary")
     run.add_argument("--virtiofsd", metavar="BINARY", help="virtiofsd binary")
     run.add_argument("--socket-mode", choices=["fd", "path"], help="how virtiofsd gets its socket")
+    run.add_argument("--escape-key", help="console escape key: ctrl-X, ^X, or none (default: ctrl-])")
     run.add_argument(
-        "--escape-key",
-        type=_escape_key,
-        default=console.ESCAPE_DEFAULT,
-        help="console escape key: ctrl-X, ^X, or none (default: ctrl-])",
+        "--no-console-filter",
+        dest="console_filter",
+        action="store_false",
+        default=None,
+        help="pass the guest's terminal sequences unfiltered (OSC 52, DCS, ...; see README)",
     )
     run.add_argument("-v", "--verbose", action="store_true", help="log the whole lifecycle")
     run.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     run.add_argument("--log-format", choices=["human", "json"], help="default: human on a terminal")
     run.add_argument("guest_command", nargs=argparse.REMAINDER, help="-- CMD ARGS... to run in the guest")
+    att = commands.add_parser(
+        "attach",
+        help="attach this terminal to a running VM's console",
+        description="Attach this terminal to the console of a running VM (taking it over from the "
+        "terminal that holds it). INSTANCE is the instance id or a unique prefix of it; with one running "
+        "instance it may be left out.",
+    )
+    att.add_argument("instance", nargs="?", metavar="INSTANCE", help="instance id or unique prefix")
+    att.add_argument("--config", type=Path, help="TOML config file (runtime-dir, console.escape-key)")
+    att.add_argument("--runtime-dir", help="the base dir the instance was started with")
+    att.add_argument("--escape-key", help="console escape key: ctrl-X, ^X, or none (default: ctrl-])")
+    att.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     return parser
 
 
@@ -99,8 +96,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "binary": args.qemu,
     }
     virtiofsd = {"binary": args.virtiofsd, "socket-mode": args.socket_mode}
+    console_section = {"escape-key": args.escape_key, "filter": getattr(args, "console_filter", None)}
     result: dict[str, Any] = {key: value for key, value in top.items() if value is not None}
-    for section, values in (("qemu", qemu), ("virtiofsd", virtiofsd)):
+    for section, values in (("qemu", qemu), ("virtiofsd", virtiofsd), ("console", console_section)):
         present = {key: value for key, value in values.items() if value is not None}
         if present:
             result[section] = present
@@ -128,10 +126,26 @@ def _run(args: argparse.Namespace) -> int:
     # Forked before the event loop starts: fork is only safe while there are no threads.
     watchdog = Watchdog.start(tty_fd=stdin_fd if os.isatty(stdin_fd) else None)
     try:
-        instance = Instance(checked, watchdog, Stdio(stdin_fd, stdout_fd, args.escape_key))
+        instance = Instance(checked, watchdog, Stdio(stdin_fd, stdout_fd))
         return anyio.run(instance.run)
     finally:
         watchdog.close()
+
+
+def _attach(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    if args.runtime_dir is not None:
+        overrides["runtime-dir"] = args.runtime_dir
+    if args.escape_key is not None:
+        overrides["console"] = {"escape-key": args.escape_key}
+    cfg = config.load(args.config, overrides)
+    settings = plan.console_settings(cfg.console, os.environ)
+    base = Path(cfg.runtime_dir) if cfg.runtime_dir else runtime.default_base(os.environ, os.geteuid())
+    instance, path = attach.find_console(base, args.instance)
+    stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
+    return anyio.run(
+        lambda: attach.attach(instance, path, stdin=stdin_fd, stdout=stdout_fd, escape=settings.escape)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             _parser().print_help(sys.stderr)
             return ExitCode.USAGE
+        if args.command == "attach":
+            logs.configure(level=logging.DEBUG if debug else None)
+            return _attach(args)
         level = logging.DEBUG if debug else (logging.INFO if args.verbose else None)
         fmt = {"json": True, "human": False}.get(args.log_format or "")
         logs.configure(json=fmt, level=level)

@@ -105,6 +105,16 @@ class Timeouts(_Strict, frozen=True):
     kill_grace: Seconds = 2.0  # SIGTERM to a process group -> SIGKILL
 
 
+class ConsoleConfig(_Strict, frozen=True):
+    escape_key: str = "ctrl-]"  # ctrl-X, ^X, one character, or "none"; checked by plan
+    filter: bool = True  # the hostile-output filter (termfilter); false passes the guest's bytes as they are
+    replay_bytes: Annotated[int, msgspec.Meta(ge=0, le=16 << 20)] = 64 << 10
+    log: bool = True
+    log_dir: str | None = None  # None: $XDG_STATE_HOME/agentvm-supervise/console
+    log_max_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1 << 30)] = 4 << 20
+    log_keep: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 20
+
+
 class Config(_Strict, frozen=True):
     name: Name = "agentvm"
     runtime_dir: str | None = None  # base dir for instance dirs; None: $XDG_RUNTIME_DIR/agentvm, ...
@@ -114,6 +124,7 @@ class Config(_Strict, frozen=True):
     virtiofsd: Virtiofsd = Virtiofsd()
     qemu: Qemu = Qemu()
     timeouts: Timeouts = Timeouts()
+    console: ConsoleConfig = ConsoleConfig()
 
 
 def _paragraph(text: str) -> str:

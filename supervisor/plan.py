@@ -12,11 +12,12 @@ import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from supervisor import guest, kvm, runtime
-from supervisor.config import Accel, Config, Share, SocketMode, Timeouts, UidMapping
+from supervisor.config import Accel, Config, ConsoleConfig, Share, SocketMode, Timeouts, UidMapping
+from supervisor.console import ConsoleSettings, parse_escape_key
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.virtiofsd import CRI_STORAGE_XATTRMAP, ShareIds, ShareSpec
 
@@ -48,10 +49,15 @@ class Plan:
     command: list[str] | None
     timeouts: Timeouts
     work_dir: Path | None
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
 
     @property
     def qmp_socket(self) -> Path:
         return self.instance_dir / "qmp.sock"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.instance_dir / "console.sock"
 
     @property
     def status_file(self) -> Path:
@@ -68,6 +74,31 @@ def default_agent_home(work_dir: Path, env: Mapping[str, str], agent: str = DEFA
     data_home = env.get("XDG_DATA_HOME") or str(Path(env.get("HOME", "/root")) / ".local" / "share")
     digest = hashlib.sha256(os.fsencode(work_dir)).hexdigest()[:12]
     return Path(data_home) / f"{agent}-microvm" / f"{project_basename(work_dir)}-{digest}"
+
+
+def default_console_log_dir(env: Mapping[str, str]) -> Path:
+    state_home = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "/root")) / ".local" / "state")
+    return Path(state_home) / "agentvm-supervise" / "console"
+
+
+def console_settings(config: ConsoleConfig, env: Mapping[str, str]) -> ConsoleSettings:
+    try:
+        escape = parse_escape_key(config.escape_key)
+    except ValueError as exc:
+        raise SupervisorError(f"$.console.escape-key (or --escape-key): {exc}") from None
+    log_dir: Path | None = None
+    if config.log:
+        log_dir = Path(config.log_dir).expanduser() if config.log_dir else default_console_log_dir(env)
+        if not log_dir.is_absolute():
+            raise SupervisorError(f"$.console.log-dir '{config.log_dir}' is relative: give an absolute path")
+    return ConsoleSettings(
+        escape=escape,
+        filter=config.filter,
+        replay_bytes=config.replay_bytes,
+        log_dir=log_dir,
+        log_max_bytes=config.log_max_bytes,
+        log_keep=config.log_keep,
+    )
 
 
 def _find_binary(name: str, what: str, remedy: str) -> str:
@@ -164,6 +195,7 @@ def build_plan(
     kvm_assessment: kvm.KvmAssessment | None = None,
 ) -> Plan:
     euid = os.geteuid()
+    console_plan = console_settings(config.console, env)
     work_dir: Path | None = None
     if config.shares is None or config.work_dir is not None:
         raw_work = Path(config.work_dir).expanduser() if config.work_dir else cwd
@@ -302,4 +334,5 @@ def build_plan(
         command=list(command) if command else None,
         timeouts=config.timeouts,
         work_dir=work_dir,
+        console=console_plan,
     )

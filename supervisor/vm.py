@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import structlog
 
-from supervisor import console, guest, readiness, runtime
+from supervisor import console, consolelog, guest, readiness, runtime
 from supervisor.children import (
     Child,
     ChildSpec,
@@ -64,7 +64,6 @@ class Outcome:
 class Stdio:
     stdin: int
     stdout: int
-    escape: int | None = console.ESCAPE_DEFAULT
 
 
 class Instance:
@@ -82,6 +81,7 @@ class Instance:
         self._state_groups: list[runtime.GroupRecord] = []
         self._supervisor_ticks = 0
         self.report = guest.GuestReport(None, None)
+        self._console_log: consolelog.ConsoleLog | None = None
 
     # ---- state file and watchdog -------------------------------------------------------------
 
@@ -132,6 +132,8 @@ class Instance:
     async def _handle_signals(self, everything: anyio.CancelScope) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP and self.outcome.signal == signal.SIGHUP:
+                    continue  # the same hangup again: the kernel and the shell both send it
                 first = self.outcome.signal is None
                 if first:
                     self.outcome.signal = signum
@@ -246,7 +248,9 @@ class Instance:
 
     # ---- the runner --------------------------------------------------------------------------
 
-    def _runner_spec(self, pty: console.ConsolePty, private_qmp: int, public_qmp: int) -> ChildSpec:
+    def _runner_spec(
+        self, pty: console.ConsolePty, private_qmp: int, public_qmp: int, resize: int
+    ) -> ChildSpec:
         plan = self.plan
         argv = qemu_argv(
             QemuSpec(
@@ -265,12 +269,13 @@ class Instance:
                 public_qmp_fd=public_qmp,
                 status_file=plan.status_file,
                 extra_args=plan.qemu_extra_args,
+                resize_fd=resize,
             )
         )
         return ChildSpec(
             name="runner",
             argv=argv,
-            pass_fds=(private_qmp, public_qmp),
+            pass_fds=(private_qmp, public_qmp, resize),
             stdin=pty.slave,
             stdout=pty.slave,
             env=self._child_env(),
@@ -282,23 +287,27 @@ class Instance:
         size = console.get_window_size(self.stdio.stdin)
         pty = console.open_console_pty(size)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        resize_ours, resize_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         public = bind_vhost_user_socket(plan.qmp_socket)
+        listener = console.bind_console_socket(plan.console_socket)
         try:
             async with anyio.create_task_group() as tg:
                 try:
                     runner = await tg.start(
-                        self._run_child, self._runner_spec(pty, theirs.fileno(), public.fileno())
+                        self._run_child,
+                        self._runner_spec(pty, theirs.fileno(), public.fileno(), resize_theirs.fileno()),
                     )
                 finally:
                     pty.close_slave()  # QEMU has it: its exit now reads as EOF on the master
                     theirs.close()
+                    resize_theirs.close()
                     public.close()
                 self.runner = runner
                 self.log.info("vm started", accel=plan.accel.value, why=plan.accel_reason)
                 self.qmp = QmpClient(ours, self._on_qmp_event)
                 tg.start_soon(self.qmp.run)
                 tg.start_soon(self._stop_when_requested, runner)
-                tg.start_soon(self._proxy_console, pty)
+                tg.start_soon(self._run_console, pty, size, resize_ours, listener)
                 await runner.exited.wait()
                 # The guest's last words are still in the PTY; the proxy sees EOF once they are out.
                 with anyio.move_on_after(1.0):
@@ -307,22 +316,53 @@ class Instance:
         finally:
             pty.close()
             ours.close()
+            resize_ours.close()
+            listener.close()
 
-    async def _proxy_console(self, pty: console.ConsolePty) -> None:
+    # ---- the console -------------------------------------------------------------------------
+
+    async def _run_console(
+        self,
+        pty: console.ConsolePty,
+        size: tuple[int, int] | None,
+        resize_port: socket.socket,
+        listener: socket.socket,
+    ) -> None:
         def stop_from_console() -> None:
             self.outcome.stopped_from_console = True
             self.request_stop()
 
+        resize_port.setblocking(False)
+        the_console = console.Console(
+            pty,
+            instance=self.plan.instance,
+            settings=self.plan.console,
+            size=size,
+            on_stop=stop_from_console,
+            on_hangup=self._terminal_hung_up,
+            on_terminal_reset=self.watchdog.guard_terminal_modes,
+            resize_port=resize_port,
+            log=self._console_log,
+        )
         try:
-            await console.proxy(
-                pty,
-                stdin_fd=self.stdio.stdin,
-                stdout_fd=self.stdio.stdout,
-                escape=self.stdio.escape,
-                on_stop=stop_from_console,
-            )
+            await the_console.run(stdin_fd=self.stdio.stdin, stdout_fd=self.stdio.stdout, listener=listener)
         finally:
             self._console_done.set()
+
+    def _terminal_hung_up(self) -> None:
+        """The user's terminal went away (its pane closed): what SIGHUP does, with or without one."""
+        if self.outcome.signal is None:
+            self.outcome.signal = signal.SIGHUP
+            self.log.warning("the terminal hung up; stopping the VM")
+        self.request_stop()
+
+    def _open_console_log(self) -> None:
+        settings = self.plan.console
+        if settings.log_dir is not None:
+            self._console_log = consolelog.open_log(
+                settings.log_dir, self.plan.instance, max_bytes=settings.log_max_bytes, keep=settings.log_keep
+            )
+            self.log.info("console log", path=str(self._console_log.path))
 
     # ---- the whole instance ------------------------------------------------------------------
 
@@ -352,6 +392,7 @@ class Instance:
         self._supervisor_ticks = read_start_ticks(os.getpid())
         try:
             self._record_state()
+            self._open_console_log()
             self.log.info("instance", runtime_dir=str(plan.instance_dir))
             try:
                 async with anyio.create_task_group() as everything:
@@ -373,6 +414,8 @@ class Instance:
                 self.report = guest.read_status(plan.status_file)
         finally:
             runtime.remove_instance_dir(plan.instance_dir)
+            if self._console_log is not None:
+                self._console_log.close()
         return self._exit_code()
 
     def _exit_code(self) -> int:
