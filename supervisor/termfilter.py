@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import codecs
 import re
+from collections.abc import Callable
 
 ESC = 0x1B
 BEL = 0x07
@@ -56,13 +57,15 @@ _GROUND, _ESCAPE, _ESCAPE_IGNORE, _CSI, _CSI_IGNORE, _OSC, _OSC_ESC, _DROP, _DRO
 
 _GROUND_SPECIAL = re.compile(rb"\x1b|\xc2[\x80-\x9f]")
 # The fast path: the regex delimits a run of bytes other than ESC and C2 (C2 80..9F are the C1
-# controls), C2 A0..BF, and CSI sequences whose final byte no rule refuses (not c i q t), bounded
-# exactly as the byte-by-byte path bounds them; the C UTF-8 decoder then checks the run. Both
-# paths decide every input the same way, which the split property test checks. (No possessive
+# controls), C2 A0..BF, and CSI sequences without a private marker whose final byte no rule refuses
+# (not c i q t) and that switch no mode (not h l r u), bounded exactly as the byte-by-byte path
+# bounds them; the C UTF-8 decoder then checks the run. Both paths decide every input the same way,
+# which the split property test checks. Sequences that switch modes take the exact path, which
+# hands every sequence it passes on to `on_sequence` (the console's TerminalModes). (No possessive
 # quantifiers: CPython 3.11.2's `re` lets a nested `++` match an incomplete CSI.)
 _SAFE_RUN = re.compile(
     rb"(?:[\x00-\x1a\x1c-\xc1\xc3-\xff]+|\xc2[\xa0-\xbf]"
-    rb"|\x1b\[[<=>?]?[0-9:;]{0,249}[\x20-\x2f]{0,4}[\x40-\x62\x64-\x68\x6a-\x70\x72\x73\x75-\x7e])+"
+    rb"|\x1b\[[0-9:;]{0,250}[\x20-\x2f]{0,4}[\x40-\x62\x64-\x67\x6a\x6b\x6d-\x70\x73\x76-\x7e])+"
 )
 # Fast paths: a complete CSI or OSC within one read, matched in C instead of byte by byte.
 _CSI_WHOLE = re.compile(rb"\x1b\[([\x30-\x3f]{0,250})([\x20-\x2f]{0,4})([\x40-\x7e])")
@@ -107,9 +110,14 @@ def _esc_allowed(intermediates: bytes, final: int) -> bool:
 
 
 class OutputFilter:
-    """Feed it the guest's output as it arrives; write what `feed` returns to the terminal."""
+    """Feed it the guest's output as it arrives; write what `feed` returns to the terminal.
 
-    def __init__(self) -> None:
+    `on_sequence`, if given, sees every escape sequence passed on except SGR-like CSIs without a
+    private marker: in particular each one that switches a terminal mode (see termmodes).
+    """
+
+    def __init__(self, on_sequence: Callable[[bytes], None] | None = None) -> None:
+        self._on_sequence = on_sequence
         self._state = _GROUND
         self._carry = b""  # in ground: an incomplete UTF-8 character at the end of the last read
         self._seq = bytearray()  # the sequence being collected, from its ESC on
@@ -185,7 +193,7 @@ class OutputFilter:
         csi = _CSI_WHOLE.match(data, pos)
         if csi is not None:
             if csi_allowed(data[pos + 2 : csi.end()]):
-                out += data[pos : csi.end()]
+                self._emit(data[pos : csi.end()], out)
             return csi.end()
         osc = _OSC_WHOLE.match(data, pos)
         if osc is not None:
@@ -266,8 +274,8 @@ class OutputFilter:
                     self._start(_DROP, seven_bit=True)
                     return 1
             if _esc_allowed(bytes(self._seq[1:]), byte):
-                out += self._seq
-                out.append(byte)
+                self._seq.append(byte)
+                self._emit(bytes(self._seq), out)
             return 1
         # CSI: parameters and intermediates (0x20-0x3f), then a final byte (0x40-0x7e)
         if byte < 0x40:
@@ -280,8 +288,13 @@ class OutputFilter:
         if state == _CSI and self._seven_bit:
             self._seq.append(byte)
             if csi_allowed(bytes(self._seq[2:])):
-                out += self._seq
+                self._emit(bytes(self._seq), out)
         return 1
+
+    def _emit(self, sequence: bytes, out: bytearray) -> None:
+        out += sequence
+        if self._on_sequence is not None:
+            self._on_sequence(sequence)
 
     def _osc_byte(self, byte: int, out: bytearray) -> int:
         if self._c2:

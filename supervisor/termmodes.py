@@ -28,6 +28,10 @@ _SEQUENCES = re.compile(
     rb"|\x1b\[4([hl])"  # insert mode (IRM)
 )
 _TAIL_MAX = 64  # an escape sequence cut by the end of a read is kept this long for the next
+# Most output has none of these, and substring checks run in C at memory speed, while _SEQUENCES
+# tries its alternatives at every ESC (SGR-dense output has one every few bytes): look first.
+_PREFIXES = (b"\x1b[?", b"\x1b[<", b"\x1b[>", b"\x1b=", b"\x1b>")
+_MAYBE_REGION = re.compile(rb"\x1b\[[0-9;]*[rhl]")
 
 
 class TerminalModes:
@@ -42,14 +46,22 @@ class TerminalModes:
         self._tail = b""
         self.changes = 0  # counts the sequences seen: a cheap "did anything change?"
 
+    def sequence(self, sequence: bytes) -> None:
+        """One complete escape sequence (the filter hands them over one by one)."""
+        match = _SEQUENCES.fullmatch(sequence)
+        if match is not None:
+            self._apply(match)
+
     def feed(self, data: bytes) -> None:
+        """Raw output, scanned (when no filter hands over the sequences)."""
         if self._tail:
             data = self._tail + data
             self._tail = b""
         last_end = 0
-        for match in _SEQUENCES.finditer(data):
-            self._apply(match)
-            last_end = match.end()
+        if any(prefix in data for prefix in _PREFIXES) or _MAYBE_REGION.search(data):
+            for match in _SEQUENCES.finditer(data):
+                self._apply(match)
+                last_end = match.end()
         escape = data.rfind(b"\x1b", max(last_end, len(data) - _TAIL_MAX))
         if escape >= 0 and not re.search(rb"[\x40-\x7e]", data[escape + 2 :]):
             self._tail = data[escape:]  # maybe the start of a sequence the next read completes
