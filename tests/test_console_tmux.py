@@ -13,8 +13,10 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -133,10 +135,7 @@ class Session:
     tmux: Tmux
     tmp: Path
     name: str
-
-    @property
-    def runtime(self) -> Path:
-        return self.tmp / "rt"
+    runtime: Path  # short: a unix socket path has at most 107 bytes
 
     def start(self, window: str, argv: list[str], *, wait_for_go: bool = False) -> Pane:
         files = self.tmp / window
@@ -162,7 +161,10 @@ class Session:
             "--agent-home", str(self.tmp / "home"), "--runtime-dir", str(self.runtime),
         ]  # fmt: skip
         pane = self.start(window, argv, wait_for_go=wait_for_go)
-        self.tmux.wait_for(pane.target, PROMPT)
+        try:
+            self.tmux.wait_for(pane.target, PROMPT)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nthe supervisor's stderr:\n{pane.stderr()[-3000:]}") from None
         return pane
 
     def attach(self, window: str) -> Pane:
@@ -183,8 +185,11 @@ class Session:
 @pytest.fixture
 def session(
     tmux: Tmux, tmp_path: Path, guest_assets: guest.GuestAssets, request: pytest.FixtureRequest
-) -> Session:
-    return Session(tmux, tmp_path, re.sub(r"[^a-z0-9]", "", request.node.name.removeprefix("test_"))[:24])
+) -> Iterator[Session]:
+    runtime = Path(tempfile.mkdtemp(prefix="avt-", dir="/tmp"))
+    name = re.sub(r"[^a-z0-9]", "", request.node.name.removeprefix("test_"))[:24]
+    yield Session(tmux, tmp_path, name, runtime)
+    shutil.rmtree(runtime, ignore_errors=True)
 
 
 def _exited(session: Session, pane: Pane) -> int:
