@@ -224,6 +224,16 @@ def test_typing_ctrl_c_and_resizing_reach_the_guest_and_exit_gives_the_terminal_
     tmux.type(pane.target, "echo ALIVE-$((20+22))")
     tmux.wait_for(pane.target, re.compile(r"^ALIVE-42\s*$", re.MULTILINE))
     assert session.pids("qemu-system")
+    # So do Ctrl-\ (SIGQUIT for the guest's sleep) and Ctrl-Z (the guest shell stops the job).
+    tmux.type(pane.target, "sleep 600")
+    time.sleep(1.0)
+    tmux.keys(pane.target, "C-\\")
+    tmux.wait_for(pane.target, re.compile(r"^\^\\Quit\s*$", re.MULTILINE))
+    tmux.type(pane.target, "sleep 600")
+    time.sleep(1.0)
+    tmux.keys(pane.target, "C-z")
+    tmux.wait_for(pane.target, re.compile(r"Stopped\s+sleep 600"))
+    tmux.type(pane.target, "kill -9 %1")
 
     # Resizing the pane changes the guest terminal's size (asynchronously: ask until it shows).
     tmux("resize-window", "-t", pane.target, "-x", "123", "-y", "41")
@@ -252,13 +262,22 @@ def test_escape_d_detaches_and_attach_in_a_second_pane_replays_and_works(session
     tmux.wait_for(second.target, re.compile(r"^AFTER-6\s*$", re.MULTILINE))
     assert "AFTER-6" not in tmux.capture(first.target)  # the detached pane no longer shows the console
 
-    # Ctrl-] . in the attached pane stops the VM; both panes get their terminals back.
-    tmux.keys(second.target, "C-]", ".")
+    # Ctrl-] d ends that attach; the VM runs on, and a later attach works the same way.
+    tmux.keys(second.target, "C-]", "d")
     assert _exited(session, second) == 0, second.stderr()
-    assert "the VM stopped" in tmux.capture(second.target)
+    assert "the VM keeps running" in tmux.capture(second.target)
+    third = session.attach("third")
+    tmux.wait_for(third.target, re.compile(r"^AFTER-6\s*$", re.MULTILINE))
+    tmux.type(third.target, "echo THIRD-$((4+4))")
+    tmux.wait_for(third.target, re.compile(r"^THIRD-8\s*$", re.MULTILINE))
+
+    # Ctrl-] . in the attached pane stops the VM; every pane gets its terminal back.
+    tmux.keys(third.target, "C-]", ".")
+    assert _exited(session, third) == 0, third.stderr()
+    assert "the VM stopped" in tmux.capture(third.target)
     assert _exited(session, first) == 130, first.stderr()
-    assert second.after() == second.before()
-    assert first.after() == first.before()
+    for pane in (first, second, third):
+        assert pane.after() == pane.before()
     session.assert_nothing_left()
 
 
