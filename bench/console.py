@@ -223,9 +223,10 @@ def _topology(way: str, log_dir: str) -> _Topology:
     return _Topology("console", filter_on=way == "agentvm", log_dir=log_dir)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Measure; return {"throughput_mb_s": {payload: {way: MB/s}}, "throughput_ratio_vs_direct":
-    {payload: {way: ratio}}, "latency_us": {way: {"p50", "p99"}}, "added_latency_us": {"p50", "p99"}}."""
+def main(argv: Sequence[str] = ()) -> dict[str, Any]:
+    """Measure. `argv`: this script's flags (none: the defaults). Returns
+    {"throughput_mb_s": {payload: {way: MB/s}}, "throughput_ratio_vs_direct": {payload: {way: x}},
+    "latency_us": {way: {"p50", "p99"}}, "added_latency_us": {"p50", "p99"}}."""
     parser = argparse.ArgumentParser(description="Console proxy throughput and keystroke latency.")
     parser.add_argument("--mib", type=int, default=32, help="MiB of output per throughput run (default 32)")
     parser.add_argument("--keys", type=int, default=1000, help="keystrokes per latency run (default 1000)")
@@ -304,4 +305,4 @@ if __name__ == "__main__":
         elif role == "console":
             _role_console(int(rest[0]), int(rest[1]), rest[2] == "1", rest[3])
         sys.exit(0)
-    _print(main())
+    _print(main(sys.argv[1:]))
