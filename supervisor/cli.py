@@ -22,7 +22,19 @@ from typing import Any, NoReturn
 import anyio
 import structlog
 
-from supervisor import __version__, config, console, doctor, kvm_watch, logs, manage, pid1, plan
+from supervisor import (
+    __version__,
+    attach,
+    config,
+    console,
+    doctor,
+    kvm_watch,
+    logs,
+    manage,
+    pid1,
+    plan,
+    runtime,
+)
 from supervisor.checks import Status
 from supervisor.config import Accel
 from supervisor.errors import ExitCode, SupervisorError
@@ -36,23 +48,6 @@ PROG = "agentvm-supervise"
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise SupervisorError(f"{message}. Run '{self.prog} --help' for the flags and their values.")
-
-
-def _escape_key(value: str) -> int | None:
-    """'^]' / 'ctrl-]' style names, a single character, or 'none'."""
-    text = value.strip().lower()
-    if text == "none":
-        return None
-    for prefix in ("ctrl-", "c-", "^"):
-        if text.startswith(prefix) and len(text) == len(prefix) + 1:
-            code = ord(text[-1].upper()) ^ 0x40
-            if 0 <= code < 32:
-                return code
-    if len(value) == 1:
-        return ord(value)
-    raise argparse.ArgumentTypeError(
-        f"invalid escape key '{value}': use ctrl-X (e.g. ctrl-]), ^X, a single character, or none"
-    )
 
 
 def _wait_timeout(value: str) -> float:
@@ -128,11 +123,13 @@ def _parser() -> _Parser:
         help="wait (up to TIMEOUT seconds; no value: no limit) for the KVM device to appear and be "
         "usable by this user, instead of failing or falling back to TCG",
     )
+    run.add_argument("--escape-key", help="console escape key: ctrl-X, ^X, or none (default: ctrl-])")
     run.add_argument(
-        "--escape-key",
-        type=_escape_key,
-        default=console.ESCAPE_DEFAULT,
-        help="console escape key: ctrl-X, ^X, or none (default: ctrl-])",
+        "--no-console-filter",
+        dest="console_filter",
+        action="store_false",
+        default=None,
+        help="pass the guest's terminal sequences unfiltered (OSC 52, DCS, ...; see README)",
     )
     run.add_argument("-v", "--verbose", action="store_true", help="log the whole lifecycle")
     run.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
@@ -153,6 +150,18 @@ def _parser() -> _Parser:
     _add_config_flags(doctor_cmd)
     doctor_cmd.add_argument("--json", action="store_true", help="a JSON report instead of the table")
     doctor_cmd.add_argument("--debug", action="store_true", help="tracebacks of internal errors")
+    att = commands.add_parser(
+        "attach",
+        help="attach this terminal to a running VM's console",
+        description="Attach this terminal to the console of a running VM (taking it over from the "
+        "terminal that holds it). INSTANCE is the instance id or a unique prefix of it; with one running "
+        "instance it may be left out.",
+    )
+    att.add_argument("instance", nargs="?", metavar="INSTANCE", help="instance id or unique prefix")
+    att.add_argument("--config", type=Path, help="TOML config file (runtime-dir, console.escape-key)")
+    att.add_argument("--runtime-dir", help="the base dir the instance was started with")
+    att.add_argument("--escape-key", help="console escape key: ctrl-X, ^X, or none (default: ctrl-])")
+    att.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     manage.add_parsers(commands)
     return parser
 
@@ -181,7 +190,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
     result: dict[str, Any] = {key: value for key, value in top.items() if value is not None}
     runner = {"script": args.runner}
-    for section, values in (("qemu", qemu), ("virtiofsd", virtiofsd), ("runner", runner)):
+    console_section = {
+        "escape-key": getattr(args, "escape_key", None),
+        "filter": getattr(args, "console_filter", None),
+    }
+    sections = (("qemu", qemu), ("virtiofsd", virtiofsd), ("runner", runner), ("console", console_section))
+    for section, values in sections:
         present = {key: value for key, value in values.items() if value is not None}
         if present:
             result[section] = present
@@ -240,12 +254,28 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
     # Forked before the event loop starts: fork is only safe while there are no threads.
     watchdog = Watchdog.start(tty_fd=stdin_fd if os.isatty(stdin_fd) else None)
     try:
-        instance = Instance(checked, watchdog, Stdio(stdin_fd, stdout_fd, args.escape_key), host)
+        instance = Instance(checked, watchdog, Stdio(stdin_fd, stdout_fd), host)
         return anyio.run(instance.run)
     finally:
         stop_signals.defer()  # the loop left SIG_DFL behind, which PID 1 would silently ignore
         watchdog.close()
         host.notifier.close()
+
+
+def _attach(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    if args.runtime_dir is not None:
+        overrides["runtime-dir"] = args.runtime_dir
+    if args.escape_key is not None:
+        overrides["console"] = {"escape-key": args.escape_key}
+    cfg = config.load(args.config, overrides)
+    settings = plan.console_settings(cfg.console, os.environ)
+    base = Path(cfg.runtime_dir) if cfg.runtime_dir else runtime.default_base(os.environ, os.geteuid())
+    instance, path = attach.find_console(base, args.instance)
+    stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
+    return anyio.run(
+        lambda: attach.attach(instance, path, stdin=stdin_fd, stdout=stdout_fd, escape=settings.escape)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -258,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             _parser().print_help(sys.stderr)
             return ExitCode.USAGE
+        if args.command == "attach":
+            logs.configure(level=logging.DEBUG if debug else None)
+            return _attach(args)
         if args.command == "doctor":
             logs.configure(level=logging.WARNING)  # stdout is the report's alone
             return _doctor(args)

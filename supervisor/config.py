@@ -135,6 +135,16 @@ class Runner(_Strict, frozen=True):
     cwd: str | None = None  # the runner's working directory; None: the instance's runtime dir
 
 
+class ConsoleConfig(_Strict, frozen=True):
+    escape_key: str = "ctrl-]"  # ctrl-X, ^X, one character, or "none"; checked by plan
+    filter: bool = True  # the hostile-output filter (termfilter); false passes the guest's bytes as they are
+    replay_bytes: Annotated[int, msgspec.Meta(ge=0, le=16 << 20)] = 64 << 10
+    log: bool = True
+    log_dir: str | None = None  # None: $XDG_STATE_HOME/agentvm-supervise/console
+    log_max_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1 << 30)] = 4 << 20
+    log_keep: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 20
+
+
 class Config(_Strict, frozen=True):
     name: Name | None = None  # None: <basename>-<agent>-vm, as claude-microvm names its VMs
     agent: Agent = Agent.CLAUDE
@@ -147,6 +157,7 @@ class Config(_Strict, frozen=True):
     virtiofsd: Virtiofsd = Virtiofsd()
     qemu: Qemu = Qemu()
     timeouts: Timeouts = Timeouts()
+    console: ConsoleConfig = ConsoleConfig()
 
 
 def _paragraph(text: str) -> str:

@@ -20,6 +20,7 @@ from supervisor.config import (
     Accel,
     Agent,
     Config,
+    ConsoleConfig,
     Hypervisor,
     Machine,
     Share,
@@ -27,6 +28,7 @@ from supervisor.config import (
     Timeouts,
     UidMapping,
 )
+from supervisor.console import ConsoleSettings, parse_escape_key
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.launcher import default_agent_home, project_basename
 from supervisor.qemu import host_tsc_khz
@@ -72,10 +74,15 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # warnings to log when the instance starts
     kvm_device: Path = kvm.DEFAULT_DEVICE  # what the supervisor checks and watches; QEMU opens /dev/kvm
     checks: tuple[checks.Check, ...] = ()  # the preflight, warnings included
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
 
     @property
     def qmp_socket(self) -> Path:
         return self.instance_dir / "qmp.sock"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.instance_dir / "console.sock"
 
     @property
     def status_file(self) -> Path:
@@ -84,6 +91,31 @@ class Plan:
     @property
     def control_socket(self) -> Path:
         return self.instance_dir / control.SOCKET_NAME
+
+
+def default_console_log_dir(env: Mapping[str, str]) -> Path:
+    state_home = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "/root")) / ".local" / "state")
+    return Path(state_home) / "agentvm-supervise" / "console"
+
+
+def console_settings(config: ConsoleConfig, env: Mapping[str, str]) -> ConsoleSettings:
+    try:
+        escape = parse_escape_key(config.escape_key)
+    except ValueError as exc:
+        raise SupervisorError(f"$.console.escape-key (or --escape-key): {exc}") from None
+    log_dir: Path | None = None
+    if config.log:
+        log_dir = Path(config.log_dir).expanduser() if config.log_dir else default_console_log_dir(env)
+        if not log_dir.is_absolute():
+            raise SupervisorError(f"$.console.log-dir '{config.log_dir}' is relative: give an absolute path")
+    return ConsoleSettings(
+        escape=escape,
+        filter=config.filter,
+        replay_bytes=config.replay_bytes,
+        log_dir=log_dir,
+        log_max_bytes=config.log_max_bytes,
+        log_keep=config.log_keep,
+    )
 
 
 def _default_shares(work_dir: Path, agent_home: Path) -> list[Share]:
@@ -194,6 +226,7 @@ def build_plan(
     """
     preflight = preflight if preflight is not None else checks.Preflight(strict=True)
     euid = os.geteuid()
+    console_plan = console_settings(config.console, env)
     agent = config.agent
     work_raw, work_named_by = launcher.work_dir_source(config.work_dir, env)
     work_dir: Path | None = None
@@ -450,6 +483,7 @@ def build_plan(
         notes=notes,
         kvm_device=kvm_device,
         checks=tuple(preflight.checks),
+        console=console_plan,
     )
 
 

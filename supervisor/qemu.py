@@ -10,6 +10,7 @@ from supervisor.config import Accel, Machine
 
 QBOOT_ROM = "/usr/share/qemu/qboot.rom"
 STATUS_PORT = "org.agentvm.status"
+RESIZE_PORT = "org.agentvm.resize"  # "ROWS COLS" lines for the guest's console (console.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +31,7 @@ class QemuSpec:
     status_file: Path  # the guest writes its command's exit status to a virtio-serial port
     extra_args: list[str]
     forwards: list[str] = field(default_factory=list)  # QEMU hostfwd= rules for a user-mode NIC
+    resize_fd: int | None = None  # one end of a socketpair: the supervisor sends terminal sizes
 
 
 def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
@@ -87,6 +89,11 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
         "-chardev", f"socket,id=qmp,fd={spec.public_qmp_fd},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
     ]  # fmt: skip
+    if spec.resize_fd is not None:
+        argv += [
+            "-chardev", f"socket,id=resize,fd={spec.resize_fd}",
+            "-device", f"virtserialport,chardev=resize,name={RESIZE_PORT},bus=vser0.0",
+        ]  # fmt: skip
     for index, (tag, socket_path) in enumerate(spec.shares):
         argv += [
             "-chardev", f"socket,id=fs{index},path={socket_path}",

@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 import structlog
 
-from supervisor import console, control, guest, kvm_watch, launcher, pid1, readiness, runtime
+from supervisor import console, consolelog, control, guest, kvm_watch, launcher, pid1, readiness, runtime
 from supervisor import runner as microvm
 from supervisor.children import (
     Child,
@@ -68,7 +68,6 @@ class Outcome:
 class Stdio:
     stdin: int
     stdout: int
-    escape: int | None = console.ESCAPE_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -86,9 +85,7 @@ class Instance:
         self.watchdog = watchdog
         self.stdio = stdio
         self.host = host if host is not None else Host()
-        # The console hook for `status`: whoever connects or disconnects a user's terminal to the
-        # console (the proxy on our own stdio today, an attach socket later) keeps this up to date.
-        self.console_attached = False
+        self._console: console.Console | None = None
         self.started = time.time()
         self.stop_cause: str | None = None
         self._stop_deadline: float | None = None
@@ -104,6 +101,7 @@ class Instance:
         self._supervisor_ticks = 0
         self._created = runtime.now()  # the instance's start, kept across state rewrites
         self.report = guest.GuestReport(None, None)
+        self._console_log: consolelog.ConsoleLog | None = None
 
     # ---- state file and watchdog -------------------------------------------------------------
 
@@ -193,6 +191,8 @@ class Instance:
                 self._on_signal(signum, everything)
 
     def _on_signal(self, signum: int, everything: anyio.CancelScope) -> None:
+        if signum == signal.SIGHUP and self.outcome.signal == signal.SIGHUP:
+            return  # the same hangup again: the kernel and the shell both send it when a pane closes
         first = self.outcome.signal is None
         if first:
             self.outcome.signal = signum
@@ -205,6 +205,11 @@ class Instance:
         else:  # a second signal: no more patience
             self.log.warning("second signal: stopping now")
             self.runner.stop()
+
+    @property
+    def console_attached(self) -> bool:
+        """For `status`: a terminal (ours, or an `attach` client) holds the console."""
+        return self._console is not None and self._console.attached is not None
 
     # ---- the control socket (control.Controlled) ---------------------------------------------
 
@@ -390,9 +395,11 @@ class Instance:
             kill_grace=plan.timeouts.kill_grace,
         )
 
-    def _runner_spec(self, pty: console.ConsolePty, private_qmp: int, public_qmp: int | None) -> ChildSpec:
+    def _runner_spec(
+        self, pty: console.ConsolePty, private_qmp: int, public_qmp: int | None, resize: int
+    ) -> ChildSpec:
         plan = self.plan
-        if plan.runner is not None:
+        if plan.runner is not None:  # its guest has no resize helper of ours to talk to
             return self._microvm_runner_spec(plan.runner, pty, private_qmp)
         assert plan.kernel is not None and public_qmp is not None
         argv = qemu_argv(
@@ -413,12 +420,13 @@ class Instance:
                 status_file=plan.status_file,
                 extra_args=plan.qemu_extra_args,
                 forwards=[forward.hostfwd() for forward in plan.forwards],
+                resize_fd=resize,
             )
         )
         return ChildSpec(
             name="runner",
             argv=argv,
-            pass_fds=(private_qmp, public_qmp),
+            pass_fds=(private_qmp, public_qmp, resize),
             stdin=pty.slave,
             stdout=pty.slave,
             env=self._child_env(),
@@ -432,17 +440,22 @@ class Instance:
         size = console.get_window_size(self.stdio.stdin)
         pty = console.open_console_pty(size)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        resize_ours, resize_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # A microvm.nix runner's own -qmp is moved to the same path; QEMU binds that one itself.
         public = bind_vhost_user_socket(plan.qmp_socket) if plan.runner is None else None
+        listener = console.bind_console_socket(plan.console_socket)
         uses_qmp = plan.runner is None or plan.runner.hypervisor is Hypervisor.QEMU
         try:
             async with anyio.create_task_group() as tg:
                 try:
-                    spec = self._runner_spec(pty, theirs.fileno(), public.fileno() if public else None)
+                    spec = self._runner_spec(
+                        pty, theirs.fileno(), public.fileno() if public else None, resize_theirs.fileno()
+                    )
                     runner = await tg.start(self._run_child, spec)
                 finally:
                     pty.close_slave()  # QEMU has it: its exit now reads as EOF on the master
                     theirs.close()
+                    resize_theirs.close()
                     if public is not None:
                         public.close()
                 self.runner = runner
@@ -456,7 +469,7 @@ class Instance:
                         f"running {plan.instance} ({plan.accel.value}, pid {os.getpid()})"
                     )
                 tg.start_soon(self._stop_when_requested, runner)
-                tg.start_soon(self._proxy_console, pty)
+                tg.start_soon(self._run_console, pty, size, resize_ours, listener)
                 tg.start_soon(kvm_watch.report_changes, plan.kvm_device, plan.accel)
                 await runner.exited.wait()
                 failed = self.outcome.error is not None
@@ -468,6 +481,8 @@ class Instance:
         finally:
             pty.close()
             ours.close()
+            resize_ours.close()
+            listener.close()
 
     async def _announce_ready(self, qmp: QmpClient) -> None:
         """READY=1 once QEMU answers on QMP: spawned is not ready."""
@@ -477,24 +492,52 @@ class Instance:
             self.log.info("ready")
             self.host.notifier.ready(f"running {plan.instance} ({plan.accel.value}, pid {os.getpid()})")
 
-    async def _proxy_console(self, pty: console.ConsolePty) -> None:
+    # ---- the console -------------------------------------------------------------------------
+
+    async def _run_console(
+        self,
+        pty: console.ConsolePty,
+        size: tuple[int, int] | None,
+        resize_port: socket.socket,
+        listener: socket.socket,
+    ) -> None:
         def stop_from_console() -> None:
             self.outcome.stopped_from_console = True
             self._stopping("the console's stop key")
             self.request_stop()
 
-        self.console_attached = os.isatty(self.stdio.stdin)
+        resize_port.setblocking(False)
+        self._console = console.Console(
+            pty,
+            instance=self.plan.instance,
+            settings=self.plan.console,
+            size=size,
+            on_stop=stop_from_console,
+            on_hangup=self._terminal_hung_up,
+            on_terminal_reset=self.watchdog.guard_terminal_modes,
+            resize_port=resize_port,
+            log=self._console_log,
+        )
         try:
-            await console.proxy(
-                pty,
-                stdin_fd=self.stdio.stdin,
-                stdout_fd=self.stdio.stdout,
-                escape=self.stdio.escape,
-                on_stop=stop_from_console,
-            )
+            await self._console.run(stdin_fd=self.stdio.stdin, stdout_fd=self.stdio.stdout, listener=listener)
         finally:
-            self.console_attached = False
             self._console_done.set()
+
+    def _terminal_hung_up(self) -> None:
+        """The user's terminal went away (its pane closed): what SIGHUP does, with or without one."""
+        if self.outcome.signal is None:
+            self.outcome.signal = signal.SIGHUP
+            self.log.warning("the terminal hung up; stopping the VM")
+            self._stopping("the terminal hung up")
+        self.request_stop()
+
+    def _open_console_log(self) -> None:
+        settings = self.plan.console
+        if settings.log_dir is not None:
+            self._console_log = consolelog.open_log(
+                settings.log_dir, self.plan.instance, max_bytes=settings.log_max_bytes, keep=settings.log_keep
+            )
+            self.log.info("console log", path=str(self._console_log.path))
 
     # ---- the whole instance ------------------------------------------------------------------
 
@@ -561,6 +604,7 @@ class Instance:
         notifier = self.host.notifier
         try:
             self._record_state()
+            self._open_console_log()
             self.log.info("instance", runtime_dir=str(plan.instance_dir))
             notifier.status(f"starting {plan.instance}")
             try:
@@ -591,6 +635,8 @@ class Instance:
         finally:
             self._stopping("the instance ended")
             runtime.remove_instance_dir(plan.instance_dir)
+            if self._console_log is not None:
+                self._console_log.close()
         return self._exit_code()
 
     def _exit_code(self) -> int:

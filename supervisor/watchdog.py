@@ -56,6 +56,10 @@ class Watchdog:
     def release_group(self, pgid: int) -> None:
         self._send(f"release {pgid}")
 
+    def guard_terminal_modes(self, reset: bytes) -> None:
+        """Bytes that undo the modes the guest left on in the terminal (the console keeps this current)."""
+        self._send(f"tty-reset {reset.hex()}")
+
     def close(self) -> None:
         """Everything is cleaned up: let the watchdog exit without touching anything."""
         self._send("done")
@@ -85,6 +89,7 @@ def _watch(
     os.closerange(low, 65536)
     dirs: list[str] = []
     groups: set[int] = set()
+    tty_reset = b""
     buffer = b""
     while True:
         try:
@@ -105,6 +110,8 @@ def _watch(
                 groups.add(int(arg))
             elif verb == "release":
                 groups.discard(int(arg))
+            elif verb == "tty-reset":
+                tty_reset = bytes.fromhex(arg)
     for pgid in groups:
         with contextlib.suppress(OSError):
             os.killpg(pgid, signal.SIGKILL)
@@ -112,5 +119,7 @@ def _watch(
         remove_instance_dir(Path(path))
     if kept_tty is not None and saved_tty is not None:
         with contextlib.suppress(OSError, termios.error):
-            termios.tcsetattr(kept_tty, termios.TCSADRAIN, saved_tty[0])
+            termios.tcsetattr(kept_tty, termios.TCSANOW, saved_tty[0])
             fcntl.fcntl(kept_tty, fcntl.F_SETFL, saved_tty[1])
+            if tty_reset:  # e.g. mouse reporting or the alternate screen the guest's TUI left on
+                os.write(kept_tty, tty_reset)

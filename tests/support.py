@@ -16,6 +16,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 TEST_CACHE = Path(os.environ.get("AGENTVM_TEST_CACHE", "/var/tmp/agentvm-supervise-test-cache"))
 TEST_USER = "agentvm-test"
+# Console logs of test runs go here (one dir per user), not into the home of whoever runs the tests.
+TEST_STATE = Path("/var/tmp/agentvm-supervise-test-state")
 INSTANCE_ENV = "AGENTVM_INSTANCE"
 
 
@@ -29,6 +31,7 @@ def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         "AGENTVM_SUPERVISE_CACHE": str(TEST_CACHE),
         "PYTHONPATH": str(REPO),
         "LANG": "C.UTF-8",
+        "XDG_STATE_HOME": f"{TEST_STATE}-{os.geteuid()}",
     }
     if extra:
         env.update(extra)
@@ -38,7 +41,8 @@ def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 def as_user(user: str | None, argv: Sequence[str]) -> list[str]:
     if user is None:
         return list(argv)
-    return ["runuser", "-u", user, "--", *argv]
+    state = f"XDG_STATE_HOME={TEST_STATE}-{pwd.getpwnam(user).pw_uid}"
+    return ["runuser", "-u", user, "--", "env", state, *argv]
 
 
 def instance_processes(name: str) -> list[tuple[int, str]]:

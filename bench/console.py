@@ -1,0 +1,308 @@
+"""Console proxy figures: bulk output throughput and added keystroke latency, against peers measured
+in the same run on the same machine.
+
+    .venv/bin/python bench/console.py [--mib N] [--keys N]
+
+Throughput: a writer process pours N MiB of colored text (SGR every few words, UTF-8 box drawing)
+into a PTY, and this process drains the "user's terminal" PTY until every byte arrived:
+  * direct      the writer writes straight into the terminal PTY (no proxy: the floor);
+  * copy loop   writer -> console PTY -> a minimal read/write loop -> terminal PTY (any proxy's
+                floor: the same two PTY hops, nothing else);
+  * agentvm     writer -> console PTY -> supervisor.console.Console (filter, replay buffer, log,
+                terminal-mode tracking) -> terminal PTY, with the filter on and off.
+Latency: a byte typed into the terminal travels to an echo process on the guest side and back;
+the round trip is timed for each key, direct (echo on the terminal PTY itself), through the copy
+loop and through the Console. "Added" is agentvm's percentile minus direct's.
+Targets (issue 3): agentvm >= 0.9x direct throughput, <= 1 ms p99 added latency.
+
+`main()` returns the figures as a dict (for a bench runner); run as a script it prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tty
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# ---- the processes the bench starts (this file, run with --role) ------------------------------
+
+
+def _role_writer(fd: int, path: str) -> None:
+    data = Path(path).read_bytes()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view[:65536]) :]
+
+
+def _role_echo(fd: int) -> None:
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            return
+        if not data:
+            return
+        os.write(fd, data)
+
+
+def _role_copy(guest_master: int, terminal: int) -> None:
+    """The minimal proxy: both directions, select, read, write, nothing else."""
+    while True:
+        readable, _, _ = select.select([guest_master, terminal], [], [])
+        for fd in readable:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            target = terminal if fd == guest_master else guest_master
+            view = memoryview(data)
+            while view:
+                view = view[os.write(target, view) :]
+
+
+def _role_console(guest_master: int, terminal: int, filter_on: bool, log_dir: str) -> None:
+    import anyio
+
+    from supervisor.console import Console, ConsolePty, ConsoleSettings
+    from supervisor.consolelog import open_log
+
+    settings = ConsoleSettings(filter=filter_on, log_dir=Path(log_dir))
+    log = open_log(Path(log_dir), "bench-0000", max_bytes=settings.log_max_bytes, keep=2)
+    os.set_blocking(guest_master, False)
+    console = Console(
+        ConsolePty(guest_master, -1),
+        instance="bench-0000",
+        settings=settings,
+        size=None,
+        on_stop=lambda: None,
+        log=log,
+    )
+    anyio.run(lambda: console.run(stdin_fd=terminal, stdout_fd=terminal))
+
+
+def _spawn(
+    role: str, *args: str | int, pass_fds: Sequence[int] = (), stdio: int | None = None
+) -> subprocess.Popen[bytes]:
+    """This file in another process, playing `role`; `stdio` becomes its stdin and stdout."""
+    return subprocess.Popen(
+        [sys.executable, __file__, "--role", role, *map(str, args)],
+        pass_fds=tuple(pass_fds),
+        stdin=stdio if stdio is not None else subprocess.DEVNULL,
+        stdout=stdio if stdio is not None else subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+# ---- the measurements --------------------------------------------------------------------------
+
+
+def _payload(kind: str, mib: int) -> bytes:
+    """`colored`: a test runner's output, an escape sequence every ~17 bytes and box drawing;
+    `plain`: a build log, ASCII lines."""
+    if kind == "colored":
+        line = (
+            "\x1b[1;34m│\x1b[0m \x1b[32mok\x1b[0m  src/module_{:05d}.py  "
+            "\x1b[2m── 12 tests, 0.{:03d} s ──\x1b[0m the quick brown fox \x1b[33m⚠\x1b[0m\r\n"
+        )
+    else:
+        line = "[{:05d}] cc -O2 -c src/module_{:03d}.c -o build/module.o  # the quick brown fox\r\n"
+    chunk = "".join(line.format(index, index % 1000) for index in range(2000)).encode()
+    return (chunk * (mib * 2**20 // len(chunk) + 1))[: mib * 2**20]
+
+
+def _raw_pty() -> tuple[int, int]:
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    return master, slave
+
+
+def _drain(master: int, total: int) -> None:
+    got = 0
+    while got < total:
+        select.select([master], [], [])
+        got += len(os.read(master, 1 << 20))
+
+
+class _Topology:
+    """The user's terminal PTY, and (except for direct) a guest PTY with a proxy between them."""
+
+    def __init__(self, proxy: str, *, filter_on: bool = True, log_dir: str = "") -> None:
+        self.terminal_master, self.terminal_slave = _raw_pty()
+        self.proxy: subprocess.Popen[bytes] | None = None
+        self.guest_master = self.guest_slave = -1
+        if proxy == "direct":
+            return
+        self.guest_master, self.guest_slave = _raw_pty()
+        if proxy == "copy":
+            self.proxy = _spawn(
+                "copy",
+                self.guest_master,
+                self.terminal_slave,
+                pass_fds=(self.guest_master, self.terminal_slave),
+            )
+        else:  # the Console holds the terminal as its stdin and stdout, as in the supervisor
+            self.proxy = _spawn(
+                "console", self.guest_master, 0, int(filter_on), log_dir,
+                pass_fds=(self.guest_master,), stdio=self.terminal_slave,
+            )  # fmt: skip
+        os.close(self.guest_master)
+        time.sleep(0.3)  # let the proxy start (outside every timed region)
+
+    @property
+    def writer_end(self) -> int:
+        """Where the guest writes: the guest PTY, or the terminal itself for direct."""
+        return self.guest_slave if self.guest_slave >= 0 else self.terminal_slave
+
+    def close(self) -> None:
+        for fd in (self.guest_slave, self.terminal_slave):
+            if fd >= 0:
+                os.close(fd)
+        if self.proxy is not None:
+            try:
+                self.proxy.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proxy.kill()
+                self.proxy.wait()
+        os.close(self.terminal_master)
+
+
+def _throughput(topology: _Topology, payload_path: str, size: int) -> float:
+    start = time.perf_counter()
+    writer = _spawn("writer", 1, payload_path, stdio=topology.writer_end)
+    _drain(topology.terminal_master, size)
+    elapsed = time.perf_counter() - start
+    writer.wait()
+    return size / elapsed / 1e6
+
+
+def _round_trips(topology: _Topology, keys: int) -> list[float]:
+    echo = _spawn("echo", 0, stdio=topology.writer_end)
+    time.sleep(0.3)
+    master = topology.terminal_master
+    times = []
+    for index in range(keys + 50):
+        key = b"abcdefghijklmnopqrstuvwxyz"[index % 26 : index % 26 + 1]
+        start = time.perf_counter()
+        os.write(master, key)
+        got = b""
+        while not got.endswith(key):  # its own echo, not a late one of an earlier key
+            select.select([master], [], [])
+            got += os.read(master, 64)
+        if index >= 50:  # warm-up keys are not counted
+            times.append(time.perf_counter() - start)
+        time.sleep(0.0005)
+    echo.kill()
+    echo.wait()
+    return times
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+WAYS = ("direct", "copy loop", "agentvm", "agentvm, filter off")
+
+
+def _topology(way: str, log_dir: str) -> _Topology:
+    if way == "direct":
+        return _Topology("direct")
+    if way == "copy loop":
+        return _Topology("copy")
+    return _Topology("console", filter_on=way == "agentvm", log_dir=log_dir)
+
+
+def main(argv: Sequence[str] = ()) -> dict[str, Any]:
+    """Measure. `argv`: this script's flags (none: the defaults). Returns
+    {"throughput_mb_s": {payload: {way: MB/s}}, "throughput_ratio_vs_direct": {payload: {way: x}},
+    "latency_us": {way: {"p50", "p99"}}, "added_latency_us": {"p50", "p99"}}."""
+    parser = argparse.ArgumentParser(description="Console proxy throughput and keystroke latency.")
+    parser.add_argument("--mib", type=int, default=32, help="MiB of output per throughput run (default 32)")
+    parser.add_argument("--keys", type=int, default=1000, help="keystrokes per latency run (default 1000)")
+    parser.add_argument("--repeat", type=int, default=3, help="throughput runs per way; the median counts")
+    args = parser.parse_args(argv)
+    figures: dict[str, Any] = {"mib": args.mib, "keys": args.keys, "throughput_mb_s": {}, "latency_us": {}}
+    with tempfile.TemporaryDirectory(prefix="agentvm-bench-") as tmp:
+        for kind in ("colored", "plain"):
+            payload = _payload(kind, args.mib)
+            path = str(Path(tmp) / kind)
+            Path(path).write_bytes(payload)
+            runs: dict[str, list[float]] = {way: [] for way in WAYS}
+            for _ in range(args.repeat):  # interleaved, so a change of load hits every way alike
+                for way in WAYS:
+                    topology = _topology(way, tmp)
+                    try:
+                        runs[way].append(_throughput(topology, path, len(payload)))
+                    finally:
+                        topology.close()
+            figures["throughput_mb_s"][kind] = {
+                way: statistics.median(values) for way, values in runs.items()
+            }
+        for way in WAYS[:3]:
+            topology = _topology(way, tmp)
+            try:
+                times = _round_trips(topology, args.keys)
+            finally:
+                topology.close()
+            figures["latency_us"][way] = {
+                "p50": _percentile(times, 0.5) * 1e6,
+                "p99": _percentile(times, 0.99) * 1e6,
+            }
+    figures["throughput_ratio_vs_direct"] = {
+        kind: {way: value / ways["direct"] for way, value in ways.items()}
+        for kind, ways in figures["throughput_mb_s"].items()
+    }
+    latency = figures["latency_us"]
+    figures["added_latency_us"] = {
+        key: latency["agentvm"][key] - latency["direct"][key] for key in ("p50", "p99")
+    }
+    return figures
+
+
+def _print(figures: dict[str, Any]) -> None:
+    print(f"console throughput, {figures['mib']} MiB per run, median of runs")
+    print(f"  {'payload':<9}{'way':<22}{'MB/s':>9}{'vs direct':>11}{'vs copy':>9}")
+    for kind, ways in figures["throughput_mb_s"].items():
+        for way, value in ways.items():
+            ratio = figures["throughput_ratio_vs_direct"][kind][way]
+            versus_copy = value / ways["copy loop"]
+            print(f"  {kind:<9}{way:<22}{value:>9.1f}{ratio:>10.2f}x{versus_copy:>8.2f}x")
+    print(f"keystroke round trip, {figures['keys']} keys")
+    print(f"  {'way':<31}{'p50 us':>9}{'p99 us':>11}")
+    for way, value in figures["latency_us"].items():
+        print(f"  {way:<31}{value['p50']:>9.0f}{value['p99']:>11.0f}")
+    added = figures["added_latency_us"]
+    print(f"  {'added by agentvm':<31}{added['p50']:>9.0f}{added['p99']:>11.0f}")
+    ratios = figures["throughput_ratio_vs_direct"]
+    worst = min(ratios[kind]["agentvm"] for kind in ratios)
+    met = {True: "met", False: "NOT met"}
+    print(
+        f"targets: throughput >= 0.90x direct: {worst:.2f}x at worst, {met[worst >= 0.9]}; "
+        f"added p99 <= 1000 us: {added['p99']:.0f} us, {met[added['p99'] <= 1000]}"
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--role":
+        role, rest = sys.argv[2], sys.argv[3:]
+        if role == "writer":
+            _role_writer(int(rest[0]), rest[1])
+        elif role == "echo":
+            _role_echo(int(rest[0]))
+        elif role == "copy":
+            _role_copy(int(rest[0]), int(rest[1]))
+        elif role == "console":
+            _role_console(int(rest[0]), int(rest[1]), rest[2] == "1", rest[3])
+        sys.exit(0)
+    _print(main(sys.argv[1:]))

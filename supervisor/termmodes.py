@@ -1,0 +1,141 @@
+"""Terminal modes the guest turned on, so leaving a terminal can undo them and attaching redo them.
+
+A TUI in the guest switches the user's terminal into modes that outlive it: the alternate screen,
+mouse and focus reporting, bracketed paste, application cursor keys, the kitty keyboard protocol,
+synchronized output, a scroll region. Detaching (or the VM dying) in such a state leaves the user's
+shell receiving `^[[I` on focus and mouse garbage on every click. `TerminalModes` follows the
+output stream (after the filter) and gives the bytes that undo what is on, and the bytes that bring
+a fresh terminal into the same modes before and after a replay. It only looks; it changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+
+# DEC private modes that are off in a fresh terminal and that matter to the user once a guest
+# turned them on: cursor keys, origin mode, mouse (X10, VT200, highlight, button, any, UTF-8, SGR,
+# urxvt, SGR-pixels), focus, alternate scroll, keypad, bracketed paste, synchronized output.
+_OFF_BY_DEFAULT = (1, 6, 9, 66, 1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1015, 1016, 2004, 2026)
+_ON_BY_DEFAULT = (7, 25)  # autowrap, cursor visible
+_ALT_SCREENS = (1049, 1047, 47)
+
+_SEQUENCES = re.compile(
+    rb"\x1b\[\?([0-9;]*)([hl])"  # DECSET / DECRST
+    rb"|\x1b([=>])"  # keypad application / numeric
+    rb"|\x1b\[([<>])([0-9;]*)u"  # kitty keyboard protocol: push flags / pop N
+    rb"|\x1b\[>4(?:;([0-9]*))?m"  # xterm modifyOtherKeys
+    rb"|\x1b\[([0-9]*)(?:;[0-9]*)?r"  # scroll region (DECSTBM)
+    rb"|\x1b\[4([hl])"  # insert mode (IRM)
+)
+_TAIL_MAX = 64  # an escape sequence cut by the end of a read is kept this long for the next
+# Most output has none of these, and substring checks run in C at memory speed, while _SEQUENCES
+# tries its alternatives at every ESC (SGR-dense output has one every few bytes): look first.
+_PREFIXES = (b"\x1b[?", b"\x1b[<", b"\x1b[>", b"\x1b=", b"\x1b>")
+_MAYBE_REGION = re.compile(rb"\x1b\[[0-9;]*[rhl]")
+
+
+class TerminalModes:
+    def __init__(self) -> None:
+        self._private: dict[int, bool] = {}
+        self._alt_screen: int | None = None  # which of 1049/1047/47 is on
+        self._keypad = False
+        self._kitty: list[bytes] = []  # pushed flag sets, oldest first
+        self._modify_other_keys: bytes | None = None
+        self._scroll_region = False
+        self._insert = False
+        self._tail = b""
+        self.changes = 0  # counts the sequences seen: a cheap "did anything change?"
+
+    def sequence(self, sequence: bytes) -> None:
+        """One complete escape sequence (the filter hands them over one by one)."""
+        match = _SEQUENCES.fullmatch(sequence)
+        if match is not None:
+            self._apply(match)
+
+    def feed(self, data: bytes) -> None:
+        """Raw output, scanned (when no filter hands over the sequences)."""
+        if self._tail:
+            data = self._tail + data
+            self._tail = b""
+        last_end = 0
+        if any(prefix in data for prefix in _PREFIXES) or _MAYBE_REGION.search(data):
+            for match in _SEQUENCES.finditer(data):
+                self._apply(match)
+                last_end = match.end()
+        escape = data.rfind(b"\x1b", max(last_end, len(data) - _TAIL_MAX))
+        if escape >= 0 and not re.search(rb"[\x40-\x7e]", data[escape + 2 :]):
+            self._tail = data[escape:]  # maybe the start of a sequence the next read completes
+
+    def _apply(self, match: re.Match[bytes]) -> None:
+        self.changes += 1
+        params, action, keypad, kitty, kitty_params, other_keys, _region, insert = match.groups()
+        if action is not None:
+            on = action == b"h"
+            for param in params.split(b";"):
+                if param.isdigit():
+                    mode = int(param)
+                    if mode in _ALT_SCREENS:
+                        self._alt_screen = mode if on else None
+                    else:
+                        self._private[mode] = on
+        elif keypad is not None:
+            self._keypad = keypad == b"="
+        elif kitty is not None:
+            if kitty == b">":
+                self._kitty.append(kitty_params)
+            else:
+                count = int(kitty_params) if kitty_params.isdigit() else 1
+                del self._kitty[len(self._kitty) - min(count, len(self._kitty)) :]
+        elif match.group(0).startswith(b"\x1b[>4"):
+            self._modify_other_keys = match.group(0) if other_keys not in (None, b"", b"0") else None
+        elif insert is not None:
+            self._insert = insert == b"h"
+        else:  # CSI r (or CSI ; r) is the whole screen again
+            self._scroll_region = match.group(0) not in (b"\x1b[r", b"\x1b[;r")
+
+    def _changed(self) -> tuple[list[int], list[int]]:
+        """(modes on that are off by default, modes off that are on by default)"""
+        turned_on = [mode for mode in _OFF_BY_DEFAULT if self._private.get(mode)]
+        turned_off = [mode for mode in _ON_BY_DEFAULT if self._private.get(mode) is False]
+        return turned_on, turned_off
+
+    def undo(self) -> bytes:
+        """Bytes that bring the terminal back from every mode the guest left on."""
+        out = bytearray()
+        if self._alt_screen is not None:
+            out += b"\x1b[?%dl" % self._alt_screen
+        turned_on, turned_off = self._changed()
+        out += b"".join(b"\x1b[?%dl" % mode for mode in turned_on)
+        out += b"".join(b"\x1b[?%dh" % mode for mode in turned_off)
+        if self._keypad:
+            out += b"\x1b>"
+        if self._kitty:
+            out += b"\x1b[<%du" % len(self._kitty)
+        if self._modify_other_keys is not None:
+            out += b"\x1b[>4m"
+        if self._insert:
+            out += b"\x1b[4l"
+        if self._scroll_region:
+            out += b"\x1b7\x1b[r\x1b8"  # DECSTBM homes the cursor: keep it where it is
+        if out:
+            out += b"\x1b[0m"
+        return bytes(out)
+
+    def before_replay(self) -> bytes:
+        """For a fresh terminal: the screen the replay belongs on."""
+        return b"\x1b[?%dh" % self._alt_screen if self._alt_screen is not None else b""
+
+    def after_replay(self) -> bytes:
+        """For a fresh terminal, after the replay: the input modes the guest expects now."""
+        turned_on, turned_off = self._changed()
+        out = bytearray()
+        out += b"".join(b"\x1b[?%dh" % mode for mode in turned_on if mode != 2026)
+        out += b"".join(b"\x1b[?%dl" % mode for mode in turned_off)
+        if self._keypad:
+            out += b"\x1b="
+        out += b"".join(b"\x1b[>%su" % flags for flags in self._kitty)
+        if self._modify_other_keys is not None:
+            out += self._modify_other_keys
+        if self._insert:
+            out += b"\x1b[4h"
+        return bytes(out)

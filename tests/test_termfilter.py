@@ -1,0 +1,233 @@
+"""The hostile-output filter: properties over arbitrary byte streams (hypothesis), and examples.
+
+The safety oracle is written independently of the filter's state machine: it tokenizes the whole
+output at once with one regular expression and checks every escape sequence in it against the
+policy in supervisor/termfilter.py's docstring.
+"""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from supervisor.termfilter import OutputFilter
+
+# ---- the oracle ----------------------------------------------------------------------------------
+
+_TOKENS = re.compile(
+    r"""
+      \x1b\[ (?P<csi> [\x30-\x3f]* [\x20-\x2f]* [\x40-\x7e] )
+    | \x1b\] (?P<osc> [^\x07\x1b\x18\x1a]* ) (?: \x07 | \x1b\\ )
+    | \x1b   (?P<esc> [\x20-\x2f]* [\x30-\x7e] )
+    | (?P<bad> \x1b | [\x80-\x9f] )
+    """,
+    re.VERBOSE,
+)
+_OSC_OK = {0, 1, 2, 4, 5, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 104, 105, 133, *range(110, 120)}
+_T_OK = {14, 15, 16, 18, 19, 22, 23}
+
+
+def dangerous(output: bytes) -> list[str]:
+    """Every sequence in `output` the terminal must never see; [] when the output is safe."""
+    try:
+        text = output.decode("utf-8")  # the filter's output is always valid UTF-8
+    except UnicodeDecodeError as exc:
+        return [f"invalid UTF-8: {exc}"]
+    found = []
+    for token in _TOKENS.finditer(text):
+        kind, body = token.lastgroup, token.group(token.lastgroup or 0)
+        if kind == "bad":
+            found.append(f"lone or C1 control {body!r}")
+        elif kind == "esc":
+            if body in ("[", "]", "P", "X", "^", "_") or body.startswith("%"):
+                found.append(f"ESC {body!r}")
+        elif kind == "osc":
+            number = re.match(r"(\d+)(;|$)", body, re.DOTALL)
+            if number is None or int(number.group(1)) not in _OSC_OK:
+                found.append(f"OSC {body[:20]!r}")
+        elif kind == "csi":
+            form = re.fullmatch(r"([<=>?]?)([0-9:;]*)([\x20-\x2f]*)(.)", body)
+            if form is None:
+                found.append(f"malformed CSI {body!r}")
+                continue
+            private, params, intermediates, final = form.groups()
+            first = re.split("[;:]", params)[0]
+            if (
+                final == "t"
+                and not private
+                and not intermediates
+                and not (first.isdigit() and int(first) in _T_OK)
+            ):
+                found.append(f"window op CSI {body!r}")
+            if (private, final) in (("=", "c"), (">", "q")) and not intermediates:
+                found.append(f"terminal identification CSI {body!r}")
+            if final == "i" and not intermediates:
+                found.append(f"media copy CSI {body!r}")
+    return found
+
+
+def run(chunks: list[bytes]) -> bytes:
+    f = OutputFilter()
+    return b"".join(f.feed(chunk) for chunk in chunks) + f.flush()
+
+
+# ---- strategies ----------------------------------------------------------------------------------
+
+# Fragments that make the interesting cases likely: introducers, terminators, C1 in UTF-8 and raw,
+# parameters, whole dangerous sequences, UTF-8 with continuation bytes in 0x80-0x9f.
+_FRAGMENTS = [
+    b"\x1b", b"[", b"]", b"P", b"X", b"^", b"_", b"\\", b"\x07", b"\x18", b"\x1a", b"\x7f", b";",
+    b"0", b"1", b"2", b"5", b"8", b"?", b">", b"=", b"<", b"$", b" ", b"%", b"q", b"t", b"c", b"i",
+    b"m", b"h", b"l", b"\n", b"\r", b"\t", b"a", b"Z", b"\xc2", b"\x9b", b"\x9c", b"\x9d", b"\x90",
+    b"\x98", b"\x9e", b"\x9f", b"\x80", b"\xc3\xa9", b"\xe2\x94\x80", b"\xc5\x9d", b"\xf0\x9f\x98\x80",
+    b"\xe2", b"\xed\xa0", b"\xff", b"\x1b]52;c;", b"\x1b]50;", b"\x1b]0;", b"\x1b]8;;", b"\x1b]11;?",
+    b"\x1bP", b"\x1b[21t", b"\x1b[8;1;1t", b"\x1b[", b"\x1b]", b"\x1b\\", b"\xc2\x9b", b"\xc2\x9d",
+    b"\xc2\x9c", b"\xc2\x90", b"\x1b[>q", b"\x1b[=c", b"\x1b[5i", b"\x1b%G", b"\x1bPtmux;\x1b\x1b]52;c;",
+]  # fmt: skip
+streams = st.one_of(
+    st.binary(max_size=300),
+    st.lists(st.sampled_from(_FRAGMENTS), max_size=80).map(b"".join),
+    st.lists(st.one_of(st.sampled_from(_FRAGMENTS), st.binary(max_size=6)), max_size=60).map(b"".join),
+)
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(cut, len(data)) for cut in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+_plain_text = st.text(
+    alphabet=st.characters(
+        exclude_categories=["Cs"],
+        exclude_characters="\x1b\x18\x1a" + "".join(map(chr, range(0x80, 0xA0))),
+    ),
+    max_size=40,
+)
+_ordinary_csi = st.one_of(
+    st.lists(st.integers(0, 255), max_size=6).map(lambda ps: "\x1b[" + ";".join(map(str, ps)) + "m"),
+    st.builds(lambda n, f: f"\x1b[{n}{f}", st.integers(0, 999), st.sampled_from("ABCDEFGHJKSTXdf@Ln")),
+    st.builds(
+        lambda n, f: f"\x1b[?{n}{f}",
+        st.sampled_from([1, 25, 1049, 2004, 1000, 1006, 2026]),
+        st.sampled_from("hl"),
+    ),
+    st.builds(lambda r, c: f"\x1b[{r};{c}H", st.integers(1, 500), st.integers(1, 500)),
+    st.just("\x1b[38;2;10;20;30m"),
+    st.just("\x1b[c"),
+    st.just("\x1b[6n"),
+    st.just("\x1b[18t"),
+    st.just("\x1b]0;a title\x07"),
+    st.just("\x1b]8;;https://example.com/\x1b\\link\x1b]8;;\x1b\\"),
+)
+
+
+# ---- properties ----------------------------------------------------------------------------------
+
+
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@given(data=streams, cuts=st.lists(st.integers(0, 300), max_size=12))
+def test_any_split_gives_the_unsplit_output(data: bytes, cuts: list[int]) -> None:
+    assert run(_split(data, cuts)) == run([data])
+
+
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@given(data=streams, cuts=st.lists(st.integers(0, 300), max_size=12))
+def test_no_dangerous_sequence_ever_passes(data: bytes, cuts: list[int]) -> None:
+    assert dangerous(run(_split(data, cuts))) == []
+
+
+@settings(max_examples=500)
+@given(data=streams, cuts=st.lists(st.integers(0, 300), max_size=6))
+def test_bytes_between_each_feed_are_safe_on_their_own(data: bytes, cuts: list[int]) -> None:
+    """What one read emits is complete: a terminal may render it before the next read arrives."""
+    f = OutputFilter()
+    for chunk in _split(data, cuts):
+        assert dangerous(f.feed(chunk)) == []
+
+
+@settings(max_examples=800)
+@given(
+    pieces=st.lists(st.one_of(_plain_text, _ordinary_csi), max_size=30), cuts=st.lists(st.integers(0, 400))
+)
+def test_plain_text_and_ordinary_csi_pass_unchanged(pieces: list[str], cuts: list[int]) -> None:
+    data = "".join(pieces).encode()
+    assert run(_split(data, cuts)) == data
+
+
+@settings(max_examples=500)
+@given(
+    before=_plain_text,
+    after=_plain_text,
+    hostile=st.sampled_from(
+        [
+            b"\x1b]52;c;cm0gLXJmIH4K\x07",
+            b"\x1b]52;c;?\x1b\\",
+            b"\x1b]50;?\x07",
+            b"\x1bP$qm\x1b\\",
+            b"\x1bP+q544e\x1b\\",
+            b"\x1b_Gf=100;AAAA\x1b\\",
+            b"\x1b^private\x1b\\",
+            b"\x1bXstring\x1b\\",
+            b"\x1b[21t",
+            b"\x1b[20t",
+            b"\x1b[8;100;100t",
+            b"\x1b[3;0;0t",
+            b"\x1b[>q",
+            b"\x1b[=c",
+            b"\x1b[5i",
+            b"\x1b]1337;File=name=eA==:AAAA\x07",
+            b"\x1bPtmux;\x1b\x1b]52;c;eA==\x07\x1b\\",
+            b"\xc2\x9d52;c;eA==\xc2\x9c",
+            b"\xc2\x9b21t",
+            b"\x1b]52;c;" + b"A" * 10000 + b"\x07",
+        ]
+    ),
+    cuts=st.lists(st.integers(0, 10100), max_size=8),
+)
+def test_a_dangerous_sequence_goes_and_the_text_around_it_stays(
+    before: str, after: str, hostile: bytes, cuts: list[int]
+) -> None:
+    data = before.encode() + hostile + after.encode()
+    assert run(_split(data, cuts)) == before.encode() + after.encode()
+
+
+# ---- examples ------------------------------------------------------------------------------------
+
+
+def test_an_overlong_allowed_osc_is_dropped_and_what_follows_shows() -> None:
+    assert run([b"\x1b]0;" + b"t" * 5000 + b"\x07after"]) == b"after"
+
+
+def test_an_overlong_csi_is_dropped_whole() -> None:
+    assert run([b"\x1b[" + b"1;" * 300 + b"mafter"]) == b"after"
+
+
+def test_a_partial_sequence_at_the_end_is_dropped_and_a_partial_character_shown_as_fffd() -> None:
+    assert run([b"text\x1b]0;unfinished"]) == b"text"
+    assert run([b"text\x1b["]) == b"text"
+    assert run([b"text\xe2\x94"]) == b"text\xef\xbf\xbd"
+
+
+def test_a_title_and_a_hyperlink_pass() -> None:
+    data = b"\x1b]2;build \xe2\x9c\x93\x07\x1b]8;id=1;https://x.test/\x1b\\x\x1b]8;;\x1b\\"
+    assert run([data]) == data
+
+
+def test_a_c0_control_inside_a_csi_acts_first_as_in_the_terminal() -> None:
+    assert run([b"\x1b[1\r;2H"]) == b"\r\x1b[1;2H"
+
+
+def test_an_escape_cut_off_by_another_cannot_join_with_what_follows() -> None:
+    # ESC, then a DCS that is dropped, then "]52;...": the first ESC must not survive to meet it.
+    out = run([b"\x1b\x1bPq\x1b\\]52;c;eA==\x07"])
+    assert dangerous(out) == []
+    assert out == b"]52;c;eA==\x07"
+
+
+def test_an_incomplete_csi_after_text_is_held_not_passed() -> None:
+    """Regression: with possessive quantifiers, CPython 3.11.2's re matched b"\\x00\\x1b[" whole."""
+    f = OutputFilter()
+    assert f.feed(b"\x00\x1b[") == b"\x00"
+    assert f.feed(b"1m") == b"\x1b[1m"
