@@ -647,6 +647,9 @@ class Instance:
             return ExitCode.SIGNAL_BASE + signal.SIGTERM
         if outcome.error is not None:
             raise outcome.error
+        if outcome.stopped_from_console:
+            # Like a stop signal: what the command returned when it was hung up is not its verdict.
+            return ExitCode.STOPPED_FROM_CONSOLE
         runner = self.runner
         if runner is None or runner.status is None:
             raise SupervisorError("the runner never started", exit_code=ExitCode.INTERNAL)
@@ -668,8 +671,6 @@ class Instance:
             )
         if report.exit_status is not None:
             return report.exit_status
-        if outcome.stopped_from_console:
-            return ExitCode.STOPPED_FROM_CONSOLE
         if runner.status < 0:
             print(
                 f"agentvm-supervise: QEMU (pid {runner.pid}) was {describe_status(runner.status)} before "

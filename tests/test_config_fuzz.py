@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -331,7 +332,9 @@ def _created_dirs_only(before: Mapping[str, Any], after: Mapping[str, Any]) -> l
     bad = [path for path in before if after.get(path) != before[path] and not Path(path).is_dir()]
     for path, (mode, _, _) in after.items():
         is_dir = (mode & 0o170000) == 0o040000
-        if path not in before and not is_dir and Path(path).name not in LAUNCHER_FILES:
+        # The console log of the instance (issue 3: kept after the VM, in $XDG_STATE_HOME or log-dir).
+        console_log = re.fullmatch(r".+-[0-9a-f]{8}\.log(\.1)?", Path(path).name) is not None
+        if path not in before and not is_dir and Path(path).name not in LAUNCHER_FILES and not console_log:
             bad.append(path)
     return sorted(bad)
 
