@@ -59,6 +59,7 @@ class Child:
         default_factory=lambda: collections.deque(maxlen=STDERR_TAIL_LINES)
     )
     cancel_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    stopped_by_us: bool = False  # it was still running when we signalled it to stop
 
     @property
     def name(self) -> str:
@@ -243,6 +244,9 @@ async def run_child(
 async def _terminate(
     child: Child, proc: subprocess.Popen[bytes], pidfd: int, log: structlog.typing.FilteringBoundLogger
 ) -> None:
+    # A child that already died on its own (its exit not yet seen when we were cancelled) keeps
+    # stopped_by_us False: its death may be the cause of the end, not a consequence of it.
+    child.stopped_by_us = not _has_exited(pidfd)
     child.signal_group(signal.SIGTERM)
     if await _wait_pidfd(pidfd, child.spec.kill_grace):
         return

@@ -203,6 +203,13 @@ def _check_source(share: Share, index: int) -> Path:
     return source.resolve() if source.exists() else source
 
 
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or the closest ancestor that exists: whose owner a share created below it gets."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def _microvm_tsc_hint(machine: Machine) -> str:
     khz = host_tsc_khz() if machine is Machine.MICROVM else None
     return f"tsc_early_khz={khz}" if khz else ""
@@ -315,7 +322,7 @@ def build_plan(
             raise SupervisorError(f"two shares use the tag '{share.tag}': every share needs its own tag")
         seen.add(share.tag)
         source = _check_source(share, index)
-        owner = (owner_path or (source if source.exists() else source.parent)).stat()
+        owner = (owner_path or _nearest_existing(source)).stat()
         ids = _resolve_ids(share, index, source, owner, euid)
         socket_path = instance_dir / f"{share.tag}.sock"
         sockets.append((socket_path, f"share '{share.tag}'"))

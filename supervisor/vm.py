@@ -282,6 +282,15 @@ class Instance:
             await self._confirm_vm_ending(runner)
             if runner.exited.is_set() or self.outcome.shutting_down.is_set():
                 return
+        error = self._share_error(child, share, early=early)
+        self.outcome.fail(error)
+        self.log.error("share daemon died; stopping the VM", share=share.tag)
+        if runner is None:
+            raise error  # still starting: this ends the start
+        runner.stop()  # QEMU would hang on the dead share, even during the guest's own power-off
+
+    @staticmethod
+    def _share_error(child: Child, share: ShareSpec, *, early: bool) -> SupervisorError:
         said = child.stderr_excerpt()
         said = f" Its last output: {said}." if said else ""
         when, consequence = (
@@ -289,18 +298,26 @@ class Instance:
             if early
             else ("while the VM was running", "The VM was stopped, because I/O on that share would hang it.")
         )
-        error = SupervisorError(
+        return SupervisorError(
             f"virtiofsd for share '{share.tag}' (pid {child.pid}, {share.source}) exited "
             f"({describe_status(child.status)}) {when}.{said} {consequence} Check that the directory "
             "exists and is readable, that the virtiofsd flags suit this virtiofsd (--debug shows "
             "them), and that nothing kills the daemon (OOM killer, a cleanup script).",
             exit_code=ExitCode.SHARE_FAILED,
         )
-        self.outcome.fail(error)
-        self.log.error("share daemon died; stopping the VM", share=share.tag)
-        if runner is None:
-            raise error  # still starting: this ends the start
-        runner.stop()  # QEMU would hang on the dead share, even during the guest's own power-off
+
+    def _share_that_failed_the_runner(self) -> SupervisorError | None:
+        """A virtiofsd that died on its own explains a runner that failed (it could not connect).
+
+        The share's watcher usually says so first; this covers the race where the runner's exit was
+        seen first and teardown cancelled the watcher before it ran.
+        """
+        by_tag = {f"virtiofsd[{share.tag}]": share for share in self.plan.shares}
+        for child in self.children:
+            share = by_tag.get(child.name)
+            if share is not None and child.status not in (None, 0) and not child.stopped_by_us:
+                return self._share_error(child, share, early=True)
+        return None
 
     async def _confirm_vm_ending(self, runner: Child) -> None:
         """Wait briefly for the runner's exit or a SHUTDOWN event, whichever comes first."""
@@ -651,6 +668,10 @@ class Instance:
             # Like a stop signal: what the command returned when it was hung up is not its verdict.
             return ExitCode.STOPPED_FROM_CONSOLE
         runner = self.runner
+        if runner is not None and runner.status not in (None, 0) and self.report.exit_status is None:
+            share_failure = self._share_that_failed_the_runner()
+            if share_failure is not None:
+                raise share_failure
         if runner is None or runner.status is None:
             raise SupervisorError("the runner never started", exit_code=ExitCode.INTERNAL)
         said = runner.stderr_excerpt()

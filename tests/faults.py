@@ -215,9 +215,7 @@ def _normal(case: Case) -> list[Allowed]:
         return [Allowed(GUEST_STATUS, message, "the guest command's status")]
     if case.end == "sigterm":
         return [Allowed(128 + signal.SIGTERM, _signal_message(signal.SIGTERM), "stopped by SIGTERM")]
-    if case.builtin:
-        return [Allowed(130, "", "stopped from the console")]
-    return [Allowed(0, "", "stopped from the console: a custom runner's status")]
+    return [Allowed(130, "", "stopped from the console")]  # like a stop signal, whatever the runner
 
 
 def _runner_killed(case: Case) -> Allowed:

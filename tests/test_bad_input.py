@@ -236,3 +236,29 @@ def test_qemu_failing_at_start_is_reported_with_its_words(
     assert "QEMU" in final and "status 1" in final and "-no-such-option: invalid option" in final
     assert instance_processes("qemu-fails") == []
     assert leftovers(runtime) == []
+
+
+def test_share_created_under_missing_parents_gets_the_nearest_existing_owner(tmp_path: Path) -> None:
+    """Regression (found by the config fuzzer): `create = true` for a share two levels below an
+    existing dir was an internal error while looking up the owner of its missing parent."""
+    from supervisor import config as config_module
+    from supervisor import plan as plan_module
+
+    cfg = config_module.load(
+        None,
+        {
+            "runtime-dir": str(tmp_path / "rt"),
+            "shares": [{"tag": "data", "source": str(tmp_path / "a" / "b"), "create": True}],
+            "qemu": {"accel": "tcg"},
+        },
+    )
+    checked = plan_module.build_plan(
+        cfg,
+        env={"AGENTVM_SUPERVISE_CACHE": "/nonexistent"},
+        cwd=tmp_path,
+        command=None,
+        preflight=plan_module.checks.Preflight(strict=False),
+    )
+    [share] = checked.shares
+    assert share.source == tmp_path / "a" / "b" and not share.source.exists()  # planning creates nothing
+    assert share.ids.host_uid == tmp_path.stat().st_uid  # as root: the owner of the nearest existing dir
