@@ -241,6 +241,7 @@ def test_qemu_failing_at_start_is_reported_with_its_words(
 def test_share_created_under_missing_parents_gets_the_nearest_existing_owner(tmp_path: Path) -> None:
     """Regression (found by the config fuzzer): `create = true` for a share two levels below an
     existing dir was an internal error while looking up the owner of its missing parent."""
+    from supervisor import checks
     from supervisor import config as config_module
     from supervisor import plan as plan_module
 
