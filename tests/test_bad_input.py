@@ -258,7 +258,7 @@ def test_share_created_under_missing_parents_gets_the_nearest_existing_owner(tmp
         env={"AGENTVM_SUPERVISE_CACHE": "/nonexistent"},
         cwd=tmp_path,
         command=None,
-        preflight=plan_module.checks.Preflight(strict=False),
+        preflight=checks.Preflight(strict=False),
     )
     [share] = checked.shares
     assert share.source == tmp_path / "a" / "b" and not share.source.exists()  # planning creates nothing
