@@ -19,8 +19,7 @@ from pathlib import Path
 
 from bench.core import CACHE, Bench
 from supervisor import config, plan
-from supervisor.config import Machine
-from supervisor.qemu import QemuSpec, qemu_argv
+from supervisor.qemu import qemu_argv
 from supervisor.virtiofsd import bind_vhost_user_socket, virtiofsd_argv
 
 MARKER = b"BENCH-42"
@@ -112,26 +111,7 @@ def by_hand(bench: Bench, index: int) -> float:
             shares.append(_start(argv, pass_fds=(listener.fileno(),)))
             listener.close()
         public = bind_vhost_user_socket(checked.qmp_socket)
-        assert checked.kernel is not None  # the built-in guest, not a runner script
-        argv = qemu_argv(
-            QemuSpec(
-                binary=checked.qemu_binary,
-                instance=checked.instance,
-                machine=Machine(checked.machine),
-                accel=checked.accel,
-                cpu=checked.cpu,
-                kernel=checked.kernel,
-                initrd=checked.initrd,
-                cmdline=checked.cmdline,
-                memory_mib=checked.memory_mib,
-                vcpus=checked.vcpus,
-                shares=[(share.tag, share.socket_path) for share in checked.shares],
-                private_qmp_fd=theirs.fileno(),
-                public_qmp_fd=public.fileno(),
-                status_file=checked.status_file,
-                extra_args=checked.qemu_extra_args,
-            )
-        )
+        argv = qemu_argv(checked.qemu_spec(private_qmp_fd=theirs.fileno(), public_qmp_fd=public.fileno()))
         qemu = _start(argv, pass_fds=(theirs.fileno(), public.fileno()), tty=slave)
         os.close(slave)
         slave = -1

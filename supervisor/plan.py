@@ -31,7 +31,7 @@ from supervisor.config import (
 from supervisor.console import ConsoleSettings, parse_escape_key
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.launcher import default_agent_home, project_basename
-from supervisor.qemu import host_tsc_khz
+from supervisor.qemu import QemuSpec, host_tsc_khz
 from supervisor.virtiofsd import CRI_STORAGE_XATTRMAP, ShareIds, ShareSpec, virtiofsd_argv
 
 __all__ = ["Plan", "build_plan", "default_agent_home", "project_basename"]
@@ -91,6 +91,31 @@ class Plan:
     @property
     def control_socket(self) -> Path:
         return self.instance_dir / control.SOCKET_NAME
+
+    def qemu_spec(self, *, private_qmp_fd: int, public_qmp_fd: int, resize_fd: int | None = None) -> QemuSpec:
+        """The inputs of our own QEMU command line (built-in guest or qemu.kernel, not a runner
+        script); only the fds QEMU inherits are decided at spawn time."""
+        if self.kernel is None:
+            raise ValueError("a microvm.nix runner brings its own QEMU command line")
+        return QemuSpec(
+            binary=self.qemu_binary,
+            instance=self.instance,
+            machine=Machine(self.machine),
+            accel=self.accel,
+            cpu=self.cpu,
+            kernel=self.kernel,
+            initrd=self.initrd,
+            cmdline=self.cmdline,
+            memory_mib=self.memory_mib,
+            vcpus=self.vcpus,
+            shares=[(share.tag, share.socket_path) for share in self.shares],
+            private_qmp_fd=private_qmp_fd,
+            public_qmp_fd=public_qmp_fd,
+            status_file=self.status_file,
+            extra_args=self.qemu_extra_args,
+            forwards=[forward.hostfwd() for forward in self.forwards],
+            resize_fd=resize_fd,
+        )
 
 
 def default_console_log_dir(env: Mapping[str, str]) -> Path:

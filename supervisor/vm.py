@@ -34,11 +34,11 @@ from supervisor.children import (
     read_start_ticks,
     run_child,
 )
-from supervisor.config import Hypervisor, Machine, SocketMode
+from supervisor.config import Hypervisor, SocketMode
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.notify import Notifier
 from supervisor.plan import Plan
-from supervisor.qemu import QemuSpec, qemu_argv
+from supervisor.qemu import qemu_argv
 from supervisor.qmp import QmpClient, QmpError
 from supervisor.virtiofsd import ShareSpec, bind_vhost_user_socket, virtiofsd_argv
 from supervisor.watchdog import Watchdog
@@ -418,27 +418,9 @@ class Instance:
         plan = self.plan
         if plan.runner is not None:  # its guest has no resize helper of ours to talk to
             return self._microvm_runner_spec(plan.runner, pty, private_qmp)
-        assert plan.kernel is not None and public_qmp is not None
+        assert public_qmp is not None
         argv = qemu_argv(
-            QemuSpec(
-                binary=plan.qemu_binary,
-                instance=plan.instance,
-                machine=Machine(plan.machine),
-                accel=plan.accel,
-                cpu=plan.cpu,
-                kernel=plan.kernel,
-                initrd=plan.initrd,
-                cmdline=plan.cmdline,
-                memory_mib=plan.memory_mib,
-                vcpus=plan.vcpus,
-                shares=[(share.tag, share.socket_path) for share in plan.shares],
-                private_qmp_fd=private_qmp,
-                public_qmp_fd=public_qmp,
-                status_file=plan.status_file,
-                extra_args=plan.qemu_extra_args,
-                forwards=[forward.hostfwd() for forward in plan.forwards],
-                resize_fd=resize,
-            )
+            plan.qemu_spec(private_qmp_fd=private_qmp, public_qmp_fd=public_qmp, resize_fd=resize)
         )
         return ChildSpec(
             name="runner",
