@@ -72,12 +72,6 @@ def socket_path_problem(path: Path, what: str) -> tuple[str, str] | None:
     )
 
 
-def check_socket_path(path: Path, what: str) -> None:
-    problem = socket_path_problem(path, what)
-    if problem is not None:
-        raise SupervisorError(f"{problem[0]}: {problem[1]}", exit_code=ExitCode.USAGE)
-
-
 def base_problem(base: Path) -> tuple[str, str] | None:
     """(what is wrong, the remedy) for an existing runtime base we must not use, else None."""
     try:
