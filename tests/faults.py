@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, TEST_CACHE, supervisor_argv
+from tests.support import REPO, TEST_CACHE, processes_with_env, supervisor_argv
 
 STUBS = Path(__file__).resolve().parent / "stubs"
 FAKE_QEMU = STUBS / "fake_qemu.py"
@@ -366,20 +366,10 @@ def find_target(supervisor: int, target: str) -> int | None:
 
 def case_processes(case_id: str) -> list[str]:
     """Every live process whose environment carries this case's id."""
-    needle = f"{CASE_ENV}={case_id}\0".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle not in (entry / "environ").read_bytes() + b"\0":
-                continue
-            stat = (entry / "stat").read_bytes()
-        except OSError:
-            continue
-        if stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] != b"Z":
-            found.append(f"{entry.name} {_cmdline(int(entry.name))}")
-    return found
+    return [
+        f"{pid} {_cmdline(pid)}"
+        for pid, _ in processes_with_env(f"{CASE_ENV}={case_id}".encode(), exact=True)
+    ]
 
 
 class Player:

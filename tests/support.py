@@ -45,8 +45,9 @@ def as_user(user: str | None, argv: Sequence[str]) -> list[str]:
     return ["runuser", "-u", user, "--", "env", state, *argv]
 
 
-def instance_processes(name: str) -> list[tuple[int, str]]:
-    """(pid, cmdline) of every live process whose environment names an instance called `name`-*."""
+def processes_with_env(needle: bytes, *, exact: bool = False) -> list[tuple[int, str]]:
+    """(pid, cmdline) of every live (non-zombie) process with a variable starting with `needle`
+    (equal to it with `exact`)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -59,11 +60,14 @@ def instance_processes(name: str) -> list[tuple[int, str]]:
             continue
         if stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"Z":
             continue
-        for var in environ.split(b"\0"):
-            if var.startswith(f"{INSTANCE_ENV}={name}-".encode()):
-                found.append((int(entry.name), cmdline))
-                break
+        if any(var == needle if exact else var.startswith(needle) for var in environ.split(b"\0")):
+            found.append((int(entry.name), cmdline))
     return found
+
+
+def instance_processes(name: str) -> list[tuple[int, str]]:
+    """(pid, cmdline) of every live process whose environment names an instance called `name`-*."""
+    return processes_with_env(f"{INSTANCE_ENV}={name}-".encode())
 
 
 def wait_until_gone(name: str, timeout: float = 10.0) -> list[tuple[int, str]]:
