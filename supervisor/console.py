@@ -6,8 +6,10 @@
                                                             +- resize port -> the guest's stty
 
 Output is read from the master, passed through the hostile-output filter (termfilter), kept in
-the replay buffer and the log (consolelog), and written to the attached terminal. Input comes from
-the attached terminal only, with the escape key taken out. One terminal is attached at a time and
+the replay buffer and the log (consolelog), and written to the attached terminal, all by a thread
+of its own (consoleout: a copy loop costs far less per read than a round of the event loop). Input,
+attaches and resizes are event-loop tasks. Input comes from the attached terminal only, with the
+escape key taken out. One terminal is attached at a time and
 the newest attach takes over: the one it displaces is told so and detached, and gets the console
 back the same way. The supervisor's own terminal is attached at start; it is in raw mode only while
 attached and gets its settings (and the modes the guest switched on, see termmodes) back when it
@@ -26,7 +28,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import select
 import signal
 import socket
 import stat
@@ -41,12 +42,12 @@ from typing import Protocol
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 import anyio.to_thread
 import structlog
 
 from supervisor import consoleproto as proto
 from supervisor.consolelog import ConsoleLog, ReplayBuffer
+from supervisor.consoleout import OutputPump, Sink
 from supervisor.termfilter import OutputFilter
 from supervisor.termmodes import TerminalModes
 
@@ -54,10 +55,10 @@ ESCAPE_DEFAULT = 0x1D  # Ctrl-]
 LOCAL_BACKLOG = 256 << 10  # output waiting for the user's terminal before the guest is slowed down
 CLIENT_BACKLOG = 8 << 20  # output waiting for an attach client before it is disconnected
 INPUT_BACKLOG = 1 << 20  # input waiting for a guest that does not read before it is dropped
-READ_BATCH = 64 << 10
-YIELD_EVERY = 256 << 10  # a guest that never stops talking must not starve the other tasks
+READ_SIZE = 64 << 10
 HELLO_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 1.0
+LOG_FLUSH_DELAY = 0.2
 MSG = "agentvm-supervise"
 
 
@@ -188,11 +189,11 @@ def _pollable(fd: int) -> bool:
 async def read_some(fd: int) -> bytes:
     """Read what is there; b"" at end of file (EIO on a PTY master whose slave is gone)."""
     if not _pollable(fd):
-        return await anyio.to_thread.run_sync(os.read, fd, READ_BATCH, abandon_on_cancel=True)
+        return await anyio.to_thread.run_sync(os.read, fd, READ_SIZE, abandon_on_cancel=True)
     while True:
         await anyio.wait_readable(fd)
         try:
-            return os.read(fd, READ_BATCH)
+            return os.read(fd, READ_SIZE)
         except BlockingIOError:
             continue
         except OSError as exc:
@@ -201,33 +202,10 @@ async def read_some(fd: int) -> bytes:
             raise
 
 
-def _read_batch(fd: int) -> bytes | None:
-    """Everything readable now from a non-blocking fd, up to READ_BATCH; None if nothing is."""
-    chunks: list[bytes] = []
-    size = 0
-    while size < READ_BATCH:
-        try:
-            chunk = os.read(fd, READ_BATCH - size)
-        except BlockingIOError:
-            break
-        except OSError as exc:
-            if exc.errno != errno.EIO:
-                raise
-            chunk = b""
-        if not chunk:  # end of file: first hand out what came before it
-            if not chunks:
-                return b""
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    if not chunks:
-        return None
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
 class Writer:
     """Writes to a non-blocking fd in order, never blocking the caller: what the fd does not take
-    at once waits in a queue that `run` (a task) writes out as the fd becomes writable."""
+    at once waits in a queue that `run` (a task) writes out as the fd becomes writable. For input
+    and the attach client; output to terminals goes through consoleout."""
 
     def __init__(self, fd: int, on_error: Callable[[OSError], None]) -> None:
         self._fd = fd
@@ -294,101 +272,6 @@ class Writer:
         self._on_error(exc)
 
 
-class ThreadWriter:
-    """Like Writer, for the user's terminal: the writing happens in a thread of its own.
-
-    A terminal takes a fast guest's output a few KiB at a time; a thread that waits in select()
-    costs far less per wake-up than a round of the event loop (bench/console.py: about +40%).
-    The thread only writes: errors are reported to `on_error` from the event loop, on the next
-    write or wait, and it is stopped and joined when `run` ends.
-    """
-
-    POLL = 0.1  # while the terminal takes nothing, the thread checks this often whether to stop
-
-    def __init__(self, fd: int, on_error: Callable[[OSError], None]) -> None:
-        self._fd = fd
-        self._on_error = on_error
-        self._cond = threading.Condition()
-        self._queue = bytearray()  # guarded by _cond, like the three below
-        self._in_hand = 0  # bytes the thread took from the queue and has not written yet
-        self._stopping = False
-        self._error: OSError | None = None
-        self.failed = False
-
-    @property
-    def backlog(self) -> int:
-        with self._cond:
-            return len(self._queue) + self._in_hand
-
-    def write(self, data: bytes) -> None:
-        self._report()
-        if self.failed or not data:
-            return
-        with self._cond:
-            self._queue += data
-            self._cond.notify_all()
-
-    def abandon(self) -> None:
-        self.failed = True
-        with self._cond:
-            self._queue.clear()
-            self._cond.notify_all()
-
-    async def run(self) -> None:
-        thread = threading.Thread(target=self._write_out, name="console-terminal-writer", daemon=True)
-        thread.start()
-        try:
-            await anyio.sleep_forever()
-        finally:
-            with self._cond:
-                self._stopping = True
-                self._cond.notify_all()
-            thread.join(self.POLL * 5)
-
-    async def wait_below(self, limit: int) -> None:
-        if self.backlog > limit and not self.failed:
-            await anyio.to_thread.run_sync(self._block_until_below, limit, abandon_on_cancel=True)
-        self._report()
-
-    def _block_until_below(self, limit: int) -> None:
-        with self._cond:
-            while len(self._queue) + self._in_hand > limit and not (self._stopping or self._error):
-                self._cond.wait()
-
-    def _report(self) -> None:
-        if self._error is not None and not self.failed:
-            self.failed = True
-            self._on_error(self._error)
-
-    def _write_out(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                chunk = bytes(self._queue)
-                self._queue.clear()
-                self._in_hand = len(chunk)
-            view = memoryview(chunk)
-            while view:
-                try:
-                    view = view[os.write(self._fd, view) :]
-                except BlockingIOError:
-                    select.select([], [self._fd], [], self.POLL)
-                except OSError as exc:
-                    with self._cond:
-                        self._error = exc
-                        self._in_hand = 0
-                        self._cond.notify_all()
-                    return
-                with self._cond:
-                    self._in_hand = len(view)
-                    self._cond.notify_all()
-                    if self._stopping:
-                        return
-
-
 # ---- the escape key --------------------------------------------------------------------------
 
 
@@ -432,13 +315,15 @@ def help_text(escape: int) -> bytes:
 
 
 class Attachment(Protocol):
-    """A terminal the console is shown on: the supervisor's own, or an attach client."""
+    """A terminal the console is shown on: the supervisor's own, or an attach client.
+
+    `show` is called with the console's lock held, from the output thread or the event loop;
+    `displace` from the event loop, with the lock held.
+    """
 
     description: str
 
     def show(self, data: bytes) -> None: ...
-
-    async def settle(self) -> None: ...
 
     def displace(self, by: str) -> None: ...
 
@@ -457,7 +342,7 @@ class _LocalTerminal:
         self._stdout_flags = fcntl.fcntl(stdout, fcntl.F_GETFL)
         self._stdout = stdout
         os.set_blocking(stdout, False)
-        self._out = ThreadWriter(stdout, self._output_failed)
+        self.out = Sink(stdout, wake_pump=console.wake_pump, on_error=self._output_failed)
         escape = console.settings.escape if self.interactive else None
         self._escapes = EscapeReader(escape, self._command)
         self.attached = False
@@ -469,12 +354,9 @@ class _LocalTerminal:
     # -- the Attachment side
 
     def show(self, data: bytes) -> None:
-        self._out.write(data)
+        self.out.write(data)
         if self.attached:
             self._tell_reset()
-
-    async def settle(self) -> None:
-        await self._out.wait_below(LOCAL_BACKLOG)
 
     def displace(self, by: str) -> None:
         self.detach(
@@ -489,17 +371,17 @@ class _LocalTerminal:
             return
         self._mode.enter_raw()
         self.attached = True
-        replay = self._console.attach(self, get_window_size(self._stdin), since=self._seen)
-        self.show(replay)
+        self._console.attach(self, get_window_size(self._stdin), since=self._seen)
 
     def detach(self, message: str) -> None:
-        if not self.attached:
-            return
-        self.attached = False
-        self._console.detach(self)
-        self._seen = self._console.replay.total
-        self._out.write(self._console.modes.undo() + message.encode())
-        self._tell_reset()
+        with self._console.lock:
+            if not self.attached:
+                return
+            self.attached = False
+            self._console.detach(self)
+            self._seen = self._console.replay.total
+            self.out.write(self._console.modes.undo() + message.encode())
+            self._tell_reset()
         if self._mode is not None:
             self._mode.leave_raw()
 
@@ -519,7 +401,7 @@ class _LocalTerminal:
         escape = self._console.settings.escape
         assert escape is not None
         if key == ".":
-            self._out.write(f"\r\n[{MSG}: stopping the VM]\r\n".encode())
+            self.out.write(f"\r\n[{MSG}: stopping the VM]\r\n".encode())
             self._console.on_stop()
         elif key == "d":
             instance = self._console.instance
@@ -528,22 +410,21 @@ class _LocalTerminal:
                 f"'agentvm-supervise attach {instance}', or press Enter here.]\r\n"
             )
         elif key == "?":
-            self._out.write(help_text(escape))
+            self.out.write(help_text(escape))
         else:
-            self._out.write(
+            self.out.write(
                 f"\r\n[{MSG}: {describe_key(escape)} {key!r} means nothing; ? for help]\r\n".encode()
             )
 
     # -- the terminal going away
 
     def _output_failed(self, exc: OSError) -> None:
-        if self._is_terminal:
-            self._hangup()
-        else:  # a closed pipe: stop writing, keep the VM
+        """From either thread. A terminal that went away is noticed by reading stdin (or by the
+        SIGHUP it sends); a closed pipe only stops the output, the VM goes on."""
+        if not self._is_terminal:
             structlog.get_logger().warning(
                 "stdout closed; console output no longer shown", reason=exc.strerror
             )
-            self._console.drop_passive(self)
 
     def _hangup(self) -> None:
         if self.gone:
@@ -558,13 +439,11 @@ class _LocalTerminal:
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._out.run)
             if self.interactive:
                 tg.start_soon(self._follow_resizes)
             self.attach()
             await self._read_input()
-            if self.gone:
-                tg.cancel_scope.cancel()
+            tg.cancel_scope.cancel()
 
     async def _read_input(self) -> None:
         while not self.gone:
@@ -596,10 +475,11 @@ class _LocalTerminal:
 
     async def flush(self) -> None:
         with anyio.move_on_after(DRAIN_TIMEOUT):
-            await self._out.wait_below(0)
+            await self.out.drain()
 
     def close(self) -> None:
         """Give the terminal back: undo the guest's modes, then the settings and file flags."""
+        self.out.abandon()
         if self.attached and not self.gone:
             with contextlib.suppress(OSError):
                 os.write(self._stdout, self._console.modes.undo())
@@ -617,7 +497,7 @@ class _SocketClient:
         self._console = console
         self._conn = conn
         self.description = f"an attach (pid {pid})"
-        self._out = Writer(conn.fileno(), self._failed)
+        self.out = Sink(conn.fileno(), wake_pump=console.wake_pump, on_error=self._failed)
         self._frames = proto.FrameReader()
         self._done = anyio.Event()
         self.finished = anyio.Event()
@@ -625,35 +505,37 @@ class _SocketClient:
 
     def show(self, data: bytes) -> None:
         for start in range(0, len(data), proto.MAX_PAYLOAD):
-            self._out.write(proto.frame(proto.Kind.OUTPUT, data[start : start + proto.MAX_PAYLOAD]))
-        if self._out.backlog > CLIENT_BACKLOG:
-            self._log.warning("attach client does not keep up; disconnecting it", backlog=self._out.backlog)
-            self._out.abandon()
-            self._done.set()
-
-    async def settle(self) -> None:
-        return
+            self.out.write(proto.frame(proto.Kind.OUTPUT, data[start : start + proto.MAX_PAYLOAD]))
+        if self.out.backlog > CLIENT_BACKLOG:
+            self._log.warning("attach client does not keep up; disconnecting it", backlog=self.out.backlog)
+            self.out.abandon()
+            self._hang_up()
 
     def displace(self, by: str) -> None:
         self.end(f"{by} took over the console; the VM keeps running")
 
     def end(self, text: str) -> None:
-        self._out.write(proto.message(proto.Kind.NOTICE, proto.Notice(text=text, end=True)))
+        self.out.write(proto.message(proto.Kind.NOTICE, proto.Notice(text=text, end=True)))
         self._done.set()
 
     def _failed(self, exc: OSError) -> None:
-        self._done.set()
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        """From either thread: the receiving task sees the end of the connection and finishes."""
+        with contextlib.suppress(OSError):
+            self._conn.shutdown(socket.SHUT_RDWR)
 
     async def run(self) -> None:
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._out.run)
                 tg.start_soon(self._receive)
                 await self._done.wait()
                 with anyio.move_on_after(DRAIN_TIMEOUT):
-                    await self._out.wait_below(0)
+                    await self.out.drain()
                 tg.cancel_scope.cancel()
         finally:
+            self.out.abandon()  # before the connection is closed: its fd number may be reused
             self._console.detach(self)
             self.finished.set()
 
@@ -686,8 +568,8 @@ class _SocketClient:
                 return
             size = (hello.rows, hello.cols) if hello.rows and hello.cols else None
             welcome = proto.Welcome(version=proto.VERSION, instance=self._console.instance)
-            self._out.write(proto.message(proto.Kind.WELCOME, welcome))
-            self.show(self._console.attach(self, size))
+            self.out.write(proto.message(proto.Kind.WELCOME, welcome))
+            self._console.attach(self, size)
             self._log.info("console attached")
             while True:
                 for kind, payload in frames:
@@ -739,6 +621,12 @@ def bind_console_socket(path: Path) -> socket.socket:
 
 
 class Console:
+    """Output is read, filtered and shown by an OutputPump thread; everything else (input,
+    attaches, resizes) happens in the event loop. `lock` keeps the two apart: the pump holds it
+    while it hands a read to the filter, the replay buffer, the log and the terminals, the event
+    loop while it changes who is attached (so that an attach gets the replay and then every read
+    after it, none twice and none lost)."""
+
     def __init__(
         self,
         pty: ConsolePty,
@@ -757,6 +645,7 @@ class Console:
         self.on_stop = on_stop
         self.on_hangup = on_hangup
         self.on_terminal_reset = on_terminal_reset
+        self.lock = threading.RLock()
         self.replay = ReplayBuffer(settings.replay_bytes)
         self.modes = TerminalModes()
         self.attached: Attachment | None = None
@@ -767,23 +656,38 @@ class Console:
         # With the filter on, it hands the mode-switching sequences to the tracker, which then
         # need not scan the output; without it, the tracker scans.
         self._filter = OutputFilter(on_sequence=self.modes.sequence) if settings.filter else None
+        self._local: _LocalTerminal | None = None
         self._passive: _LocalTerminal | None = None
         self._input = Writer(pty.master, lambda exc: None)
         self._clients: list[_SocketClient] = []
+        self._sinks: tuple[Sink, ...] = ()
+        self._pump = OutputPump(
+            pty.master,
+            on_output=self._output,
+            on_end=self._end_of_output,
+            sinks=lambda: self._sinks,
+            paused=self._terminal_is_behind,
+            log=log,
+            log_delay=LOG_FLUSH_DELAY,
+        )
         self._logger = structlog.get_logger().bind(instance=instance)
+
+    def wake_pump(self) -> None:
+        self._pump.wake()
 
     async def run(self, *, stdin_fd: int, stdout_fd: int, listener: socket.socket | None = None) -> None:
         """Serve the console until the guest side of the PTY closes (QEMU exited)."""
-        local = _LocalTerminal(self, stdin_fd, stdout_fd)
+        local = self._local = _LocalTerminal(self, stdin_fd, stdout_fd)
         if not local.interactive:
             self._passive = local
+        self._sinks = (local.out,)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._input.run)
                 tg.start_soon(local.run)
                 if listener is not None:
                     tg.start_soon(self._serve, listener, tg)
-                await self._pump()
+                await self._pump.run()
                 for client in self._clients:
                     client.end("the VM stopped")
                 await local.flush()
@@ -792,32 +696,21 @@ class Console:
                         await client.finished.wait()
                 tg.cancel_scope.cancel()
         finally:
+            self._pump.close()
             local.close()
 
-    # -- output
+    # -- output (in the pump's thread)
 
-    async def _pump(self) -> None:
-        master = self._pty.master
-        since_yield = 0
-        while True:
-            data = _read_batch(master)
-            if data is None:
-                await anyio.wait_readable(master)
-                since_yield = 0
-                continue
-            if not data:
-                break
+    def _output(self, data: bytes) -> None:
+        with self.lock:
             self._publish(self._filter.feed(data) if self._filter is not None else data)
-            if self._passive is not None:
-                await self._passive.settle()
-            if self.attached is not None:
-                await self.attached.settle()
-            since_yield += len(data)
-            if since_yield >= YIELD_EVERY:
-                since_yield = 0
-                await anyio.lowlevel.checkpoint()
-        if self._filter is not None:
-            self._publish(self._filter.flush())
+
+    def _end_of_output(self) -> None:
+        with self.lock:
+            if self._filter is not None:
+                self._publish(self._filter.flush())
+        if self._log is not None:
+            self._log.flush()
 
     def _publish(self, data: bytes) -> None:
         if not data:
@@ -832,26 +725,39 @@ class Console:
         if self.attached is not None and self.attached is not self._passive:
             self.attached.show(data)
 
+    def _terminal_is_behind(self) -> bool:
+        """The supervisor's terminal, while it shows the output, has more waiting than it should."""
+        local = self._local
+        return (
+            local is not None
+            and local.out.backlog > LOCAL_BACKLOG
+            and (self.attached is local or self._passive is local)
+        )
+
     def drop_passive(self, local: _LocalTerminal) -> None:
-        if self._passive is local:
-            self._passive = None
+        with self.lock:
+            if self._passive is local:
+                self._passive = None
 
-    # -- attachments
+    # -- attachments (in the event loop)
 
-    def attach(self, who: Attachment, size: tuple[int, int] | None, *, since: int | None = None) -> bytes:
-        """`who` holds the console now; returns what it must show first (the replay)."""
-        previous, self.attached = self.attached, who
-        if previous is not None and previous is not who:
-            previous.displace(who.description)
-        if size is not None:
-            self.resize(size)
+    def attach(self, who: Attachment, size: tuple[int, int] | None, *, since: int | None = None) -> None:
+        """`who` holds the console now, and is shown the replay (from `since`, a replay offset)."""
+        with self.lock:
+            previous, self.attached = self.attached, who
+            if previous is not None and previous is not who:
+                previous.displace(who.description)
+            if size is not None:
+                self.resize(size)
+            who.show(self.modes.before_replay() + self.replay.since(since) + self.modes.after_replay())
         self._logger.info("console attached", to=who.description)
-        return self.modes.before_replay() + self.replay.since(since) + self.modes.after_replay()
 
     def detach(self, who: Attachment) -> None:
-        if self.attached is who:
+        with self.lock:
+            if self.attached is not who:
+                return
             self.attached = None
-            self._logger.info("console detached", was=who.description)
+        self._logger.info("console detached", was=who.description)
 
     def input_from(self, who: Attachment, data: bytes) -> None:
         if self.attached is who:
@@ -904,7 +810,9 @@ class Console:
                 return
             client = _SocketClient(self, conn, pid)
             self._clients.append(client)
+            self._sinks = (*self._sinks, client.out)
             try:
                 await client.run()
             finally:
                 self._clients.remove(client)
+                self._sinks = tuple(sink for sink in self._sinks if sink is not client.out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 import structlog
@@ -61,35 +62,66 @@ class ReplayBuffer:
 
 
 class ConsoleLog:
-    """Appends console output to LOG_DIR/INSTANCE.log, rotating it at `max_bytes`."""
+    """Appends console output to LOG_DIR/INSTANCE.log, rotating it at `max_bytes`.
+
+    Output is gathered and written FLUSH_AT bytes at a time: it arrives a PTY read (4 KiB) at a
+    time, and a write per read costs a tenth of the console's throughput. Whoever writes flushes
+    when `flush_due` says so, so the file is never far behind.
+    """
+
+    FLUSH_AT = 64 << 10
 
     def __init__(self, path: Path, max_bytes: int) -> None:
         self.path = path
         self._max_bytes = max_bytes
         self._fd = self._open()
         self._size = os.fstat(self._fd).st_size
+        self._pending = bytearray()
+        self.pending_since: float | None = None  # time.monotonic() of the oldest unwritten byte
 
     def _open(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
     def write(self, data: bytes) -> None:
-        if self._fd < 0:
+        if self._fd < 0 or not data:
             return
+        if self.pending_since is None:
+            self.pending_since = time.monotonic()
+        self._pending += data
+        if len(self._pending) >= self.FLUSH_AT:
+            self.flush()
+
+    def flush_due(self, now: float, delay: float) -> bool:
+        """Whether output has waited `delay` seconds or more."""
+        return self.pending_since is not None and now - self.pending_since >= delay
+
+    def flush(self) -> None:
+        self.pending_since = None
         try:
-            if self._size + len(data) > self._max_bytes and self._size > 0:
-                os.close(self._fd)
-                self._fd = -1
-                self.path.replace(self.path.with_name(self.path.name + ".1"))
-                self._fd = self._open()
-                self._size = 0
-            os.write(self._fd, data)
-            self._size += len(data)
+            while self._fd >= 0 and self._pending:
+                if self._size >= self._max_bytes:
+                    self._rotate()
+                part = self._pending[: self._max_bytes - self._size]
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+                self._size += len(part)
+                del self._pending[: len(part)]
         except OSError as exc:
             # A full disk must not take the console down with it: stop logging, say so once.
             structlog.get_logger().warning("console log disabled", path=str(self.path), reason=exc.strerror)
+            self._pending.clear()
             self.close()
 
+    def _rotate(self) -> None:
+        os.close(self._fd)
+        self._fd = -1
+        self.path.replace(self.path.with_name(self.path.name + ".1"))
+        self._fd = self._open()
+        self._size = 0
+
     def close(self) -> None:
+        self.flush()
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._fd)

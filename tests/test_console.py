@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import structlog.testing
 import pytest
 
 from supervisor import attach, runtime
@@ -406,8 +407,12 @@ def test_the_console_log_rotates_and_old_instances_logs_go(tmp_path: Path) -> No
 def test_a_log_that_cannot_be_written_stops_logging_and_says_so(tmp_path: Path) -> None:
     log = ConsoleLog(tmp_path / "x.log", 1000)
     os.close(log._fd)  # inject the failure: the fd is gone under it
-    log.write(b"data")  # does not raise
-    log.write(b"more")
+    with structlog.testing.capture_logs() as logs:
+        log.write(b"data")
+        log.flush()  # does not raise
+        log.write(b"more")
+        log.close()
+    assert [entry["event"] for entry in logs] == ["console log disabled"]
 
 
 def test_terminal_modes_undo_and_redo_what_the_guest_turned_on() -> None:

@@ -1,0 +1,175 @@
+"""The console's output thread and its sinks: order, backpressure, the log, stopping."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import os
+import threading
+import tty
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from supervisor.console import (
+    LOCAL_BACKLOG,
+    LOG_FLUSH_DELAY,
+    Console,
+    ConsolePty,
+    ConsoleSettings,
+    open_console_pty,
+)
+from supervisor.consolelog import open_log
+from supervisor.consoleout import Sink
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def guest() -> Iterator[ConsolePty]:
+    pty = open_console_pty((24, 80))
+    tty.setraw(pty.slave)  # as QEMU makes it
+    yield pty
+    pty.close()
+
+
+def _pipe(capacity: int = 4096) -> tuple[int, int]:
+    read_end, write_end = os.pipe()
+
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, capacity)
+    os.set_blocking(write_end, False)
+    return read_end, write_end
+
+
+def _numbered(count: int, tag: bytes) -> list[bytes]:
+    return [b"%s%06d|" % (tag, index) for index in range(count)]
+
+
+def test_writes_from_two_threads_arrive_whole_and_each_in_its_order() -> None:
+    read_end, write_end = _pipe()
+    errors: list[OSError] = []
+    sink = Sink(write_end, wake_pump=lambda: None, on_error=errors.append)
+    got = bytearray()
+
+    def reader() -> None:
+        while chunk := os.read(read_end, 65536):
+            got.extend(chunk)
+
+    drain = threading.Thread(target=reader)
+    drain.start()
+    pieces = {tag: _numbered(3000, tag) for tag in (b"a", b"b")}
+
+    def writer(tag: bytes) -> None:
+        for piece in pieces[tag]:
+            sink.write(piece)
+            sink.flush()  # both threads also write out the queue, as the pump and drain() do
+
+    threads = [threading.Thread(target=writer, args=(tag,)) for tag in pieces]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    while sink.backlog:
+        sink.flush()
+    os.close(write_end)
+    drain.join()
+    os.close(read_end)
+    assert not errors
+    text = bytes(got).split(b"|")[:-1]
+    for tag, expected in pieces.items():
+        assert [piece + b"|" for piece in text if piece.startswith(tag)] == expected
+
+
+def test_a_failed_sink_reports_once_and_drops_the_rest() -> None:
+    read_end, write_end = _pipe()
+    errors: list[OSError] = []
+    sink = Sink(write_end, wake_pump=lambda: None, on_error=errors.append)
+    sink.write(b"x" * 100_000)  # most of it queued
+    os.close(read_end)
+    sink.flush()
+    sink.write(b"more")
+    sink.flush()
+    assert [exc.errno for exc in errors] == [32]  # EPIPE, reported once
+    assert sink.failed and sink.backlog == 0
+    os.close(write_end)
+
+
+async def test_a_terminal_that_does_not_read_slows_the_guest_and_loses_nothing(guest: ConsolePty) -> None:
+    stdout_read, stdout_write = _pipe()
+    console = Console(
+        guest, instance="slow-0001", settings=ConsoleSettings(), size=None, on_stop=lambda: None
+    )
+    payload = b"".join(_numbered(200_000, b"line"))  # 2.2 MiB, far more than the backlog allows
+    os.set_blocking(guest.slave, False)
+    with Path(os.devnull).open("rb") as devnull:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(console.run, stdin_fd=devnull.fileno(), stdout_fd=stdout_write))
+            view = memoryview(payload)
+            with anyio.fail_after(20):  # the guest writes until the console stops reading
+                while view:
+                    try:
+                        view = view[os.write(guest.slave, view) :]
+                        continue
+                    except BlockingIOError:
+                        pass
+                    with anyio.move_on_after(0.5) as quiet:  # a blocked guest stays blocked
+                        await anyio.wait_writable(guest.slave)
+                    if quiet.cancelled_caught:
+                        break
+            taken = len(payload) - len(view)
+            assert taken < len(payload)
+            assert taken <= LOCAL_BACKLOG + (256 << 10)  # the backlog, plus PTY and pipe buffers
+            got = bytearray()
+            os.set_blocking(stdout_read, False)
+            with anyio.fail_after(30):
+                while len(got) < len(payload):
+                    if view:
+                        with contextlib.suppress(BlockingIOError):
+                            view = view[os.write(guest.slave, view) :]
+                    await anyio.wait_readable(stdout_read)
+                    with contextlib.suppress(BlockingIOError):
+                        got += os.read(stdout_read, 65536)
+            guest.close_slave()
+    assert bytes(got) == payload
+    os.close(stdout_read)
+    os.close(stdout_write)
+
+
+async def test_the_log_catches_up_when_the_guest_pauses(guest: ConsolePty, tmp_path: Path) -> None:
+    settings = ConsoleSettings(log_dir=tmp_path)
+    log = open_log(tmp_path, "log-0001", max_bytes=settings.log_max_bytes, keep=2)
+    console = Console(guest, instance="log-0001", settings=settings, size=None, on_stop=lambda: None, log=log)
+    stdout_read, stdout_write = os.pipe()
+    with Path(os.devnull).open("rb") as devnull:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(console.run, stdin_fd=devnull.fileno(), stdout_fd=stdout_write))
+            os.write(guest.slave, b"a few bytes\r\n")
+            with anyio.fail_after(5):
+                while log.path.read_bytes() != b"a few bytes\r\n":
+                    await anyio.sleep(LOG_FLUSH_DELAY / 4)
+            guest.close_slave()
+    log.close()
+    os.close(stdout_read)
+    os.close(stdout_write)
+
+
+async def test_a_cancelled_console_stops_its_output_thread_before_it_returns(guest: ConsolePty) -> None:
+    stdout_read, stdout_write = _pipe()
+    console = Console(
+        guest, instance="stop-0001", settings=ConsoleSettings(), size=None, on_stop=lambda: None
+    )
+    os.set_blocking(guest.slave, False)
+    with Path(os.devnull).open("rb") as devnull:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(console.run, stdin_fd=devnull.fileno(), stdout_fd=stdout_write))
+            with contextlib.suppress(BlockingIOError):
+                os.write(guest.slave, b"x" * 65536)  # the pump is busy, or waits for the pipe
+            await anyio.sleep(0.2)
+            assert console._pump.running
+            tg.cancel_scope.cancel()
+    assert not console._pump.running
+    os.close(stdout_read)
+    os.close(stdout_write)
