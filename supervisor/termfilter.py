@@ -75,6 +75,17 @@ _OSC_WHOLE = re.compile(rb"\x1b\]([^\x07\x18\x1a\x1b\xc2]{0,4000})(\x07|\x1b\\)"
 _CSI_FORM = re.compile(rb"([<=>?]?)([0-9:;]*)([\x20-\x2f]*)([\x40-\x7e])")
 _OSC_FORM = re.compile(rb"([0-9]{1,5})(?:;(.*))?", re.DOTALL)
 _DROP_END = re.compile(rb"[\x07\x18\x1a\x1b\xc2]")  # candidates only; each is checked
+# What a read may end with that is held over to the next one (in ground): the start of a CSI or OSC
+# that `_SAFE_RUN`, `_CSI_WHOLE` or `_OSC_WHOLE` could still match. The byte-by-byte path would emit
+# nothing for these bytes either (none acts at once, and they are within the bounds) and would be
+# left in the state that they, read again from ground, lead to: holding them changes no output, and
+# lets the next read take them on the fast path, whole.
+_HELD = re.compile(
+    rb"\x1b(?:"
+    rb"\[[\x30-\x3f]{0,250}[\x20-\x2f]{0,4}"  # CSI: parameters and intermediates, no final yet
+    rb"|\][^\x07\x18\x1a\x1b\xc2]{0,4000}\x1b?"  # OSC: its payload, and maybe the ESC of ST
+    rb")?\Z"
+)
 
 SafeRunEnd = Callable[[bytes, int], int]
 
@@ -89,6 +100,14 @@ def safe_run_end_re(data: bytes, pos: int) -> int:
     except UnicodeDecodeError as exc:
         used = exc.start  # the invalid bytes are _ground's business
     return pos + used
+
+
+def _incomplete_character(tail: bytes) -> bool:
+    """Whether the next read may complete `tail` into a character (as `_ground`'s decoder sees it)."""
+    try:
+        return codecs.utf_8_decode(tail, "strict", False)[1] == 0
+    except UnicodeDecodeError:
+        return False
 
 
 def _c_safe_run_end() -> SafeRunEnd | None:
@@ -152,7 +171,9 @@ class OutputFilter:
         self._on_sequence = on_sequence
         self._scan = scan
         self._state = _GROUND
-        self._carry = b""  # in ground: an incomplete UTF-8 character at the end of the last read
+        # In ground: the end of the last read, to be read again with the next one: an incomplete
+        # UTF-8 character, or (starting with ESC) the start of a sequence (`_HELD`).
+        self._carry = b""
         self._seq = bytearray()  # the sequence being collected, from its ESC on
         self._seven_bit = True  # introduced by ESC (not by a C1 control): may be passed on
         self._osc = True  # the string being dropped is an OSC (BEL ends it)
@@ -163,12 +184,17 @@ class OutputFilter:
             data = self._carry + data
             self._carry = b""
         pos, end = 0, len(data)
-        out = bytearray()
+        if self._state == _GROUND:  # the common cases, without building `out`: one safe run, ended
+            # by the end of the read or by a sequence or character that the end of the read cuts
+            pos = self._scan(data, 0)
+            if pos == end:
+                return data
+            if self._hold(data, pos):
+                return data[:pos]
+        out = bytearray(memoryview(data)[:pos])
         while pos < end:
             if self._state == _GROUND:
                 stop = self._scan(data, pos)
-                if stop == end and pos == 0:
-                    return data  # the common case: the whole read is one safe run
                 out += data[pos:stop]
                 pos = self._ground(data, stop, out) if stop < end else end
                 continue
@@ -182,7 +208,7 @@ class OutputFilter:
 
     def flush(self) -> bytes:
         """End of the stream: a partial sequence is dropped, a partial character shown as U+FFFD."""
-        out = b"\xef\xbf\xbd" if self._carry else b""
+        out = b"\xef\xbf\xbd" if self._carry and self._carry[0] != ESC else b""
         self._state = _GROUND
         self._carry = b""
         self._seq = bytearray()
@@ -191,7 +217,20 @@ class OutputFilter:
 
     # ---- ground: text, found in bulk ---------------------------------------------------------
 
+    def _hold(self, data: bytes, pos: int) -> bool:
+        """Carry the rest of the read over to the next one if it is cut off there: the start of a
+        sequence (`_HELD`) or of a UTF-8 character (what `_ground` would carry)."""
+        if data[pos] == ESC:
+            held = _HELD.match(data, pos) is not None
+        else:
+            held = len(data) - pos < 4 and _incomplete_character(data[pos:])
+        if held:
+            self._carry = data[pos:]
+        return held
+
     def _ground(self, data: bytes, pos: int, out: bytearray) -> int:
+        if data[pos] == ESC:  # where most safe runs end
+            return self._escape_fast(data, pos, out)
         special = _GROUND_SPECIAL.search(data, pos)
         stop = special.start() if special else len(data)
         if stop > pos:
@@ -222,6 +261,8 @@ class OutputFilter:
             if osc_allowed(osc.group(1)):
                 out += data[pos : osc.end()]
             return osc.end()
+        if self._hold(data, pos):
+            return len(data)
         self._start(_ESCAPE, seven_bit=True)
         return pos + 1
 

@@ -152,6 +152,15 @@ def test_bytes_between_each_feed_are_safe_on_their_own(
         assert dangerous(f.feed(chunk)) == []
 
 
+@settings(max_examples=500)
+@given(data=streams)
+def test_a_read_holds_back_only_what_is_unfinished(data: bytes, scan: SafeRunEnd) -> None:
+    """CAN cancels a sequence in progress and ends a partial character: only U+FFFD may precede it."""
+    f = OutputFilter(scan=scan)
+    f.feed(data)
+    assert f.feed(b"\x18").replace(b"\xef\xbf\xbd", b"") == b"\x18"
+
+
 @settings(max_examples=800)
 @given(
     pieces=st.lists(st.one_of(_plain_text, _ordinary_csi), max_size=30), cuts=st.lists(st.integers(0, 400))
@@ -240,6 +249,28 @@ def test_an_incomplete_csi_after_text_is_held_not_passed(scan: SafeRunEnd) -> No
     f = OutputFilter(scan=scan)
     assert f.feed(b"\x00\x1b[") == b"\x00"
     assert f.feed(b"1m") == b"\x1b[1m"
+
+
+def test_a_sequence_cut_by_the_end_of_a_read_is_taken_whole_with_the_next(scan: SafeRunEnd) -> None:
+    seen: list[bytes] = []
+    f = OutputFilter(on_sequence=seen.append, scan=scan)
+    assert f.feed(b"ok \x1b[1;3") == b"ok "
+    assert f.feed(b"2mgreen") == b"\x1b[1;32mgreen"
+    assert seen == []  # the fast path passed it on (the byte-by-byte path reports what it passes)
+    assert f.feed(b"\x1b]8;;https://x.test/") == b""
+    assert f.feed(b"\x1b") == b""
+    assert f.feed(b"\\link") == b"\x1b]8;;https://x.test/\x1b\\link"
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [b"\x1b", b"\x1b[", b"\x1b[1;3", b"\x1b[?25", b"\x1b[1 ", b"\x1b]", b"\x1b]0;title", b"\x1b]0;t\x1b"],
+)
+def test_a_held_partial_sequence_is_dropped_at_the_end_of_the_stream(scan: SafeRunEnd, tail: bytes) -> None:
+    f = OutputFilter(scan=scan)
+    assert f.feed(b"text" + tail) == b"text"
+    assert f.flush() == b""
+    assert f.feed(b"m") == b"m"  # and nothing of it is left to join what comes next
 
 
 # ---- the fast path's scanner ---------------------------------------------------------------------
