@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs agentvm-supervise and what it needs on Debian 12 (or newer): QEMU and the tools the
 # built-in guest is built with, from Debian's packages; the Python package in ./.venv, made with
-# Debian's python3 so every user of the machine can run it. `--test` adds the test tools.
+# Debian's python3 so every user of the machine can run it, with the console filter's C scanner
+# (supervisor/_scan.c; gcc and Python's headers build it). `--test` adds the test tools.
 # As root it also links /usr/local/bin/agentvm-supervise. Safe to run again.
 # `--bench` also puts supervisord (PyPI `supervisor`, a peer in bench/) in ./.venv-bench: its
 # top-level package is also called `supervisor`, so it cannot share a venv with ours.
@@ -17,9 +18,10 @@ for arg in "$@"; do
   esac
 done
 
-packages=(qemu-system-x86 python3 python3-venv cpio apt dpkg gzip ca-certificates)
+packages=(qemu-system-x86 python3 python3-venv python3-dev gcc libc6-dev cpio apt dpkg gzip
+  ca-certificates)
 [ "$test_tools" = 1 ] && packages+=(tmux nix-bin systemd procps util-linux passwd)
-[ "$bench" = 1 ] && packages+=(gcc libc6-dev bash)
+[ "$bench" = 1 ] && packages+=(bash)  # and gcc, above, for the stub runner
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

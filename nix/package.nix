@@ -19,7 +19,14 @@ python3Packages.buildPythonApplication {
 
   src = lib.fileset.toSource {
     root = ../.;
-    fileset = lib.fileset.unions [ ../pyproject.toml ../README.md ../supervisor ];
+    # setup.py builds supervisor/_scan.c, the console filter's C scanner, with stdenv's cc. What an
+    # editable install left in a checkout (_scan*.so for another Python, bytecode) stays out.
+    fileset = lib.fileset.unions [
+      ../pyproject.toml
+      ../setup.py
+      ../README.md
+      (lib.fileset.fileFilter (file: !(file.hasExt "so" || file.hasExt "pyc")) ../supervisor)
+    ];
   };
 
   build-system = [ python3Packages.setuptools ];
@@ -29,7 +36,7 @@ python3Packages.buildPythonApplication {
 
   # The test suite boots VMs and needs a Debian guest build: it runs in the project's CI instead.
   doCheck = false;
-  pythonImportsCheck = [ "supervisor.cli" ];
+  pythonImportsCheck = [ "supervisor.cli" "supervisor._scan" ];
 
   meta = {
     description = pyproject.project.description;

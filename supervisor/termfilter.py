@@ -36,6 +36,7 @@ from __future__ import annotations
 import codecs
 import re
 from collections.abc import Callable
+from typing import Final
 
 ESC = 0x1B
 BEL = 0x07
@@ -63,6 +64,7 @@ _GROUND_SPECIAL = re.compile(rb"\x1b|\xc2[\x80-\x9f]")
 # which the split property test checks. Sequences that switch modes take the exact path, which
 # hands every sequence it passes on to `on_sequence` (the console's TerminalModes). (No possessive
 # quantifiers: CPython 3.11.2's `re` lets a nested `++` match an incomplete CSI.)
+# supervisor/_scan.c does the same in one loop when it is built; this is its contract.
 _SAFE_RUN = re.compile(
     rb"(?:[\x00-\x1a\x1c-\xc1\xc3-\xff]+|\xc2[\xa0-\xbf]"
     rb"|\x1b\[[0-9:;]{0,250}[\x20-\x2f]{0,4}[\x40-\x62\x64-\x67\x6a\x6b\x6d-\x70\x73\x76-\x7e])+"
@@ -73,6 +75,52 @@ _OSC_WHOLE = re.compile(rb"\x1b\]([^\x07\x18\x1a\x1b\xc2]{0,4000})(\x07|\x1b\\)"
 _CSI_FORM = re.compile(rb"([<=>?]?)([0-9:;]*)([\x20-\x2f]*)([\x40-\x7e])")
 _OSC_FORM = re.compile(rb"([0-9]{1,5})(?:;(.*))?", re.DOTALL)
 _DROP_END = re.compile(rb"[\x07\x18\x1a\x1b\xc2]")  # candidates only; each is checked
+# What a read may end with that is held over to the next one (in ground): the start of a CSI or OSC
+# that `_SAFE_RUN`, `_CSI_WHOLE` or `_OSC_WHOLE` could still match. The byte-by-byte path would emit
+# nothing for these bytes either (none acts at once, and they are within the bounds) and would be
+# left in the state that they, read again from ground, lead to: holding them changes no output, and
+# lets the next read take them on the fast path, whole.
+_HELD = re.compile(
+    rb"\x1b(?:"
+    rb"\[[\x30-\x3f]{0,250}[\x20-\x2f]{0,4}"  # CSI: parameters and intermediates, no final yet
+    rb"|\][^\x07\x18\x1a\x1b\xc2]{0,4000}\x1b?"  # OSC: its payload, and maybe the ESC of ST
+    rb")?\Z"
+)
+
+SafeRunEnd = Callable[[bytes, int], int]
+
+
+def safe_run_end_re(data: bytes, pos: int) -> int:
+    """Where the longest run from `pos` that is certainly safe to pass on ends (the fast path)."""
+    run = _SAFE_RUN.match(data, pos)
+    if run is None:
+        return pos
+    try:
+        _, used = codecs.utf_8_decode(data[pos : run.end()], "strict", False)
+    except UnicodeDecodeError as exc:
+        used = exc.start  # the invalid bytes are _ground's business
+    return pos + used
+
+
+def _incomplete_character(tail: bytes) -> bool:
+    """Whether the next read may complete `tail` into a character (as `_ground`'s decoder sees it)."""
+    try:
+        return codecs.utf_8_decode(tail, "strict", False)[1] == 0
+    except UnicodeDecodeError:
+        return False
+
+
+def _c_safe_run_end() -> SafeRunEnd | None:
+    try:
+        from supervisor._scan import safe_run_end
+    except ImportError:  # built without a C compiler: the regex gives the same, ~10x slower
+        return None
+    return safe_run_end
+
+
+C_SAFE_RUN_END: Final = _c_safe_run_end()  # None when supervisor/_scan.c is not built
+FAST_SCAN: Final = C_SAFE_RUN_END is not None
+safe_run_end: Final[SafeRunEnd] = C_SAFE_RUN_END or safe_run_end_re
 
 
 def csi_allowed(body: bytes) -> bool:
@@ -113,13 +161,19 @@ class OutputFilter:
     """Feed it the guest's output as it arrives; write what `feed` returns to the terminal.
 
     `on_sequence`, if given, sees every escape sequence passed on except SGR-like CSIs without a
-    private marker: in particular each one that switches a terminal mode (see termmodes).
+    private marker: in particular each one that switches a terminal mode (see termmodes). `scan` is
+    the fast path (`safe_run_end`: the C one when it is built); the tests pass each implementation.
     """
 
-    def __init__(self, on_sequence: Callable[[bytes], None] | None = None) -> None:
+    def __init__(
+        self, on_sequence: Callable[[bytes], None] | None = None, *, scan: SafeRunEnd = safe_run_end
+    ) -> None:
         self._on_sequence = on_sequence
+        self._scan = scan
         self._state = _GROUND
-        self._carry = b""  # in ground: an incomplete UTF-8 character at the end of the last read
+        # In ground: the end of the last read, to be read again with the next one: an incomplete
+        # UTF-8 character, or (starting with ESC) the start of a sequence (`_HELD`).
+        self._carry = b""
         self._seq = bytearray()  # the sequence being collected, from its ESC on
         self._seven_bit = True  # introduced by ESC (not by a C1 control): may be passed on
         self._osc = True  # the string being dropped is an OSC (BEL ends it)
@@ -130,12 +184,19 @@ class OutputFilter:
             data = self._carry + data
             self._carry = b""
         pos, end = 0, len(data)
-        out = bytearray()
+        if self._state == _GROUND:  # the common cases, without building `out`: one safe run, ended
+            # by the end of the read or by a sequence or character that the end of the read cuts
+            pos = self._scan(data, 0)
+            if pos == end:
+                return data
+            if self._hold(data, pos):
+                return data[:pos]
+        out = bytearray(memoryview(data)[:pos])
         while pos < end:
             if self._state == _GROUND:
-                pos = self._safe_run(data, pos, out)
-                if pos < end:
-                    pos = self._ground(data, pos, out)
+                stop = self._scan(data, pos)
+                out += data[pos:stop]
+                pos = self._ground(data, stop, out) if stop < end else end
                 continue
             if self._state == _DROP and not self._c2:  # skip a dropped string's body in bulk
                 found = _DROP_END.search(data, pos)
@@ -147,7 +208,7 @@ class OutputFilter:
 
     def flush(self) -> bytes:
         """End of the stream: a partial sequence is dropped, a partial character shown as U+FFFD."""
-        out = b"\xef\xbf\xbd" if self._carry else b""
+        out = b"\xef\xbf\xbd" if self._carry and self._carry[0] != ESC else b""
         self._state = _GROUND
         self._carry = b""
         self._seq = bytearray()
@@ -156,20 +217,20 @@ class OutputFilter:
 
     # ---- ground: text, found in bulk ---------------------------------------------------------
 
-    def _safe_run(self, data: bytes, pos: int, out: bytearray) -> int:
-        """Pass on the longest run from `pos` that is certainly safe; return where it ends."""
-        run = _SAFE_RUN.match(data, pos)
-        if run is None:
-            return pos
-        stop = run.end()
-        try:
-            _, used = codecs.utf_8_decode(data[pos:stop], "strict", False)
-        except UnicodeDecodeError as exc:
-            used = exc.start  # the invalid bytes are _ground's business
-        out += data[pos : pos + used]
-        return pos + used
+    def _hold(self, data: bytes, pos: int) -> bool:
+        """Carry the rest of the read over to the next one if it is cut off there: the start of a
+        sequence (`_HELD`) or of a UTF-8 character (what `_ground` would carry)."""
+        if data[pos] == ESC:
+            held = _HELD.match(data, pos) is not None
+        else:
+            held = len(data) - pos < 4 and _incomplete_character(data[pos:])
+        if held:
+            self._carry = data[pos:]
+        return held
 
     def _ground(self, data: bytes, pos: int, out: bytearray) -> int:
+        if data[pos] == ESC:  # where most safe runs end
+            return self._escape_fast(data, pos, out)
         special = _GROUND_SPECIAL.search(data, pos)
         stop = special.start() if special else len(data)
         if stop > pos:
@@ -200,6 +261,8 @@ class OutputFilter:
             if osc_allowed(osc.group(1)):
                 out += data[pos : osc.end()]
             return osc.end()
+        if self._hold(data, pos):
+            return len(data)
         self._start(_ESCAPE, seven_bit=True)
         return pos + 1
 

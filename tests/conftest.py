@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from supervisor import guest
+from supervisor import guest, termfilter
 from tests.faults import (
     CASES_ENV,
     FAULT_SETTINGS,
@@ -28,6 +28,23 @@ def guest_assets() -> guest.GuestAssets:
     TEST_CACHE.mkdir(mode=0o755, parents=True, exist_ok=True)
     TEST_CACHE.chmod(0o755)
     return guest.ensure_assets({"AGENTVM_SUPERVISE_CACHE": str(TEST_CACHE)})
+
+
+@pytest.fixture(
+    scope="session",  # not per function: hypothesis's @given tests take it too
+    params=[
+        pytest.param(
+            termfilter.C_SAFE_RUN_END,
+            id="c-scan",
+            marks=pytest.mark.skipif(not termfilter.FAST_SCAN, reason="supervisor/_scan.c is not built"),
+        ),
+        pytest.param(termfilter.safe_run_end_re, id="re-scan"),
+    ],
+)
+def scan(request: pytest.FixtureRequest) -> termfilter.SafeRunEnd:
+    """Each implementation of the filter's fast path: supervisor/_scan.c, and the regex it replaces."""
+    implementation: termfilter.SafeRunEnd = request.param
+    return implementation
 
 
 @pytest.fixture(scope="session")

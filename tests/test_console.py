@@ -33,6 +33,7 @@ from supervisor.console import (
 from supervisor.consolelog import ConsoleLog, ReplayBuffer, open_log
 from supervisor.errors import SupervisorError
 from supervisor.qemu import QemuSpec, qemu_argv
+from supervisor.termfilter import SafeRunEnd
 from supervisor.termmodes import TerminalModes
 from tests.support import base_env, run_supervisor, supervisor_argv
 
@@ -441,7 +442,9 @@ def test_qemu_gets_the_resize_port(tmp_path: Path) -> None:
     assert "virtserialport,chardev=resize,name=org.agentvm.resize,bus=vser0.0" in joined
 
 
-def test_the_filter_hands_every_mode_switch_to_the_tracker_however_the_output_is_split() -> None:
+def test_the_filter_hands_every_mode_switch_to_the_tracker_however_the_output_is_split(
+    scan: SafeRunEnd,
+) -> None:
     from supervisor.termfilter import OutputFilter
 
     data = b"x\x1b[1m\x1b[?1049h\x1b[?2004h\x1b=\x1b[>4;2m\x1b[2;20r\x1b[4h\x1b[>1u text\x1b[0m"
@@ -449,7 +452,7 @@ def test_the_filter_hands_every_mode_switch_to_the_tracker_however_the_output_is
     expected.feed(data)
     for cut in range(len(data) + 1):
         modes = TerminalModes()
-        output_filter = OutputFilter(on_sequence=modes.sequence)
+        output_filter = OutputFilter(on_sequence=modes.sequence, scan=scan)
         output_filter.feed(data[:cut])
         output_filter.feed(data[cut:])
         assert modes.undo() == expected.undo() != b"", cut

@@ -1,0 +1,3 @@
+from _typeshed import ReadableBuffer
+
+def safe_run_end(data: ReadableBuffer, pos: int, /) -> int: ...
