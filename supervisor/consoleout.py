@@ -146,11 +146,14 @@ class OutputPump:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = False
         self.running = False  # the thread is in _pump
+        self._thread = 0  # its ident
 
     def wake(self) -> None:
-        """From any thread: look again at the sinks (one has something queued) and at `paused`."""
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake_fd, 1)
+        """From any thread: look again at the sinks (one has something queued) and at `paused`.
+        The pump itself looks again after every round anyway."""
+        if threading.get_ident() != self._thread:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._wake_fd, 1)
 
     def stop(self) -> None:
         self._stopping = True
@@ -177,6 +180,7 @@ class OutputPump:
             self.stop()
 
     def _pump(self) -> None:
+        self._thread = threading.get_ident()
         self.running = True
         try:
             self._rounds()
@@ -185,32 +189,34 @@ class OutputPump:
 
     def _rounds(self) -> None:
         poller = select.poll()
-        registered: dict[int, int] = {}
+        poller.register(self._wake_fd, select.POLLIN)
+        reading = False
+        writing: dict[int, Sink] = {}
         while not self._stopping:
-            wanted = {self._wake_fd: select.POLLIN}
-            if not self._paused():
-                wanted[self._master] = select.POLLIN
-            sinks = {sink.fd: sink for sink in self._sinks() if sink.backlog}
-            for fd in sinks:
-                wanted[fd] = wanted.get(fd, 0) | select.POLLOUT
-            if wanted != registered:
-                for fd in registered.keys() - wanted.keys():
+            # What to wait for: output while the terminals keep up, room in the sinks that wait.
+            if reading != (keep_up := not self._paused()):
+                reading = keep_up
+                if reading:
+                    poller.register(self._master, select.POLLIN)
+                else:
+                    poller.unregister(self._master)
+            waiting = {sink.fd: sink for sink in self._sinks() if sink.backlog}
+            if waiting.keys() != writing.keys():
+                for fd in writing.keys() - waiting.keys():
                     poller.unregister(fd)
-                for fd, mask in wanted.items():
-                    poller.register(fd, mask)  # registers or modifies
-                registered = wanted
-            for fd, _events in poller.poll(self._log_timeout_ms()):
-                if fd == self._wake_fd:
-                    with contextlib.suppress(BlockingIOError):
-                        os.eventfd_read(self._wake_fd)
-                elif fd == self._master:
+                for fd in waiting.keys() - writing.keys():
+                    poller.register(fd, select.POLLOUT)
+            writing = waiting
+            for fd, _events in poller.poll(self._flush_log_when_due()):
+                if fd == self._master:
                     if not self._read():
                         self._on_end()
                         return
-                elif fd in sinks:
-                    sinks[fd].flush()
-            if self._log is not None and self._log.flush_due(time.monotonic(), self._log_delay):
-                self._log.flush()
+                elif fd in writing:
+                    writing[fd].flush()
+                elif fd == self._wake_fd:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(self._wake_fd)
 
     def _read(self) -> bool:
         """False at the end of the output (EIO: the slave side closed, QEMU is gone)."""
@@ -226,8 +232,13 @@ class OutputPump:
             self._on_output(data)
         return bool(data)
 
-    def _log_timeout_ms(self) -> int | None:
-        if self._log is None or self._log.pending_since is None:
+    def _flush_log_when_due(self) -> int | None:
+        """Flush the log if output waited long enough; else milliseconds until it will have."""
+        log = self._log
+        if log is None or log.pending_since is None:
             return None
-        due = self._log.pending_since + self._log_delay - time.monotonic()
-        return max(0, round(due * 1000) + 1)
+        wait = log.pending_since + self._log_delay - time.monotonic()
+        if wait > 0:
+            return int(wait * 1000) + 1
+        log.flush()
+        return None
