@@ -653,9 +653,10 @@ class Console:
         self._size = size
         self._resize_port = resize_port
         self._log = log
-        # With the filter on, it hands the mode-switching sequences to the tracker, which then
-        # need not scan the output; without it, the tracker scans.
-        self._filter = OutputFilter(on_sequence=self.modes.sequence) if settings.filter else None
+        # The filter parses the output as a terminal does and hands the mode switches to the
+        # tracker. Switched off, it still parses (what it would pass is not used): its C fast path
+        # is cheaper than the tracker's own scan.
+        self._parser = OutputFilter(on_sequence=self.modes.sequence)
         self._local: _LocalTerminal | None = None
         self._passive: _LocalTerminal | None = None
         self._input = Writer(pty.master, lambda exc: None)
@@ -703,12 +704,14 @@ class Console:
 
     def _output(self, data: bytes) -> None:
         with self.lock:
-            self._publish(self._filter.feed(data) if self._filter is not None else data)
+            filtered = self._parser.feed(data)
+            self._publish(filtered if self.settings.filter else data)
 
     def _end_of_output(self) -> None:
         with self.lock:
-            if self._filter is not None:
-                self._publish(self._filter.flush())
+            rest = self._parser.flush()
+            if self.settings.filter:
+                self._publish(rest)
         if self._log is not None:
             self._log.flush()
 
@@ -716,8 +719,6 @@ class Console:
         if not data:
             return
         self.replay.append(data)
-        if self._filter is None:
-            self.modes.feed(data)
         if self._log is not None:
             self._log.write(data)
         if self._passive is not None:

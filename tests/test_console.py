@@ -243,14 +243,20 @@ async def test_the_filter_can_be_switched_off(guest: ConsolePty) -> None:
     console = Console(
         guest, instance="raw-0001", settings=ConsoleSettings(filter=False), size=None, on_stop=lambda: None
     )
+    raw = b"\x1b]52;c;eA==\x07\x1b[?1049h\x1bP+q\x1b[?1000h\x1b\\"
     with Path(os.devnull).open("rb") as devnull:
         async with anyio.create_task_group() as tg:
             tg.start_soon(functools.partial(console.run, stdin_fd=devnull.fileno(), stdout_fd=stdout_write))
-            os.write(guest.slave, b"\x1b]52;c;eA==\x07")
+            os.write(guest.slave, raw)
             guest.close_slave()
     os.close(stdout_write)
     with os.fdopen(stdout_read, "rb") as out:
-        assert out.read() == b"\x1b]52;c;eA==\x07"
+        assert out.read() == raw
+    # The modes are still followed (an ESC ends the DCS string, as in the terminal).
+    expected = TerminalModes()
+    expected.sequence(b"\x1b[?1049h")
+    expected.sequence(b"\x1b[?1000h")
+    assert console.modes.undo() == expected.undo() != b""
 
 
 async def test_a_hung_up_terminal_stops_the_vm_once_and_crashes_nothing(guest: ConsolePty) -> None:
