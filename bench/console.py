@@ -237,7 +237,15 @@ def main(argv: Sequence[str] = ()) -> dict[str, Any]:
     parser.add_argument("--keys", type=int, default=1000, help="keystrokes per latency run (default 1000)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per way; the median counts")
     args = parser.parse_args(argv)
-    figures: dict[str, Any] = {"mib": args.mib, "keys": args.keys, "throughput_mb_s": {}, "latency_us": {}}
+    from supervisor.termfilter import FAST_SCAN
+
+    figures: dict[str, Any] = {
+        "mib": args.mib,
+        "keys": args.keys,
+        "filter_scanner": "C (supervisor/_scan.c)" if FAST_SCAN else "regex (supervisor._scan not built)",
+        "throughput_mb_s": {},
+        "latency_us": {},
+    }
     with tempfile.TemporaryDirectory(prefix="agentvm-bench-") as tmp:
         for kind in ("colored", "plain"):
             payload = _payload(kind, args.mib)
@@ -283,7 +291,10 @@ def main(argv: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def _print(figures: dict[str, Any]) -> None:
-    print(f"console throughput, {figures['mib']} MiB per run, median of runs")
+    print(
+        f"console throughput, {figures['mib']} MiB per run, median of runs; "
+        f"filter fast path: {figures['filter_scanner']}"
+    )
     print(f"  {'payload':<9}{'way':<22}{'MB/s':>9}{'vs copy loop':>14}")
     for kind, ways in figures["throughput_mb_s"].items():
         for way, value in ways.items():
