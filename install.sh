@@ -42,7 +42,21 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
 fi
 extra=""
 [ "$test_tools" = 1 ] && extra="[test]"
-.venv/bin/pip install -q --disable-pip-version-check -e ".${extra}" >&2
+# pip's output only when it fails: an editable build with a C extension prints setuptools'
+# warnings about editable installs that say nothing about this one.
+pip_log=$(mktemp)
+trap 'rm -f "$pip_log"' EXIT
+if ! .venv/bin/pip install -q --disable-pip-version-check -e ".${extra}" >"$pip_log" 2>&1; then
+  cat "$pip_log" >&2
+  echo "install.sh: pip could not install agentvm-supervise (its output is above)" >&2
+  exit 1
+fi
+if ! .venv/bin/python -c 'import supervisor._scan' 2>/dev/null; then
+  grep -i -B2 -A8 "error" "$pip_log" >&2 || true
+  echo "install.sh: warning: the console filter's C fast path (supervisor/_scan.c) was not built, see" \
+    "above; the console works, at about half the throughput on escape-dense output. Install gcc," \
+    "libc6-dev and python3-dev, then run install.sh again." >&2
+fi
 if [ "$(id -u)" = 0 ]; then
   ln -sf "$PWD/.venv/bin/agentvm-supervise" /usr/local/bin/agentvm-supervise
 fi
