@@ -52,10 +52,9 @@ if ! .venv/bin/pip install -q --disable-pip-version-check -e ".${extra}" >"$pip_
   exit 1
 fi
 if ! .venv/bin/python -c 'import supervisor._scan' 2>/dev/null; then
-  grep -i -B2 -A8 "error" "$pip_log" >&2 || true
-  echo "install.sh: warning: the console filter's C fast path (supervisor/_scan.c) was not built, see" \
-    "above; the console works, at about half the throughput on escape-dense output. Install gcc," \
-    "libc6-dev and python3-dev, then run install.sh again." >&2
+  echo "install.sh: warning: the console filter's C fast path (supervisor/_scan.c) did not compile;" \
+    "the console works, at about half the throughput on escape-dense output. Check that gcc," \
+    "libc6-dev and python3-dev are installed (and \$CC, if set), then run install.sh again." >&2
 fi
 if [ "$(id -u)" = 0 ]; then
   ln -sf "$PWD/.venv/bin/agentvm-supervise" /usr/local/bin/agentvm-supervise
