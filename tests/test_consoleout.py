@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import functools
 import os
+import select
 import threading
 import tty
 from collections.abc import Iterator
@@ -173,3 +174,64 @@ async def test_a_cancelled_console_stops_its_output_thread_before_it_returns(gue
     assert not console._pump.running
     os.close(stdout_read)
     os.close(stdout_write)
+
+
+async def test_keys_reach_the_guest_and_the_escape_key_works_while_the_guest_floods_the_screen(
+    guest: ConsolePty,
+) -> None:
+    """The output thread must leave the event loop (input, the escape key) its turn: a guest that
+    prints without pause (`yes`, a runaway log) is when the user needs Ctrl-C and Ctrl-] most."""
+    user_master, user_slave = os.openpty()
+    stops: list[str] = []
+    console = Console(
+        guest, instance="flood-0001", settings=ConsoleSettings(), size=None,
+        on_stop=lambda: stops.append("stop"),
+    )  # fmt: skip
+    flooding = threading.Event()
+    flooding.set()
+    shown = bytearray()
+
+    def guest_floods() -> None:
+        line = b"\x1b[32my\x1b[0m" * 400 + b"\r\n"
+        os.set_blocking(guest.slave, False)
+        with contextlib.suppress(OSError):
+            while flooding.is_set():  # as fast as the console takes it
+                if select.select([], [guest.slave], [], 0.1)[1]:
+                    with contextlib.suppress(BlockingIOError):
+                        os.write(guest.slave, line)
+
+    def terminal_shows() -> None:
+        with contextlib.suppress(OSError):
+            while chunk := os.read(user_master, 65536):
+                shown.extend(chunk)
+
+    threads = [threading.Thread(target=guest_floods), threading.Thread(target=terminal_shows)]
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(console.run, stdin_fd=user_slave, stdout_fd=user_slave))
+            for thread in threads:
+                thread.start()
+            with anyio.fail_after(10):
+                while len(shown) < 1 << 20:
+                    await anyio.sleep(0.05)
+            os.write(user_master, b"typed\x03")  # a word and Ctrl-C, mid-flood
+            typed = bytearray()
+            with anyio.fail_after(10):
+                while not typed.endswith(b"typed\x03"):
+                    await anyio.wait_readable(guest.slave)
+                    with contextlib.suppress(BlockingIOError):
+                        typed += os.read(guest.slave, 64)
+            os.write(user_master, b"\x1d.")  # Ctrl-] .
+            with anyio.fail_after(10):
+                while not stops:
+                    await anyio.sleep(0.02)
+            flooding.clear()
+            tg.cancel_scope.cancel()
+    finally:
+        flooding.clear()
+        os.close(user_slave)  # the terminal's reader now gets EIO
+        for thread in threads:
+            thread.join(10)
+        os.close(user_master)
+    assert stops == ["stop"]
+    assert b"stopping the VM" in shown
