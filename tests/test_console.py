@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
-import structlog.testing
 import pytest
+import structlog.testing
 
 from supervisor import attach, runtime
 from supervisor.children import read_start_ticks
