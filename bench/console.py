@@ -12,11 +12,15 @@ sequence every ~17 bytes, UTF-8 box drawing) and `plain` (a build log). Ways, on
   * agentvm     writer -> console PTY -> supervisor.console.Console (hostile-output filter, replay
                 buffer, console log, terminal-mode tracking) -> terminal PTY; filter on (the
                 default) and off.
+  * agentvm attach   writer -> console PTY -> Console -> console.sock -> `agentvm-supervise
+                attach` (supervisor.attach) -> terminal PTY: the console seen from another pane,
+                one hop (and one process) more than the others; no target, shown to keep it honest.
   * no proxy    the writer writes straight into the terminal PTY: one PTY hop instead of two, a
                 floor no proxy reaches (shown for scale).
 Latency: a byte typed into the terminal travels to an echo process on the guest side and back;
 the round trip is timed for each key: with no proxy (echo on the terminal PTY itself), through the
-copy loop and through the Console. "Added" is agentvm's percentile minus no proxy's.
+copy loop, through the Console and through an attach. "Added" is agentvm's percentile minus no
+proxy's.
 Targets (issue 3): agentvm >= 0.9x the copy loop's throughput, <= 1 ms p99 added latency.
 
 `main()` returns the figures as a dict (for a bench runner); run as a script it prints a table.
@@ -25,6 +29,7 @@ Targets (issue 3): agentvm >= 0.9x the copy loop's throughput, <= 1 ms p99 added
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import select
 import statistics
@@ -75,11 +80,15 @@ def _role_copy(guest_master: int, terminal: int) -> None:
                 view = view[os.write(target, view) :]
 
 
-def _role_console(guest_master: int, terminal: int, filter_on: bool, log_dir: str) -> None:
+def _role_console(guest_master: int, terminal: int, filter_on: bool, log_dir: str, socket_path: str) -> None:
+    """The Console on `terminal` (its stdin and stdout); with `socket_path`, also serving console.sock."""
     import anyio
 
-    from supervisor.console import Console, ConsolePty, ConsoleSettings
+    from supervisor import logs
+    from supervisor.console import Console, ConsolePty, ConsoleSettings, bind_console_socket
     from supervisor.consolelog import open_log
+
+    logs.configure(level=logging.WARNING)  # to stderr, as the CLI does: stdout is the terminal
 
     settings = ConsoleSettings(filter=filter_on, log_dir=Path(log_dir))
     log = open_log(Path(log_dir), "bench-0000", max_bytes=settings.log_max_bytes, keep=2)
@@ -92,7 +101,28 @@ def _role_console(guest_master: int, terminal: int, filter_on: bool, log_dir: st
         on_stop=lambda: None,
         log=log,
     )
-    anyio.run(lambda: console.run(stdin_fd=terminal, stdout_fd=terminal))
+    listener = bind_console_socket(Path(socket_path)) if socket_path else None
+    anyio.run(lambda: console.run(stdin_fd=terminal, stdout_fd=terminal, listener=listener))
+
+
+def _role_attach(socket_path: str) -> None:
+    """`agentvm-supervise attach` on this process's terminal (stdin and stdout)."""
+    import anyio
+
+    from supervisor import logs
+    from supervisor.attach import attach
+    from supervisor.errors import SupervisorError
+
+    logs.configure(level=logging.WARNING)
+    deadline = time.monotonic() + 10
+    while True:  # the socket is bound a moment before the console listens on it
+        try:
+            anyio.run(lambda: attach("bench-0000", Path(socket_path), stdin=0, stdout=1, escape=None))
+            return
+        except SupervisorError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _spawn(
@@ -144,6 +174,8 @@ class _Topology:
     def __init__(self, proxy: str, *, filter_on: bool = True, log_dir: str = "") -> None:
         self.terminal_master, self.terminal_slave = _raw_pty()
         self.proxy: subprocess.Popen[bytes] | None = None
+        self.console: subprocess.Popen[bytes] | None = None  # behind the attach
+        self._console_terminal = -1
         self.guest_master = self.guest_slave = -1
         if proxy == "none":
             return
@@ -155,13 +187,23 @@ class _Topology:
                 self.terminal_slave,
                 pass_fds=(self.guest_master, self.terminal_slave),
             )
-        else:  # the Console holds the terminal as its stdin and stdout, as in the supervisor
+        elif proxy == "console":  # the Console holds the terminal as its stdin and stdout
             self.proxy = _spawn(
-                "console", self.guest_master, 0, int(filter_on), log_dir,
+                "console", self.guest_master, 0, int(filter_on), log_dir, "",
                 pass_fds=(self.guest_master,), stdio=self.terminal_slave,
             )  # fmt: skip
+        else:  # attach: the Console on a terminal of its own, the user's terminal attached to it
+            self._console_terminal, console_terminal_slave = _raw_pty()
+            socket_path = str(Path(log_dir) / "console.sock")
+            Path(socket_path).unlink(missing_ok=True)  # the last attach run's
+            self.console = _spawn(
+                "console", self.guest_master, 0, int(filter_on), log_dir, socket_path,
+                pass_fds=(self.guest_master,), stdio=console_terminal_slave,
+            )  # fmt: skip
+            os.close(console_terminal_slave)
+            self.proxy = _spawn("attach", socket_path, stdio=self.terminal_slave)
         os.close(self.guest_master)
-        time.sleep(0.3)  # let the proxy start (outside every timed region)
+        time.sleep(0.5)  # let the proxy start and attach (outside every timed region)
 
     @property
     def writer_end(self) -> int:
@@ -172,13 +214,16 @@ class _Topology:
         for fd in (self.guest_slave, self.terminal_slave):
             if fd >= 0:
                 os.close(fd)
-        if self.proxy is not None:
-            try:
-                self.proxy.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proxy.kill()
-                self.proxy.wait()
-        os.close(self.terminal_master)
+        for process in (self.console, self.proxy):
+            if process is not None:
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        for fd in (self._console_terminal, self.terminal_master):
+            if fd >= 0:
+                os.close(fd)
 
 
 def _throughput(topology: _Topology, payload_path: str, size: int) -> float:
@@ -216,13 +261,15 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-WAYS = ("copy loop", "agentvm", "agentvm, filter off", "no proxy")
+WAYS = ("copy loop", "agentvm", "agentvm, filter off", "agentvm attach", "no proxy")
 PEER = "copy loop"
 
 
 def _topology(way: str, log_dir: str) -> _Topology:
     if way == "no proxy":
         return _Topology("none")
+    if way == "agentvm attach":
+        return _Topology("attach", log_dir=log_dir)
     if way == "copy loop":
         return _Topology("copy")
     return _Topology("console", filter_on=way == "agentvm", log_dir=log_dir)
@@ -264,7 +311,7 @@ def main(argv: Sequence[str] = ()) -> dict[str, Any]:
             }
         # A p99 is one slow key in a hundred, which a neighbour's burst of work can make: each way
         # runs `repeat` times, interleaved, and the median run's percentiles count.
-        latency_ways = ("no proxy", "copy loop", "agentvm")
+        latency_ways = ("no proxy", "copy loop", "agentvm", "agentvm attach")
         samples: dict[str, list[tuple[float, float]]] = {way: [] for way in latency_ways}
         for _ in range(args.repeat):
             for way in latency_ways:
@@ -325,6 +372,8 @@ if __name__ == "__main__":
         elif role == "copy":
             _role_copy(int(rest[0]), int(rest[1]))
         elif role == "console":
-            _role_console(int(rest[0]), int(rest[1]), rest[2] == "1", rest[3])
+            _role_console(int(rest[0]), int(rest[1]), rest[2] == "1", rest[3], rest[4])
+        elif role == "attach":
+            _role_attach(rest[0])
         sys.exit(0)
     _print(main(sys.argv[1:]))
