@@ -34,6 +34,7 @@ import stat
 import struct
 import termios
 import threading
+import time
 import tty
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,8 +53,8 @@ from supervisor.termfilter import OutputFilter
 from supervisor.termmodes import TerminalModes
 
 ESCAPE_DEFAULT = 0x1D  # Ctrl-]
-LOCAL_BACKLOG = 256 << 10  # output waiting for the user's terminal before the guest is slowed down
-CLIENT_BACKLOG = 8 << 20  # output waiting for an attach client before it is disconnected
+BACKLOG = 256 << 10  # output waiting for the terminal that shows it before the guest is slowed down
+CLIENT_STALL = 10.0  # seconds an attach client may take nothing, its backlog full, before it goes
 INPUT_BACKLOG = 1 << 20  # input waiting for a guest that does not read before it is dropped
 READ_SIZE = 64 << 10
 HELLO_TIMEOUT = 10.0
@@ -317,13 +318,18 @@ def help_text(escape: int) -> bytes:
 class Attachment(Protocol):
     """A terminal the console is shown on: the supervisor's own, or an attach client.
 
-    `show` is called with the console's lock held, from the output thread or the event loop;
-    `displace` from the event loop, with the lock held.
+    `show` and `holds_back` are called with the console's lock held, from the output thread or the
+    event loop; `displace` from the event loop, with the lock held.
     """
 
     description: str
 
     def show(self, data: bytes) -> None: ...
+
+    def holds_back(self, now: float) -> bool:
+        """Whether output should wait: this terminal is BACKLOG behind (the guest then slows
+        down to its pace, as a program does to its terminal's)."""
+        ...
 
     def displace(self, by: str) -> None: ...
 
@@ -357,6 +363,9 @@ class _LocalTerminal:
         self.out.write(data)
         if self.attached:
             self._tell_reset()
+
+    def holds_back(self, now: float) -> bool:
+        return self.out.backlog > BACKLOG
 
     def displace(self, by: str) -> None:
         self.detach(
@@ -506,10 +515,22 @@ class _SocketClient:
     def show(self, data: bytes) -> None:
         for start in range(0, len(data), proto.MAX_PAYLOAD):
             self.out.write(proto.frame(proto.Kind.OUTPUT, data[start : start + proto.MAX_PAYLOAD]))
-        if self.out.backlog > CLIENT_BACKLOG:
-            self._log.warning("attach client does not keep up; disconnecting it", backlog=self.out.backlog)
-            self.out.abandon()
-            self._hang_up()
+
+    def holds_back(self, now: float) -> bool:
+        """As the supervisor's terminal, but an attach that takes nothing for CLIENT_STALL seconds
+        (stopped with Ctrl-Z, its connection dead) must not stop the VM: it is disconnected."""
+        if self.out.backlog <= BACKLOG:
+            return False
+        if self.out.waiting_since(now) < CLIENT_STALL:
+            return True
+        self._log.warning(
+            "attach client took no output for a while; disconnecting it",
+            backlog=self.out.backlog,
+            seconds=CLIENT_STALL,
+        )
+        self.out.abandon()
+        self._hang_up()
+        return False
 
     def displace(self, by: str) -> None:
         self.end(f"{by} took over the console; the VM keeps running")
@@ -667,7 +688,7 @@ class Console:
             on_output=self._output,
             on_end=self._end_of_output,
             sinks=lambda: self._sinks,
-            paused=self._terminal_is_behind,
+            paused=self._held_back,
             log=log,
             log_delay=LOG_FLUSH_DELAY,
         )
@@ -726,14 +747,13 @@ class Console:
         if self.attached is not None and self.attached is not self._passive:
             self.attached.show(data)
 
-    def _terminal_is_behind(self) -> bool:
-        """The supervisor's terminal, while it shows the output, has more waiting than it should."""
-        local = self._local
-        return (
-            local is not None
-            and local.out.backlog > LOCAL_BACKLOG
-            and (self.attached is local or self._passive is local)
-        )
+    def _held_back(self) -> bool:
+        """Whether a terminal that shows the output is too far behind (see Attachment.holds_back)."""
+        now = time.monotonic()
+        with self.lock:
+            passive, attached = self._passive, self.attached
+            held = passive is not None and passive.holds_back(now)
+            return (attached is not None and attached is not passive and attached.holds_back(now)) or held
 
     def drop_passive(self, local: _LocalTerminal) -> None:
         with self.lock:

@@ -28,6 +28,7 @@ import anyio.to_thread
 from supervisor.consolelog import ConsoleLog
 
 READ_SIZE = 64 << 10  # a PTY gives at most 4 KiB per read; a pipe (tests, bench) more
+HELD_BACK_RECHECK_MS = 1000  # while output waits for a terminal, `paused` is asked this often too
 
 
 class Sink:
@@ -44,13 +45,19 @@ class Sink:
         self._wake_pump = wake_pump
         self._on_error = on_error
         self._lock = threading.Lock()
-        self._queue = bytearray()  # the four attributes below are guarded by _lock
+        self._queue = bytearray()  # the attributes below are guarded by _lock
         self._closed = False
+        self._progress_at = 0.0  # when the queue last shrank, or began
         self.failed = False
 
     @property
     def backlog(self) -> int:
         return len(self._queue)
+
+    def waiting_since(self, now: float) -> float:
+        """Seconds the fd has taken nothing of what is queued (0 with nothing queued)."""
+        with self._lock:
+            return now - self._progress_at if self._queue else 0.0
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -71,6 +78,7 @@ class Sink:
                 written = len(data)
             if written < len(data):
                 self._queue += memoryview(data)[written:]
+                self._progress_at = time.monotonic()
         if error is not None:
             self._on_error(error)
         elif self._queue:
@@ -89,6 +97,7 @@ class Sink:
                     error = self._fail(exc)
                     break
                 del self._queue[:written]
+                self._progress_at = time.monotonic()
         if error is not None:
             self._on_error(error)
 
@@ -207,7 +216,10 @@ class OutputPump:
                 for fd in waiting.keys() - writing.keys():
                     poller.register(fd, select.POLLOUT)
             writing = waiting
-            for fd, _events in poller.poll(self._flush_log_when_due()):
+            timeout = self._flush_log_when_due()
+            if not reading:  # `paused` may change with time alone (a stalled attach is dropped)
+                timeout = HELD_BACK_RECHECK_MS if timeout is None else min(timeout, HELD_BACK_RECHECK_MS)
+            for fd, _events in poller.poll(timeout):
                 if fd == self._master:
                     if not self._read():
                         self._on_end()

@@ -7,7 +7,9 @@ import fcntl
 import functools
 import os
 import select
+import socket
 import threading
+import time
 import tty
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +17,15 @@ from pathlib import Path
 import anyio
 import pytest
 
+from supervisor import console as console_module
+from supervisor import consoleproto as proto
 from supervisor.console import (
-    LOCAL_BACKLOG,
+    BACKLOG,
     LOG_FLUSH_DELAY,
     Console,
     ConsolePty,
     ConsoleSettings,
+    bind_console_socket,
     open_console_pty,
 )
 from supervisor.consolelog import open_log
@@ -122,7 +127,7 @@ async def test_a_terminal_that_does_not_read_slows_the_guest_and_loses_nothing(g
                         break
             taken = len(payload) - len(view)
             assert taken < len(payload)
-            assert taken <= LOCAL_BACKLOG + (256 << 10)  # the backlog, plus PTY and pipe buffers
+            assert taken <= BACKLOG + (256 << 10)  # the backlog, plus PTY and pipe buffers
             got = bytearray()
             os.set_blocking(stdout_read, False)
             with anyio.fail_after(30):
@@ -235,3 +240,102 @@ async def test_keys_reach_the_guest_and_the_escape_key_works_while_the_guest_flo
         os.close(user_master)
     assert stops == ["stop"]
     assert b"stopping the VM" in shown
+
+
+def _hello(conn: socket.socket) -> None:
+    conn.sendall(proto.message(proto.Kind.HELLO, proto.Hello(version=proto.VERSION, pid=os.getpid())))
+
+
+async def _guest_writes(guest: ConsolePty, data: bytes, timeout: float) -> int:
+    """Write `data` as the guest, for at most `timeout` seconds; how much the console took."""
+    os.set_blocking(guest.slave, False)
+    view = memoryview(data)
+    with anyio.move_on_after(timeout):
+        while view:
+            try:
+                view = view[os.write(guest.slave, view) :]
+            except BlockingIOError:
+                await anyio.wait_writable(guest.slave)
+    return len(data) - len(view)
+
+
+async def test_an_attach_that_reads_slowly_slows_the_guest_and_gets_every_byte(
+    guest: ConsolePty, tmp_path: Path
+) -> None:
+    """The console does not drop an attach for being slow (`cat` of a big file): it waits for it."""
+    path = tmp_path / "console.sock"
+    listener = bind_console_socket(path)
+    console = Console(
+        guest, instance="slow-0002", settings=ConsoleSettings(), size=None, on_stop=lambda: None
+    )
+    payload = b"".join(_numbered(400_000, b"row"))  # 4.4 MiB
+    received = bytearray()
+    reading = threading.Event()
+
+    def client() -> None:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(str(path))
+            _hello(conn)
+            frames = proto.FrameReader()
+            reading.wait(30)
+            while len(received) < len(payload) and (data := conn.recv(16384)):
+                for kind, body in frames.feed(data):
+                    if kind is proto.Kind.OUTPUT:
+                        received.extend(body)
+                time.sleep(0.001)  # a slow terminal
+
+    thread = threading.Thread(target=client)
+    with Path(os.devnull).open("rb") as devnull, Path(os.devnull).open("wb") as null_out:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                functools.partial(
+                    console.run, stdin_fd=devnull.fileno(), stdout_fd=null_out.fileno(), listener=listener
+                )
+            )
+            thread.start()
+            with anyio.fail_after(10):
+                while console.attached is None:
+                    await anyio.sleep(0.02)
+            taken = await _guest_writes(guest, payload, 1.0)  # the client reads nothing yet
+            assert taken <= BACKLOG + (1 << 20)  # the backlog, plus PTY and socket buffers
+            reading.set()
+            assert await _guest_writes(guest, payload[taken:], 60) == len(payload) - taken
+            await anyio.to_thread.run_sync(thread.join, 30)
+            guest.close_slave()
+    listener.close()
+    assert bytes(received) == payload
+
+
+async def test_an_attach_that_takes_nothing_is_disconnected_and_the_vm_goes_on(
+    guest: ConsolePty, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(console_module, "CLIENT_STALL", 0.5)
+    path = tmp_path / "console.sock"
+    listener = bind_console_socket(path)
+    console = Console(
+        guest, instance="stuck-0001", settings=ConsoleSettings(), size=None, on_stop=lambda: None
+    )
+    payload = b"y" * (4 << 20)
+    with (
+        Path(os.devnull).open("rb") as devnull,
+        Path(os.devnull).open("wb") as null_out,
+        socket.socket(socket.AF_UNIX) as conn,
+    ):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                functools.partial(
+                    console.run, stdin_fd=devnull.fileno(), stdout_fd=null_out.fileno(), listener=listener
+                )
+            )
+            conn.connect(str(path))
+            _hello(conn)  # and then takes nothing, as a stopped `attach` would
+            with anyio.fail_after(10):
+                while console.attached is None:
+                    await anyio.sleep(0.02)
+            assert await _guest_writes(guest, payload, 20) == len(payload)
+            assert console.attached is None
+            conn.settimeout(10)
+            while conn.recv(1 << 20):  # what was queued, then the end
+                pass
+            guest.close_slave()
+    listener.close()
