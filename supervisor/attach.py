@@ -34,6 +34,7 @@ from supervisor.console import (
     terminal_alive,
 )
 from supervisor.errors import ExitCode, SupervisorError
+from supervisor.termfilter import OutputFilter
 from supervisor.termmodes import TerminalModes
 
 CONSOLE_SOCKET = "console.sock"
@@ -112,6 +113,9 @@ async def attach(instance: str, path: Path, *, stdin: int, stdout: int, escape: 
     mode = TerminalMode(stdin) if interactive else None
     stdout_flags = os.get_blocking(stdout)
     modes = TerminalModes()
+    # The output was filtered by the supervisor; parsing it again only follows the modes it turns
+    # on (what it would pass is not used): the filter's C fast path beats the tracker's own scan.
+    parser = OutputFilter(on_sequence=modes.sequence)
     session = _Session(instance, anyio.Event())
 
     def finish(message: str, status: int = 0) -> None:
@@ -123,7 +127,7 @@ async def attach(instance: str, path: Path, *, stdin: int, stdout: int, escape: 
     to_terminal = Writer(stdout, lambda exc: finish("", 1))
 
     def show(data: bytes) -> None:
-        modes.feed(data)
+        parser.feed(data)
         to_terminal.write(data)
 
     def command(key: str) -> None:

@@ -3,9 +3,10 @@
 A TUI in the guest switches the user's terminal into modes that outlive it: the alternate screen,
 mouse and focus reporting, bracketed paste, application cursor keys, the kitty keyboard protocol,
 synchronized output, a scroll region. Detaching (or the VM dying) in such a state leaves the user's
-shell receiving `^[[I` on focus and mouse garbage on every click. `TerminalModes` follows the
-output stream (after the filter) and gives the bytes that undo what is on, and the bytes that bring
-a fresh terminal into the same modes before and after a replay. It only looks; it changes nothing.
+shell receiving `^[[I` on focus and mouse garbage on every click. `TerminalModes` is handed each
+escape sequence of the output by the filter's parser (termfilter.OutputFilter's `on_sequence`, which
+parses as the terminal does) and gives the bytes that undo what is on, and the bytes that bring a
+fresh terminal into the same modes before and after a replay. It only looks; it changes nothing.
 """
 
 from __future__ import annotations
@@ -27,11 +28,6 @@ _SEQUENCES = re.compile(
     rb"|\x1b\[([0-9]*)(?:;[0-9]*)?r"  # scroll region (DECSTBM)
     rb"|\x1b\[4([hl])"  # insert mode (IRM)
 )
-_TAIL_MAX = 64  # an escape sequence cut by the end of a read is kept this long for the next
-# Most output has none of these, and substring checks run in C at memory speed, while _SEQUENCES
-# tries its alternatives at every ESC (SGR-dense output has one every few bytes): look first.
-_PREFIXES = (b"\x1b[?", b"\x1b[<", b"\x1b[>", b"\x1b=", b"\x1b>")
-_MAYBE_REGION = re.compile(rb"\x1b\[[0-9;]*[rhl]")
 
 
 class TerminalModes:
@@ -43,7 +39,6 @@ class TerminalModes:
         self._modify_other_keys: bytes | None = None
         self._scroll_region = False
         self._insert = False
-        self._tail = b""
         self.changes = 0  # counts the sequences seen: a cheap "did anything change?"
 
     def sequence(self, sequence: bytes) -> None:
@@ -51,20 +46,6 @@ class TerminalModes:
         match = _SEQUENCES.fullmatch(sequence)
         if match is not None:
             self._apply(match)
-
-    def feed(self, data: bytes) -> None:
-        """Raw output, scanned (when no filter hands over the sequences)."""
-        if self._tail:
-            data = self._tail + data
-            self._tail = b""
-        last_end = 0
-        if any(prefix in data for prefix in _PREFIXES) or _MAYBE_REGION.search(data):
-            for match in _SEQUENCES.finditer(data):
-                self._apply(match)
-                last_end = match.end()
-        escape = data.rfind(b"\x1b", max(last_end, len(data) - _TAIL_MAX))
-        if escape >= 0 and not re.search(rb"[\x40-\x7e]", data[escape + 2 :]):
-            self._tail = data[escape:]  # maybe the start of a sequence the next read completes
 
     def _apply(self, match: re.Match[bytes]) -> None:
         self.changes += 1

@@ -423,13 +423,16 @@ def test_a_log_that_cannot_be_written_stops_logging_and_says_so(tmp_path: Path) 
 
 
 def test_terminal_modes_undo_and_redo_what_the_guest_turned_on() -> None:
+    from supervisor.termfilter import OutputFilter
+
     modes = TerminalModes()
-    modes.feed(b"\x1b[?1049h\x1b[?1000;1006h\x1b[?20")  # a sequence cut by the end of a read
-    modes.feed(b"04h\x1b=\x1b[>1u\x1b[?25l\x1b[?1000l")
+    parser = OutputFilter(on_sequence=modes.sequence)
+    parser.feed(b"\x1b[?1049h\x1b[?1000;1006h\x1b[?20")  # a sequence cut by the end of a read
+    parser.feed(b"04h\x1b=\x1b[>1u\x1b[?25l\x1b[?1000l")
     assert modes.undo() == b"\x1b[?1049l\x1b[?1006l\x1b[?2004l\x1b[?25h\x1b>\x1b[<1u\x1b[0m"
     assert modes.before_replay() == b"\x1b[?1049h"
     assert modes.after_replay() == b"\x1b[?1006h\x1b[?2004h\x1b[?25l\x1b=\x1b[>1u"
-    modes.feed(b"\x1b[?1049l\x1b[?1006l\x1b[?2004l\x1b[?25h\x1b>\x1b[<u")
+    parser.feed(b"\x1b[?1049l\x1b[?1006l\x1b[?2004l\x1b[?25h\x1b>\x1b[<u")
     assert modes.undo() == b""
 
 
@@ -453,9 +456,19 @@ def test_the_filter_hands_every_mode_switch_to_the_tracker_however_the_output_is
 ) -> None:
     from supervisor.termfilter import OutputFilter
 
-    data = b"x\x1b[1m\x1b[?1049h\x1b[?2004h\x1b=\x1b[>4;2m\x1b[2;20r\x1b[4h\x1b[>1u text\x1b[0m"
+    switches = (
+        b"\x1b[?1049h",
+        b"\x1b[?2004h",
+        b"\x1b=",
+        b"\x1b[>4;2m",
+        b"\x1b[2;20r",
+        b"\x1b[4h",
+        b"\x1b[>1u",
+    )
+    data = b"x\x1b[1m" + b"".join(switches) + b" text\x1b[0m"
     expected = TerminalModes()
-    expected.feed(data)
+    for switch in switches:
+        expected.sequence(switch)
     for cut in range(len(data) + 1):
         modes = TerminalModes()
         output_filter = OutputFilter(on_sequence=modes.sequence, scan=scan)
