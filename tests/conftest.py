@@ -92,7 +92,7 @@ def launch() -> Iterator[Callable[..., Supervisor]]:
     for sup in started:
         if sup.proc.poll() is None:
             sup.proc.kill()
-            sup.proc.communicate(timeout=30)
+        sup.proc.communicate(timeout=30)  # and its pipes closed, also when it had exited
 
 
 # ---- the fault-injection suite's knobs (tests/test_faults.py, README "Fault injection") --------

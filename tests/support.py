@@ -112,9 +112,19 @@ class Supervisor:
             if ready:
                 chunk = os.read(fd, 65536)
                 if not chunk:
-                    raise AssertionError(f"EOF before {marker!r}; output: {bytes(self.output)!r}")
+                    raise AssertionError(
+                        f"EOF before {marker!r}; output: {bytes(self.output)!r}; {self._ended()}"
+                    )
                 self.output += chunk
         return bytes(self.output)
+
+    def _ended(self) -> str:
+        """How the supervisor ended, with its stderr: what a failed read_until needs to say."""
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            return "it closed its stdout but is still running"
+        return f"exit status {self.proc.returncode}, stderr: {err.decode(errors='replace')[-2000:]!r}"
 
     def finish(self, timeout: float = 60.0) -> tuple[int, bytes, str]:
         out, err = self.proc.communicate(timeout=timeout)

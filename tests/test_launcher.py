@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -420,10 +421,14 @@ def test_forwards_in_our_qemu_command(tmp_path: Path) -> None:
 # ---- real VMs ----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """Ports free now and all different: each probe stays bound until all are chosen (one at a
+    time, the kernel may hand out a port it just gave back)."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
 
 
 def _listening(port: int) -> bool:
@@ -479,7 +484,7 @@ def test_two_launches_on_one_project_run_at_once_with_their_own_ids_and_forwards
 ) -> None:
     work, runtime = tmp_path / "shared-proj", short_runtime
     work.mkdir()
-    ports = [_free_port(), _free_port()]
+    ports = _free_ports(2)
     sups = []
     for mine, other, port in (("a", "b", ports[0]), ("b", "a", ports[1])):
         # each guest waits to see the other's file: both must be running at the same time
