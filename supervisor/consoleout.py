@@ -115,12 +115,10 @@ class Sink:
             self._closed = True
             self._queue.clear()
 
-    def _fail(self, exc: OSError) -> OSError | None:
-        """Under the lock: the first error fails the sink and is returned, to be reported."""
+    def _fail(self, exc: OSError) -> OSError:
+        """Under the lock: the error closes the sink (so there is never a second one to report)."""
         self._closed = True
         self._queue.clear()
-        if self.failed:
-            return None
         self.failed = True
         return exc
 
