@@ -75,6 +75,7 @@ class Scale(msgspec.Struct):
     teardown_all_ms: float  # SIGUSR1 to every runner -> every supervisor exited
     instance_dirs: int
     sockets: int
+    distinct: bool  # one dir per instance, each with the same socket names (so none shared)
     statuses: list[int]
     left: list[str]
 
@@ -114,6 +115,14 @@ def _machine() -> Machine:
     )
 
 
+class Failed(Exception):
+    """A launcher failed or left something behind: the bench's only failure (figures never are)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -121,7 +130,13 @@ def _say(text: str) -> None:
 # ---- the sections ----------------------------------------------------------------------------------
 
 
-def start_and_teardown(bench: Bench, results: Results, runs: int, launchers: list[str]) -> None:
+def _own(name: str) -> bool:
+    return name.startswith("agentvm")
+
+
+def start_and_teardown(
+    bench: Bench, results: Results, runs: int, launchers: list[str], problems: list[str]
+) -> None:
     starts: dict[str, list[float]] = {name: [] for name in launchers}
     teardowns: dict[str, list[float]] = {name: [] for name in launchers}
     exits: dict[str, list[float]] = {name: [] for name in launchers}
@@ -134,7 +149,11 @@ def start_and_teardown(bench: Bench, results: Results, runs: int, launchers: lis
         for name in order:
             sample = core.launch_once(bench, name)
             if sample.status != 0:
-                raise RuntimeError(f"bench: {name} exited with status {sample.status}")
+                problems.append(f"{name} exited with status {sample.status}")
+                continue
+            # Ours must leave nothing; the peers leave files by design (reported), never processes.
+            if sample.left and (_own(name) or sample.left_processes):
+                problems.append(f"{name} left behind: {', '.join(sample.left)}")
             starts[name].append(sample.start_ms)
             teardowns[name].append(sample.teardown_ms)
             exits[name].append(sample.exit_ms)
@@ -146,6 +165,8 @@ def start_and_teardown(bench: Bench, results: Results, runs: int, launchers: lis
         floors["max"].append(max(floor.ready_ms.values()))
         kills.append(floor.kill_ms)
         pythons.append(core.python_startup_ms(bench))
+        if problems:
+            raise Failed(problems)
         _say(f"  round {round_ + 1}/{runs}: " + ", ".join(f"{n} {starts[n][-1]:.0f} ms" for n in launchers))
     results.start_ms = {name: Stat.of(values) for name, values in starts.items()}
     results.teardown_ms = {name: Stat.of(values) for name, values in teardowns.items()}
@@ -232,7 +253,7 @@ def _all_started(pairs: list[tuple[core.Run, subprocess.Popen[bytes]]]) -> bool:
     return all(run.marks().connected_ns or proc.poll() is not None for run, proc in pairs)
 
 
-def scale(bench: Bench, results: Results, sizes: list[int]) -> None:
+def scale(bench: Bench, results: Results, sizes: list[int], problems: list[str]) -> None:
     for size in sizes:
         base = bench.root / f"scale-{size}"
         base.mkdir(mode=0o700)
@@ -246,6 +267,8 @@ def scale(bench: Bench, results: Results, sizes: list[int]) -> None:
             execs = [(run.marks().exec_ns - started) / 1e6 for run in runs]
             dirs = [path for path in base.iterdir() if path.is_dir()]
             sockets = [path for path in base.rglob("*.sock")]
+            names = {frozenset(p.name for p in path.glob("*.sock")) for path in dirs}
+            distinct = len(dirs) == size and len(names) == 1 and bool(next(iter(names)))
             released = time.monotonic_ns()
             for run in runs:
                 with contextlib.suppress(ProcessLookupError):
@@ -267,11 +290,19 @@ def scale(bench: Bench, results: Results, sizes: list[int]) -> None:
                 teardown_all_ms=(ended - released) / 1e6,
                 instance_dirs=len(dirs),
                 sockets=len(sockets),
+                distinct=distinct,
                 statuses=statuses,
                 left=left,
             )
         )
         torn = (ended - released) / 1e6
+        if any(statuses) or left or not results.scale[-1].distinct:
+            problems.append(
+                f"scale {size}: statuses {sorted(set(statuses))}, "
+                f"distinct dirs {results.scale[-1].distinct}, "
+                f"left behind: {', '.join(left) or 'nothing'}"
+            )
+            raise Failed(problems)
         _say(f"  {size} instances: all started in {max(execs):.0f} ms, torn down in {torn:.0f} ms")
 
 
@@ -316,6 +347,7 @@ def _ratios(results: Results) -> dict[str, float]:
 def report(results: Results, earlier: Results | None) -> str:
     m = results.machine
     lines = [
+        core.PREFLIGHT_NOTE,
         f"agentvm-supervise bench, {m.date}, {m.hostname}: {m.cores} cores ({m.cpu}), Linux {m.kernel}, "
         f"Python {m.python}",
         f"load average before {m.load_before[0]:.2f}, after {m.load_after[0]:.2f} (other work on the machine "
@@ -375,14 +407,15 @@ def report(results: Results, earlier: Results | None) -> str:
     if results.scale:
         lines.append("\nscale: N agentvm-supervise at once (stub runners, real virtiofsd), one runtime dir")
         for item in results.scale:
-            ok = item.instance_dirs == item.instances and item.sockets == 4 * item.instances
+            ok = item.distinct
             row(
                 f"{item.instances} instances",
                 f"{item.start_all_ms:.0f} ms",
                 f"all started (median {item.start_median_ms:.0f}, "
                 f"{item.start_all_ms / item.instances:.1f} ms per instance); "
                 f"torn down {item.teardown_all_ms:.0f} ms; "
-                f"{'distinct dirs and sockets' if ok else 'COLLISION'}; "
+                f"{'distinct dirs' if ok else 'COLLISION'}, {item.sockets // max(1, item.instances)} "
+                "sockets each; "
                 f"statuses {sorted(set(item.statuses))}; left: {len(item.left) or 'nothing'}",
             )
     if results.guest_ms:
@@ -397,8 +430,43 @@ def report(results: Results, earlier: Results | None) -> str:
     return "\n".join(lines)
 
 
+def sections_run(
+    bench: Bench,
+    *,
+    results: Results,
+    args: argparse.Namespace,
+    sections: set[str],
+    launchers: list[str],
+    problems: list[str],
+) -> None:
+    if "start" in sections:
+        _say("start and teardown ...")
+        start_and_teardown(bench, results, args.runs, launchers, problems)
+    if "idle" in sections:
+        _say(f"idle ({args.idle_seconds:g} s) ...")
+        idle(bench, results, args.idle_seconds, [n for n in launchers if n != "agentvm-path"])
+    if "scale" in sections:
+        _say("scale ...")
+        scale(bench, results, [int(n) for n in args.scale.split(",")], problems)
+    if "guest" in sections:
+        _say("real guest ...")
+        real_guest(bench, results, args.guest_runs)
+
+
+def _failed(problems: list[str]) -> int:
+    for problem in problems:
+        _say(f"bench: FAILED: {problem}")
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few rounds of start/teardown and a small scale run, in seconds (./test.sh runs this): "
+        "fails if a launcher fails or leaves something behind; figures are printed, not judged",
+    )
     parser.add_argument("--runs", type=int, default=7, help="start/teardown rounds (default 7)")
     parser.add_argument("--guest-runs", type=int, default=5, help="real-guest boots each way (default 5)")
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="idle window (default 30)")
@@ -411,29 +479,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", type=Path, default=RESULTS, help="where the JSON goes (default bench/results)"
     )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.runs, args.scale, args.only = 3, "4", "start,scale"
     sections = set(args.only.split(","))
     earlier = msgspec.json.decode(args.compare.read_bytes(), type=Results) if args.compare else None
     results = Results(machine=_machine())
     begun = time.monotonic()
+    problems: list[str] = []
     with Bench.create() as bench:
         launchers = [name for name in LAUNCHERS if name != "supervisord" or bench.supervisord]
         if not bench.supervisord:
-            _say("bench: supervisord not found; install the bench extra: ./install.sh --bench")
-        if "start" in sections:
-            _say("start and teardown ...")
-            start_and_teardown(bench, results, args.runs, launchers)
-        if "idle" in sections:
-            _say(f"idle ({args.idle_seconds:g} s) ...")
-            idle(bench, results, args.idle_seconds, [n for n in launchers if n != "agentvm-path"])
-        if "scale" in sections:
-            _say("scale ...")
-            scale(bench, results, [int(n) for n in args.scale.split(",")])
-        if "guest" in sections:
-            _say("real guest ...")
-            real_guest(bench, results, args.guest_runs)
+            _say("bench: supervisord is not installed, its rows are left out (./install.sh --test has it)")
+        _say(core.PREFLIGHT_NOTE)
+        try:
+            sections_run(
+                bench, results=results, args=args, sections=sections, launchers=launchers, problems=problems
+            )
+        except Failed as failed:
+            return _failed(failed.problems)
+        except RuntimeError as exc:  # a launcher that never started its runner, a scale run that hung
+            return _failed([*problems, str(exc)])
     results.machine.load_after = list(os.getloadavg())
     results.ratios = _ratios(results)
     print(report(results, earlier))
+    if args.quick:
+        took = time.monotonic() - begun
+        _say(f"\nbench --quick: every launcher started and left nothing behind ({took:.0f} s)")
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out / f"bench-{stamp}.json"

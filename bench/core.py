@@ -26,6 +26,11 @@ REPO = HERE.parent
 TAGS = ("work", "home", "data")
 RUN_ENV = "AGENTVM_BENCH_RUN"  # in every process a run starts: how leftovers are found
 CACHE = Path(os.environ.get("AGENTVM_SUPERVISE_CACHE", "/var/tmp/agentvm-supervise-test-cache"))
+REAL_QEMU = "/usr/bin/qemu-system-x86_64"  # answers the preflight's probes for the stub runner
+PREFLIGHT_NOTE = (
+    f"preflight: as users get it (the stub runner answers QEMU's probes by exec'ing the real QEMU, "
+    f"{REAL_QEMU}, so they cost what they cost a user)"
+)
 
 
 def virtiofsd_flags(source: Path) -> list[str]:
@@ -124,6 +129,7 @@ class Run:
             "AGENTVM_SUPERVISE_CACHE": str(CACHE),
             "BENCH_MARKS": str(self.marks_path),
             "BENCH_HOLD": "1" if self.hold else "0",
+            "BENCH_QEMU": REAL_QEMU,
             RUN_ENV: self.name,
         }
 
@@ -260,7 +266,8 @@ class LaunchSample:
     teardown_ms: float  # runner exit -> every process the launcher started reaped, no socket left
     exit_ms: float  # runner exit -> the launcher's own exit
     status: int
-    left: list[str]
+    left: list[str]  # processes, then files under the runtime dir
+    left_processes: int = 0
 
 
 def descendants(pid: int) -> list[int]:
@@ -305,6 +312,7 @@ def launch_once(bench: Bench, launcher: str, timeout: float = 120.0) -> LaunchSa
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     marks = run.marks()
+    processes = run_processes(run.name)
     left = run.leftovers()
     _kill_leftovers(run)
     return LaunchSample(
@@ -313,6 +321,7 @@ def launch_once(bench: Bench, launcher: str, timeout: float = 120.0) -> LaunchSa
         exit_ms=(ended - marks.exit_ns) / 1e6,
         status=status,
         left=left,
+        left_processes=len(processes),
     )
 
 
