@@ -279,20 +279,47 @@ def probe(argv: Sequence[str], *, timeout: float = 10.0) -> ProbeResult:
 
     Synchronous on purpose: probes run before the event loop and before any child exists.
     """
+    return probe_many([argv], timeout=timeout)[0]
+
+
+def probe_many(argvs: Sequence[Sequence[str]], *, timeout: float = 10.0) -> list[ProbeResult]:
+    """`probe` for several queries at once: all started, then each read to its end (the others
+    run meanwhile; one that fills its pipe waits for its turn). One deadline for them all."""
+    started: list[subprocess.Popen[bytes] | ProbeResult] = []
     try:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "LC_ALL": "C"},  # stable, parseable help texts
-            start_new_session=True,
-            close_fds=True,
-        )
-    except OSError as exc:
-        return ProbeResult(None, "", exc.strerror or str(exc))
+        for argv in argvs:
+            try:
+                started.append(
+                    subprocess.Popen(
+                        list(argv),
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        env={**os.environ, "LC_ALL": "C"},  # stable, parseable help texts
+                        start_new_session=True,
+                        close_fds=True,
+                    )
+                )
+            except OSError as exc:
+                started.append(ProbeResult(None, "", exc.strerror or str(exc)))
+        deadline = time.monotonic() + timeout
+        return [_finish_probe(proc, deadline, timeout) for proc in started]
+    finally:  # an exception (a stop signal) while they run: none is left running or unreaped
+        for proc in started:
+            if isinstance(proc, subprocess.Popen) and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+
+
+def _finish_probe(
+    proc: subprocess.Popen[bytes] | ProbeResult, deadline: float, timeout: float
+) -> ProbeResult:
+    if isinstance(proc, ProbeResult):
+        return proc
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        # A little time even past the deadline: a probe that has finished only needs reading.
+        out, _ = proc.communicate(timeout=max(0.05, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
