@@ -8,39 +8,22 @@ traceback under --debug.
 from __future__ import annotations
 
 import argparse
-import functools
-import logging
 import math
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import anyio
-import structlog
-
-from supervisor import (
-    __version__,
-    attach,
-    config,
-    console,
-    doctor,
-    kvm_watch,
-    logs,
-    manage,
-    pid1,
-    plan,
-    runtime,
-)
-from supervisor.checks import Status
-from supervisor.config import Accel
+from supervisor import __version__, pid1
 from supervisor.errors import ExitCode, SupervisorError
-from supervisor.notify import Notifier
-from supervisor.vm import Host, Instance, Stdio
-from supervisor.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from supervisor import config, plan
+
+# The verbs' modules are imported in the functions that use them: `run` pays for what it needs
+# before the VM is up, and `--version` for nothing (python -X importtime; issue 17).
 
 PROG = "agentvm-supervise"
 
@@ -103,6 +86,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> _Parser:
+    from supervisor import manage
+
     parser = _Parser(prog=PROG, description="Run an AI coding agent in a throw-away microVM.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -203,6 +188,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    from supervisor import config, doctor
+
     cfg = config.load(args.config, _overrides(args))
     report = doctor.diagnose(cfg, env=os.environ, cwd=Path.cwd())
     if args.json:
@@ -214,6 +201,13 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _wait_for_kvm(cfg: config.Config, timeout: float) -> None:
+    import functools
+
+    import anyio
+
+    from supervisor import kvm_watch
+    from supervisor.config import Accel
+
     if cfg.qemu.accel is Accel.TCG:
         return  # nothing to wait for
     device = Path(cfg.qemu.kvm_device).expanduser()
@@ -221,6 +215,10 @@ def _wait_for_kvm(cfg: config.Config, timeout: float) -> None:
 
 
 def _log_warnings(checked: plan.Plan) -> None:
+    import structlog
+
+    from supervisor.checks import Status
+
     log = structlog.get_logger()
     for check in checked.checks:
         if check.status is Status.WARN:
@@ -228,6 +226,13 @@ def _log_warnings(checked: plan.Plan) -> None:
 
 
 def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
+    import anyio
+
+    from supervisor import config, console, plan
+    from supervisor.notify import Notifier
+    from supervisor.vm import Host, Instance, Stdio
+    from supervisor.watchdog import Watchdog
+
     command = list(args.guest_command)
     if command and command[0] == "--":
         command = command[1:]
@@ -263,6 +268,10 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
 
 
 def _attach(args: argparse.Namespace) -> int:
+    import anyio
+
+    from supervisor import attach, config, plan, runtime
+
     overrides: dict[str, Any] = {}
     if args.runtime_dir is not None:
         overrides["runtime-dir"] = args.runtime_dir
@@ -283,8 +292,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # First of all: as PID 1, a signal without a handler is dropped by the kernel (see pid1.py).
     stop_signals = pid1.StopSignals().install()
     try:
+        if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
+            # Before the parser: building it imports the verbs' modules (manage.add_parsers).
+            print(f"{PROG} {__version__}")
+            return 0
         args = _parser().parse_args(argv)
         debug = bool(getattr(args, "debug", False))
+        import logging
+
+        from supervisor import logs
+
         if args.command is None:
             _parser().print_help(sys.stderr)
             return ExitCode.USAGE
@@ -298,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fmt = {"json": True, "human": False}.get(getattr(args, "log_format", None) or "")
         logs.configure(json=fmt, level=level)
         if args.command != "run":
+            from supervisor import manage
+
             return manage.run_verb(args)
         return _run(args, stop_signals)
     except SupervisorError as exc:
@@ -314,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.SIGNAL_BASE + 2
     except Exception:
         if debug:
+            import traceback
+
             traceback.print_exc()
         else:
             print(
