@@ -131,6 +131,11 @@ class Run:
             "BENCH_HOLD": "1" if self.hold else "0",
             "BENCH_QEMU": REAL_QEMU,
             RUN_ENV: self.name,
+            # Where agentvm-supervise keeps what the preflight learnt (facts.py): shared by the
+            # runs (a user's second start), or the run's own for a first start.
+            "XDG_STATE_HOME": str(
+                (self.dir if self.name.startswith("agentvm-cold") else self.bench.root) / "state"
+            ),
         }
 
     def sockets(self) -> list[Path]:
@@ -232,7 +237,7 @@ class Bench:
         ]  # fmt: skip
 
     def argv(self, launcher: str, run: Run) -> list[str]:
-        if launcher == "agentvm":
+        if launcher in ("agentvm", "agentvm-cold"):
             return self.agentvm_argv(run)
         if launcher == "agentvm-path":
             return self.agentvm_argv(run, socket_mode="path")

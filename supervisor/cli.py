@@ -8,6 +8,7 @@ traceback under --debug.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -285,6 +286,26 @@ def _attach(args: argparse.Namespace) -> int:
     return anyio.run(
         lambda: attach.attach(instance, path, stdin=stdin_fd, stdout=stdout_fd, escape=settings.escape)
     )
+
+
+def entry() -> NoReturn:
+    """The console script: `main`, then straight out once the output is flushed.
+
+    Everything the supervisor started is cleaned up by then (teardown is the nesting of its task
+    groups), so the interpreter's own finalization (every module and object torn down, tens of
+    ms: issue 17) would only delay the exit status the caller is waiting for."""
+    try:
+        code: int | str | None = main()
+    except SystemExit as exc:  # argparse: --help, and its own exits
+        code = exc.code
+    if not isinstance(code, int):
+        raise SystemExit(code)
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

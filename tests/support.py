@@ -181,6 +181,14 @@ def children_of(pid: int) -> Iterator[int]:
         yield int(child)
 
 
+def is_watchdog(pid: int) -> bool:
+    """The supervisor's watchdog runs supervisor/watchdog_main.py (a bare interpreter)."""
+    try:
+        return b"/watchdog_main.py\0" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def user_ids(user: str) -> tuple[int, int]:
     entry = pwd.getpwnam(user)
     return entry.pw_uid, entry.pw_gid
