@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import itertools
 import os
 import platform
 import signal
@@ -30,6 +31,7 @@ LAUNCHERS = {
     "agentvm": "agentvm-supervise (--fd, default)",
     "agentvm-cold": "agentvm-supervise, first start (preflight probes run)",
     "agentvm-path": "agentvm-supervise (--socket-path + inotify)",
+    "agentvm-before": "agentvm-supervise of --baseline (same config)",
     "bash": "seed bash launcher ([ -S ] every 100 ms)",
     "supervisord": "supervisord + RUNNING-event listener",
 }
@@ -69,8 +71,9 @@ class Idle(msgspec.Struct):
     threads: int
 
 
-class Scale(msgspec.Struct):
+class Scale(msgspec.Struct, kw_only=True):
     instances: int
+    launcher: str = "agentvm"
     start_all_ms: float  # first exec -> the last runner exec'd
     start_median_ms: float  # per instance: launch -> its runner's exec
     teardown_all_ms: float  # SIGUSR1 to every runner -> every supervisor exited
@@ -253,11 +256,14 @@ def _all_started(pairs: list[tuple[core.Run, subprocess.Popen[bytes]]]) -> bool:
 
 
 def scale(bench: Bench, results: Results, sizes: list[int], problems: list[str]) -> None:
-    for size in sizes:
-        base = bench.root / f"scale-{size}"
+    variants = [("agentvm", bench.supervise)] + (
+        [("agentvm-before", bench.baseline)] if bench.baseline else []
+    )
+    for size, (launcher, supervise) in itertools.product(sizes, variants):
+        base = bench.root / f"scale-{size}-{launcher}"
         base.mkdir(mode=0o700)
         runs = [bench.new_run(f"scale{size}", hold=True) for _ in range(size)]
-        argvs = [bench.agentvm_argv(run, runtime=base) for run in runs]
+        argvs = [bench.agentvm_argv(run, runtime=base, supervise=supervise) for run in runs]
         started = time.monotonic_ns()
         procs = [bench.spawn(argv, run) for argv, run in zip(argvs, runs, strict=True)]
         try:
@@ -284,6 +290,7 @@ def scale(bench: Bench, results: Results, sizes: list[int], problems: list[str])
         results.scale.append(
             Scale(
                 instances=size,
+                launcher=launcher,
                 start_all_ms=max(execs),
                 start_median_ms=statistics.median(execs),
                 teardown_all_ms=(ended - released) / 1e6,
@@ -302,7 +309,7 @@ def scale(bench: Bench, results: Results, sizes: list[int], problems: list[str])
                 f"left behind: {', '.join(left) or 'nothing'}"
             )
             raise Failed(problems)
-        _say(f"  {size} instances: all started in {max(execs):.0f} ms, torn down in {torn:.0f} ms")
+        _say(f"  {size} x {launcher}: all started in {max(execs):.0f} ms, torn down in {torn:.0f} ms")
 
 
 def real_guest(bench: Bench, results: Results, runs: int) -> None:
@@ -326,7 +333,7 @@ def _ratios(results: Results) -> dict[str, float]:
     start, teardown = results.start_ms, results.teardown_ms
     if "agentvm" in start:
         base = start["agentvm"].median
-        for name in ("bash", "supervisord", "agentvm-path", "agentvm-cold"):
+        for name in ("bash", "supervisord", "agentvm-path", "agentvm-cold", "agentvm-before"):
             if name in start:
                 ratios[f"start {name} / agentvm"] = start[name].median / base
         if "bash" in start and "agentvm-cold" in start:
@@ -338,6 +345,10 @@ def _ratios(results: Results) -> dict[str, float]:
         for name in ("bash", "supervisord"):
             if name in teardown:
                 ratios[f"teardown {name} / agentvm"] = teardown[name].median / teardown["agentvm"].median
+    by_size = {(item.instances, item.launcher): item.start_all_ms for item in results.scale}
+    for (size, launcher), ms in by_size.items():
+        if launcher == "agentvm-before" and (size, "agentvm") in by_size:
+            ratios[f"scale {size} all started: agentvm-before / agentvm"] = ms / by_size[(size, "agentvm")]
     if results.guest_ms:
         ratios["guest agentvm / by hand"] = (
             results.guest_ms["agentvm"].median / results.guest_ms["by-hand"].median
@@ -410,7 +421,7 @@ def report(results: Results, earlier: Results | None) -> str:
         for item in results.scale:
             ok = item.distinct
             row(
-                f"{item.instances} instances",
+                f"{item.instances} instances" + ("" if item.launcher == "agentvm" else f" ({item.launcher})"),
                 f"{item.start_all_ms:.0f} ms",
                 f"all started (median {item.start_median_ms:.0f}, "
                 f"{item.start_all_ms / item.instances:.1f} ms per instance); "
@@ -482,6 +493,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--compare", type=Path, help="an earlier results JSON to show next to this run")
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also run another checkout's agentvm-supervise (CHECKOUT/.venv/bin) in the same rounds",
+    )
+    parser.add_argument(
         "--out", type=Path, default=RESULTS, help="where the JSON goes (default bench/results)"
     )
     args = parser.parse_args(argv)
@@ -493,7 +510,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     begun = time.monotonic()
     problems: list[str] = []
     with Bench.create() as bench:
-        launchers = [name for name in LAUNCHERS if name != "supervisord" or bench.supervisord]
+        if args.baseline is not None:
+            bench.baseline = [str(args.baseline.resolve() / ".venv" / "bin" / "agentvm-supervise")]
+        launchers = [
+            name
+            for name in LAUNCHERS
+            if (name != "supervisord" or bench.supervisord) and (name != "agentvm-before" or bench.baseline)
+        ]
         if not bench.supervisord:
             _say("bench: supervisord is not installed, its rows are left out (./install.sh --test has it)")
         _say(core.PREFLIGHT_NOTE)

@@ -156,6 +156,7 @@ class Bench:
     kernel: Path
     shares: list[Path]
     counter: int = 0
+    baseline: list[str] | None = None  # --baseline: another checkout's agentvm-supervise
 
     @classmethod
     @contextlib.contextmanager
@@ -192,7 +193,13 @@ class Bench:
 
     # ---- the launchers: argv for one run ------------------------------------------------------
 
-    def agentvm_argv(self, run: Run, socket_mode: str = "fd", runtime: Path | None = None) -> list[str]:
+    def agentvm_argv(
+        self,
+        run: Run,
+        socket_mode: str = "fd",
+        runtime: Path | None = None,
+        supervise: list[str] | None = None,
+    ) -> list[str]:
         lines = [f'runtime-dir = "{runtime or run.runtime}"', 'name = "bench"']
         for tag, source in zip(TAGS, self.shares, strict=True):
             lines += ["[[shares]]", f'tag = "{tag}"', f'source = "{source}"']
@@ -200,7 +207,7 @@ class Bench:
         lines += ["[virtiofsd]", f'binary = "{self.virtiofsd}"', f'socket-mode = "{socket_mode}"']
         config = run.dir / "agentvm.toml"
         config.write_text("\n".join(lines) + "\n")
-        return [*self.supervise, "run", "--config", str(config)]
+        return [*(supervise or self.supervise), "run", "--config", str(config)]
 
     def bash_argv(self, run: Run) -> list[str]:
         return [
@@ -239,6 +246,9 @@ class Bench:
     def argv(self, launcher: str, run: Run) -> list[str]:
         if launcher in ("agentvm", "agentvm-cold"):
             return self.agentvm_argv(run)
+        if launcher == "agentvm-before":
+            assert self.baseline is not None
+            return self.agentvm_argv(run, supervise=self.baseline)
         if launcher == "agentvm-path":
             return self.agentvm_argv(run, socket_mode="path")
         if launcher == "bash":

@@ -49,7 +49,6 @@ class Watchdog:
                 stderr=subprocess.DEVNULL,
                 pass_fds=fds,
                 start_new_session=True,  # out of the terminal's reach (Ctrl-C, hangup) from the start
-                env={},
             )
         except BaseException:
             os.close(write_fd)
