@@ -88,6 +88,7 @@ class Results(msgspec.Struct):
     machine: Machine
     version: int = 1
     start_ms: dict[str, Stat] = {}
+    start_cpu_ms: dict[str, Stat] = {}  # the launcher process's own CPU time by the runner's exec
     teardown_ms: dict[str, Stat] = {}  # runner exit -> its processes reaped, no socket left
     exit_ms: dict[str, Stat] = {}  # runner exit -> the launcher's own exit
     left_behind: dict[str, list[str]] = {}
@@ -142,6 +143,7 @@ def start_and_teardown(
     bench: Bench, results: Results, runs: int, launchers: list[str], problems: list[str]
 ) -> None:
     starts: dict[str, list[float]] = {name: [] for name in launchers}
+    cpus: dict[str, list[float]] = {name: [] for name in launchers}
     teardowns: dict[str, list[float]] = {name: [] for name in launchers}
     exits: dict[str, list[float]] = {name: [] for name in launchers}
     floors: dict[str, list[float]] = {tag: [] for tag in (*core.TAGS, "max")}
@@ -161,6 +163,7 @@ def start_and_teardown(
             if sample.left and (_own(name) or sample.left_processes):
                 problems.append(f"{name} left behind: {', '.join(sample.left)}")
             starts[name].append(sample.start_ms)
+            cpus[name].append(sample.start_cpu_ms)
             teardowns[name].append(sample.teardown_ms)
             exits[name].append(sample.exit_ms)
             if name not in results.left_behind:
@@ -174,7 +177,8 @@ def start_and_teardown(
         if problems:
             raise Failed(problems)
         _say(f"  round {round_ + 1}/{runs}: " + ", ".join(f"{n} {starts[n][-1]:.0f} ms" for n in launchers))
-    results.start_ms = {name: Stat.of(values) for name, values in starts.items()}
+    results.start_ms = {name: Stat.of(values) for name, values in starts.items() if values}
+    results.start_cpu_ms = {name: Stat.of(values) for name, values in cpus.items() if values}
     results.teardown_ms = {name: Stat.of(values) for name, values in teardowns.items()}
     results.exit_ms = {name: Stat.of(values) for name, values in exits.items()}
     results.floor_ready_ms = {tag: Stat.of(values) for tag, values in floors.items()}
@@ -336,6 +340,11 @@ def _ratios(results: Results) -> dict[str, float]:
         for name in ("bash", "supervisord", "agentvm-path", "agentvm-cold", "agentvm-before"):
             if name in start:
                 ratios[f"start {name} / agentvm"] = start[name].median / base
+        cpu = results.start_cpu_ms
+        if "agentvm" in cpu and "agentvm-before" in cpu:
+            ratios["start cpu agentvm-before / agentvm"] = (
+                cpu["agentvm-before"].median / cpu["agentvm"].median
+            )
         if "bash" in start and "agentvm-cold" in start:
             ratios["start bash / agentvm-cold"] = start["bash"].median / start["agentvm-cold"].median
         if results.floor_ready_ms:
@@ -376,7 +385,10 @@ def report(results: Results, earlier: Results | None) -> str:
 
     if results.start_ms:
         runs = len(next(iter(results.start_ms.values())).samples)
-        lines.append(f"\nstart: launcher exec -> runner exec, 3 real virtiofsd, median of {runs} (p95)")
+        lines.append(
+            f"\nstart: launcher exec -> runner exec, 3 real virtiofsd, median of {runs} (p95); "
+            "the launcher process's own CPU time by then"
+        )
         for tag in (*core.TAGS, "max"):
             stat = results.floor_ready_ms[tag]
             row(
@@ -387,10 +399,12 @@ def report(results: Results, earlier: Results | None) -> str:
         assert results.python_startup_ms is not None
         row("python + imports (agentvm-supervise --version)", f"{results.python_startup_ms.median:.1f} ms")
         for name, stat in results.start_ms.items():
+            cpu = results.start_cpu_ms.get(name)
             row(
                 LAUNCHERS[name],
                 f"{stat.median:.1f} ms",
-                f"({stat.p95:.1f}) {was(earlier.start_ms if earlier else None, name)}",
+                f"({stat.p95:.1f}) cpu {cpu.median if cpu else 0:.1f} ms "
+                f"{was(earlier.start_ms if earlier else None, name)}",
             )
         lines.append(
             "\nteardown: runner exit -> all its processes reaped, no socket left: median (p95); "

@@ -278,6 +278,7 @@ class Bench:
 @dataclass
 class LaunchSample:
     start_ms: float  # launcher exec -> runner exec
+    start_cpu_ms: float  # CPU time of the launcher's own process (all its threads) by then
     teardown_ms: float  # runner exit -> every process the launcher started reaped, no socket left
     exit_ms: float  # runner exit -> the launcher's own exit
     status: int
@@ -308,6 +309,9 @@ def launch_once(bench: Bench, launcher: str, timeout: float = 120.0) -> LaunchSa
         if not marks.exec_ns:
             detail = (run.dir / "stderr").read_text(errors="replace")[-800:]
             raise RuntimeError(f"{launcher}: the runner never ran (status {proc.wait()}): {detail}")
+        # On a shared machine wall times wander with the load; the CPU the launcher itself spent
+        # to get the runner started (not its children's) is a steadier figure of its own work.
+        start_cpu_ms = proc_stats(proc.pid).cpu_ns / 1e6
         tree = [pid for pid in descendants(proc.pid) if pid != marks.pid]
         os.kill(marks.pid, signal.SIGUSR1)
         clean = 0
@@ -332,6 +336,7 @@ def launch_once(bench: Bench, launcher: str, timeout: float = 120.0) -> LaunchSa
     _kill_leftovers(run)
     return LaunchSample(
         start_ms=(marks.exec_ns - started) / 1e6,
+        start_cpu_ms=start_cpu_ms,
         teardown_ms=((clean or ended) - marks.exit_ns) / 1e6,
         exit_ms=(ended - marks.exit_ns) / 1e6,
         status=status,
