@@ -85,10 +85,11 @@ def work_dir_source(config_value: str | None, env: Mapping[str, str]) -> tuple[s
 def resolve_agent_home(
     config_value: str | None, env: Mapping[str, str], *, work_dir: Path, agent: Agent, cwd: Path
 ) -> Path:
-    """--agent-home / agent-home, else $AGENT_HOME, else the default; symlinks resolved if it exists."""
+    """--agent-home / agent-home, else $AGENT_HOME, else the default. Not resolved here: the plan
+    resolves share sources without following links a guest could have planted (see sharedirs)."""
     raw = config_value or env.get("AGENT_HOME")
     path = _absolute(raw, cwd) if raw else default_agent_home(work_dir, env, agent)
-    return path.resolve() if path.exists() else path
+    return Path(os.path.normpath(path))
 
 
 def instance_prefix(work_dir: Path, agent: Agent) -> str:

@@ -399,6 +399,7 @@ def build_plan(
     devshell: launcher.Devshell | None = None
     if home_share is not None and agent_home is not None and work_dir is not None:
         owner_ids = (home_share.ids.host_uid, home_share.ids.host_gid) if euid == 0 else None
+        agent_home = home_share.source  # the link-free path of the directory the guest mounts
         env_file = launcher.plan_env_file(agent_home, env, agent, owner_ids)
         devshell = launcher.plan_devshell(
             work_dir, agent_home, launcher.child_environment(env, {}), owner_ids
