@@ -272,11 +272,13 @@ def _calls(log: Path) -> list[str]:
 
 
 def _instant_qemu(where: Path) -> Path:
-    """A QEMU that answers the preflight's queries like the real one, and otherwise exits at once:
-    launches whose VM does not matter (the cache step before it is what is looked at)."""
+    """A QEMU that answers the preflight's queries like the real one, and otherwise notes that it was
+    started (in instant-qemu.started) and exits: launches whose VM does not matter (the cache step
+    before it is what is looked at)."""
     path = where / "instant-qemu"
     path.write_text(
-        '#!/bin/sh\ncase "$*" in -version|*" help") exec /usr/bin/qemu-system-x86_64 "$@" ;; esac\nexit 0\n'
+        '#!/bin/sh\ncase "$*" in -version|*" help") exec /usr/bin/qemu-system-x86_64 "$@" ;; esac\n'
+        'echo started >> "$0.started"\nexit 0\n'
     )
     path.chmod(0o755)
     return path
@@ -284,12 +286,15 @@ def _instant_qemu(where: Path) -> Path:
 
 def _launch(runtime: Path, work: Path, home: Path, bin_dir: Path, env: Mapping[str, str]) -> str:
     """A launch whose VM exits at once: the cache step before it is what is looked at."""
+    qemu = _instant_qemu(bin_dir)
+    starts = qemu.with_name(qemu.name + ".started")
+    before = starts.read_text() if starts.exists() else ""
     result = run_supervisor(
         ["run", "--work-dir", str(work), "--agent-home", str(home), "--runtime-dir", str(runtime),
-         "--qemu", str(_instant_qemu(bin_dir)), "-v"],
+         "--qemu", str(qemu), "-v"],
         env={"PATH": f"{bin_dir}:{os.environ['PATH']}", **env},
     )  # fmt: skip
-    assert '"event": "started"' in result.stderr and '"child": "runner"' in result.stderr  # launch went on
+    assert starts.read_text() == before + "started\n", result.stderr  # the launch went on to start QEMU
     assert leftovers(runtime) == []
     return result.stderr
 
@@ -410,7 +415,8 @@ def test_bad_forwards_are_refused(text: str) -> None:
      (config.Machine.MICROVM, "virtio-net-device,netdev=agentvm-net")],
 )  # fmt: skip
 def test_forwards_in_our_qemu_command(tmp_path: Path, machine: config.Machine, device: str) -> None:
-    """The argv only; test_forwards_and_the_host_reach_servers_across_two_guests_at_once is the outcome."""
+    """The argv only; test_two_guests_at_once_serve_their_tcp_and_udp_forwards_and_reach_the_host
+    is the outcome."""
     forwards = launcher.parse_forwards(["8080:80", "5353:53/udp"])
     spec = QemuSpec(
         binary="qemu", instance="i", machine=machine, accel=config.Accel.TCG, cpu="max",
@@ -434,11 +440,11 @@ def test_forwards_in_our_qemu_command(tmp_path: Path, machine: config.Machine, d
 # ---- real VMs ----------------------------------------------------------------------------------
 
 
-def _free_ports(count: int) -> list[int]:
+def _free_ports(count: int, kind: socket.SocketKind = socket.SOCK_STREAM) -> list[int]:
     """Ports free now and all different: each probe stays bound until all are chosen (one at a
     time, the kernel may hand out a port it just gave back)."""
     with contextlib.ExitStack() as stack:
-        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        probes = [stack.enter_context(socket.socket(socket.AF_INET, kind)) for _ in range(count)]
         for probe in probes:
             probe.bind(("127.0.0.1", 0))
         return [int(probe.getsockname()[1]) for probe in probes]
@@ -557,8 +563,11 @@ def test_two_guests_at_once_serve_their_tcp_and_udp_forwards_and_reach_the_host(
     host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HostHandler)
     threading.Thread(target=host.serve_forever, daemon=True).start()
     host_port = host.server_address[1]
-    ports = _free_ports(4)
-    guests = (("a", "b", "q35", ports[0], ports[1]), ("b", "a", "microvm", ports[2], ports[3]))
+    tcp_ports, udp_ports = _free_ports(2), _free_ports(2, socket.SOCK_DGRAM)
+    guests = (
+        ("a", "b", "q35", tcp_ports[0], udp_ports[0]),
+        ("b", "a", "microvm", tcp_ports[1], udp_ports[1]),
+    )
     sups = []
     try:
         for mine, other, machine, tcp, udp in guests:
@@ -598,7 +607,7 @@ def test_two_guests_at_once_serve_their_tcp_and_udp_forwards_and_reach_the_host(
         host.server_close()
     assert wait_until_gone("shared-proj-claude-vm") == []
     assert leftovers(runtime) == []
-    assert not any(_listening(port) for port in ports[::2])
+    assert not any(_listening(port) for port in tcp_ports)
     [home] = (tmp_path / "home" / ".local" / "share" / "claude-microvm").iterdir()
     assert (home / ".microvm-env").read_text() == "DIRENV_ALLOW='0'\nENABLE_CRI=''\n"
 
