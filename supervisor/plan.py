@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supervisor import checks, control, guest, kvm, launcher, runner, runtime, sharedirs
+from supervisor import checks, control, guest, kvm, launcher, network, runner, runtime, sharedirs
 from supervisor.config import (
     Accel,
     Agent,
@@ -70,6 +70,7 @@ class Plan:
     env_file: launcher.EnvFile | None = None
     devshell: launcher.Devshell | None = None
     forwards: list[launcher.Forward] = field(default_factory=list)
+    network: network.GuestNetwork | None = None  # our own QEMU's NIC (a runner brings its own)
     runner: runner.RunnerPlan | None = None  # a microvm.nix runner instead of our own QEMU command
     notes: list[str] = field(default_factory=list)  # warnings to log when the instance starts
     kvm_device: Path = kvm.DEFAULT_DEVICE  # what the supervisor checks and watches; QEMU opens /dev/kvm
@@ -113,7 +114,7 @@ class Plan:
             public_qmp_fd=public_qmp_fd,
             status_file=self.status_file,
             extra_args=self.qemu_extra_args,
-            forwards=[forward.hostfwd() for forward in self.forwards],
+            network=self.network,
             resize_fd=resize_fd,
         )
 
@@ -419,10 +420,13 @@ def build_plan(
             "a guest command (after --) needs the built-in guest, which knows how to run it and report "
             "its status; with your own qemu.kernel, put the command in the guest's own configuration",
         )
+    guest_net = None if runner_plan is not None else network.plan_network(forwards, builtin_guest=builtin)
+    net_args = guest_net.kernel_args() if guest_net is not None else []  # network.py: eth0 in the guest
     if runner_plan is not None:
         cmdline = ""
     elif builtin:
         first = shares[0].ids
+        extra = [_microvm_tsc_hint(config.qemu.machine), *net_args, config.qemu.cmdline]
         cmdline = guest.guest_cmdline(
             mounts=[(share.tag, share.guest_path) for share in shares],
             command=list(command) if command else None,
@@ -431,7 +435,7 @@ def build_plan(
             term=env.get("TERM"),
             rows=terminal_size[0] if terminal_size else None,
             cols=terminal_size[1] if terminal_size else None,
-            extra=" ".join(filter(None, [_microvm_tsc_hint(config.qemu.machine), config.qemu.cmdline])),
+            extra=" ".join(filter(None, extra)),
         )
     else:
         for what, maybe in (("qemu.kernel", config.qemu.kernel), ("qemu.initrd", config.qemu.initrd)):
@@ -539,6 +543,7 @@ def build_plan(
         env_file=env_file,
         devshell=devshell,
         forwards=forwards,
+        network=guest_net,
         runner=runner_plan,
         notes=notes,
         kvm_device=kvm_device,
