@@ -229,7 +229,7 @@ def _log_warnings(checked: plan.Plan) -> None:
 def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
     import anyio
 
-    from supervisor import config, console, plan
+    from supervisor import config, console, launcher, plan
     from supervisor.notify import Notifier
     from supervisor.vm import Host, Instance, Stdio
     from supervisor.watchdog import Watchdog
@@ -242,6 +242,9 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
             f"unexpected argument '{command[0]}': put the guest command after --, as in "
             f"'{PROG} run -- make test'"
         )
+    # /proc/PID/environ of the supervisor itself would show the API key otherwise (children, the
+    # watchdog included, get an environment without it).
+    launcher.scrub_proc_environ()
     cfg = config.load(args.config, _overrides(args))
     if args.wait_kvm is not None:
         _wait_for_kvm(cfg, args.wait_kvm)

@@ -21,6 +21,8 @@ import sys
 import termios
 from pathlib import Path
 
+from supervisor.launcher import child_environment
+
 MAIN = Path(__file__).with_name("watchdog_main.py")
 
 
@@ -49,6 +51,7 @@ class Watchdog:
                 stderr=subprocess.DEVNULL,
                 pass_fds=fds,
                 start_new_session=True,  # out of the terminal's reach (Ctrl-C, hangup) from the start
+                env=child_environment(os.environ, {}),  # no API key (issue 11, D8)
             )
         except BaseException:
             os.close(write_fd)
