@@ -1,13 +1,11 @@
 # agentvm-supervise as a Nix package: `pkgs.callPackage ./nix/package.nix { }`.
 #
-# The wrapper puts QEMU, virtiofsd and util-linux (setpriv, see children.py) on PATH. The built-in
-# guest (a Debian kernel and busybox initramfs built with apt) is for Debian hosts; on NixOS run
-# microvm.nix runners instead (`agentvm-supervise run --runner`, or lib.mkRunnerScript / the NixOS
-# module of this flake).
+# The wrapper puts QEMU and virtiofsd on PATH. The built-in guest (a Debian kernel and busybox
+# initramfs built with apt) is for Debian hosts; on NixOS run microvm.nix runners instead
+# (`agentvm-supervise run --runner`, or lib.mkRunnerScript / the NixOS module of this flake).
 { lib
 , python3Packages
 , qemu
-, util-linux
 , virtiofsd
 }:
 
@@ -34,7 +32,7 @@ python3Packages.buildPythonApplication {
   build-system = [ python3Packages.setuptools ];
   dependencies = with python3Packages; [ anyio msgspec pyudev structlog ];
 
-  makeWrapperArgs = [ "--prefix" "PATH" ":" (lib.makeBinPath [ qemu util-linux virtiofsd ]) ];
+  makeWrapperArgs = [ "--prefix" "PATH" ":" (lib.makeBinPath [ qemu virtiofsd ]) ];
 
   # The test suite boots VMs and needs a Debian guest build: it runs in the project's CI instead.
   doCheck = false;

@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import os
 import select
-import shutil
 import signal
 import subprocess
 import time
@@ -34,7 +33,6 @@ from supervisor.launcher import child_environment
 
 _PR_SET_PDEATHSIG = 1
 STDERR_TAIL_LINES = 20
-SETPRIV = "setpriv"  # util-linux
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,40 +120,10 @@ def _make_preexec(parent_pid: int) -> Any:
     return preexec
 
 
-def _program_problem(spec: ChildSpec) -> SupervisorError | None:
-    """The errors exec would give, found before spawning (through setpriv, exec's own error would
-    be setpriv's exit status)."""
-    program = spec.argv[0]
-    path = program if "/" in program else shutil.which(program, mode=os.F_OK)
-    if path is None or not Path(path).is_file():
-        return SupervisorError(
-            f"{spec.name}: the program {program} does not exist; install it or point the "
-            "configuration at the right binary",
-            exit_code=ExitCode.UNAVAILABLE,
-        )
-    if not os.access(path, os.X_OK):
-        return SupervisorError(
-            f"{spec.name}: the program {program} is not executable by this user; fix its "
-            "permissions (chmod +x) or point the configuration at another binary",
-            exit_code=ExitCode.UNAVAILABLE,
-        )
-    return None
-
-
 def _spawn(spec: ChildSpec, stderr_write: int) -> subprocess.Popen[bytes]:
-    problem = _program_problem(spec)
-    if problem is not None:
-        raise problem
-    argv = list(spec.argv)
-    # The parent-death signal is set in the child, before the program runs. util-linux's setpriv
-    # does it between two execs, which lets Popen use vfork; a preexec_fn in Python forces a full
-    # fork of the supervisor and costs ~5 ms per child (issue 17). Without setpriv: the preexec_fn.
-    # With setpriv, a SIGKILL of the supervisor in the ~0.1 ms before its prctl leaves the child
-    # to the watchdog, which has its process group by then (announced as soon as Popen returns).
-    setpriv = shutil.which(SETPRIV)
     try:
         return subprocess.Popen(
-            [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv,
+            list(spec.argv),
             stdin=spec.stdin if spec.stdin is not None else subprocess.DEVNULL,
             stdout=spec.stdout if spec.stdout is not None else stderr_write,
             stderr=spec.stderr if spec.stderr is not None else stderr_write,
@@ -163,16 +131,20 @@ def _spawn(spec: ChildSpec, stderr_write: int) -> subprocess.Popen[bytes]:
             env=dict(spec.env) if spec.env is not None else None,
             cwd=spec.cwd,
             start_new_session=True,
-            preexec_fn=None if setpriv else _make_preexec(os.getpid()),  # noqa: PLW1509 - loop thread only
+            preexec_fn=_make_preexec(os.getpid()),  # noqa: PLW1509 - spawned from the loop thread only
             close_fds=True,
         )
     except FileNotFoundError:
-        raise _program_problem(spec) or SupervisorError(
-            f"{spec.name}: {argv[0]} could not be run", exit_code=ExitCode.UNAVAILABLE
+        raise SupervisorError(
+            f"{spec.name}: the program {spec.argv[0]} does not exist; install it or point the "
+            "configuration at the right binary",
+            exit_code=ExitCode.UNAVAILABLE,
         ) from None
     except PermissionError:
-        raise _program_problem(spec) or SupervisorError(
-            f"{spec.name}: {argv[0]} could not be run (permission denied)", exit_code=ExitCode.UNAVAILABLE
+        raise SupervisorError(
+            f"{spec.name}: the program {spec.argv[0]} is not executable by this user; fix its "
+            "permissions (chmod +x) or point the configuration at another binary",
+            exit_code=ExitCode.UNAVAILABLE,
         ) from None
 
 

@@ -315,8 +315,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = False
     # First of all: as PID 1, a signal without a handler is dropped by the kernel (see pid1.py).
     stop_signals = pid1.StopSignals().install()
-    # Signals a parent left blocked would stay blocked in our children too (exec keeps the mask).
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     try:
         if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
             # Before the parser: building it imports the verbs' modules (manage.add_parsers).
