@@ -153,26 +153,3 @@ def guest_cmdline(
 def shell_join(command: Sequence[str]) -> str:
     """Quote argv for the guest's busybox sh, which runs it with `sh -c`."""
     return " ".join("'" + arg.replace("'", "'\\''") + "'" for arg in command)
-
-
-@dataclass(frozen=True)
-class GuestReport:
-    exit_status: int | None
-    error: str | None
-
-
-def read_status(path: Path) -> GuestReport:
-    """Parse what the guest wrote to the status port: `agentvm-exit-status=N` or an error line."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return GuestReport(None, None)
-    status: int | None = None
-    error: str | None = None
-    for line in text.splitlines():
-        key, _, value = line.strip().partition("=")
-        if key == "agentvm-exit-status" and value.isdigit():
-            status = int(value)
-        elif key == "agentvm-guest-error":
-            error = value
-    return GuestReport(status, error)

@@ -85,14 +85,12 @@ class Plan:
         return self.instance_dir / "console.sock"
 
     @property
-    def status_file(self) -> Path:
-        return self.instance_dir / "guest-status"
-
-    @property
     def control_socket(self) -> Path:
         return self.instance_dir / control.SOCKET_NAME
 
-    def qemu_spec(self, *, private_qmp_fd: int, public_qmp_fd: int, resize_fd: int | None = None) -> QemuSpec:
+    def qemu_spec(
+        self, *, private_qmp_fd: int, public_qmp_fd: int, status_fd: int, resize_fd: int | None = None
+    ) -> QemuSpec:
         """The inputs of our own QEMU command line (built-in guest or qemu.kernel, not a runner
         script); only the fds QEMU inherits are decided at spawn time."""
         if self.kernel is None:
@@ -111,7 +109,7 @@ class Plan:
             shares=[(share.tag, share.socket_path) for share in self.shares],
             private_qmp_fd=private_qmp_fd,
             public_qmp_fd=public_qmp_fd,
-            status_file=self.status_file,
+            status_fd=status_fd,
             extra_args=self.qemu_extra_args,
             forwards=[forward.hostfwd() for forward in self.forwards],
             resize_fd=resize_fd,

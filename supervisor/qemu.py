@@ -28,7 +28,7 @@ class QemuSpec:
     shares: list[tuple[str, Path]]  # (tag, vhost-user socket)
     private_qmp_fd: int  # one end of a socketpair: the supervisor's own QMP connection
     public_qmp_fd: int  # a listening socket the supervisor bound at RUNTIME/qmp.sock
-    status_file: Path  # the guest writes its command's exit status to a virtio-serial port
+    status_fd: int  # one end of a socketpair: the guest's status port (statusport.py)
     extra_args: list[str]
     forwards: list[str] = field(default_factory=list)  # QEMU hostfwd= rules for a user-mode NIC
     resize_fd: int | None = None  # one end of a socketpair: the supervisor sends terminal sizes
@@ -82,7 +82,7 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
         "-chardev", "stdio,id=console,signal=off",
         "-device", f"virtio-serial-{bus},id=vser0",
         "-device", "virtconsole,chardev=console,bus=vser0.0",
-        "-chardev", f"file,id=status,path={spec.status_file}",
+        "-chardev", f"socket,id=status,fd={spec.status_fd}",
         "-device", f"virtserialport,chardev=status,name={STATUS_PORT},bus=vser0.0",
         "-chardev", f"socket,id=qmp-supervisor,fd={spec.private_qmp_fd}",
         "-mon", "chardev=qmp-supervisor,mode=control",

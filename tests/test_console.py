@@ -443,7 +443,7 @@ def test_qemu_gets_the_resize_port(tmp_path: Path) -> None:
         QemuSpec(
             binary="qemu-system-x86_64", instance="i", machine=Machine.Q35, accel=Accel.TCG, cpu="max",
             kernel=tmp_path / "k", initrd=None, cmdline="", memory_mib=256, vcpus=1, shares=[],
-            private_qmp_fd=3, public_qmp_fd=4, status_file=tmp_path / "s", extra_args=[], resize_fd=9,
+            private_qmp_fd=3, public_qmp_fd=4, status_fd=5, extra_args=[], resize_fd=9,
         )
     )  # fmt: skip
     joined = " ".join(argv)

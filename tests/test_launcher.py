@@ -403,7 +403,7 @@ def test_forwards_in_our_qemu_command(tmp_path: Path) -> None:
     spec = QemuSpec(
         binary="qemu", instance="i", machine=config.Machine.Q35, accel=config.Accel.TCG, cpu="max",
         kernel=tmp_path / "k", initrd=None, cmdline="", memory_mib=512, vcpus=1, shares=[],
-        private_qmp_fd=3, public_qmp_fd=4, status_file=tmp_path / "s", extra_args=[],
+        private_qmp_fd=3, public_qmp_fd=4, status_fd=5, extra_args=[],
         forwards=[f.hostfwd() for f in launcher.parse_forwards(["8080:80", "5353:53/udp"])],
     )  # fmt: skip
     argv = qemu_argv(spec)
