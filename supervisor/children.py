@@ -29,6 +29,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from supervisor.errors import ExitCode, SupervisorError
+from supervisor.launcher import child_environment
 
 _PR_SET_PDEATHSIG = 1
 STDERR_TAIL_LINES = 20
@@ -285,7 +286,7 @@ def probe(argv: Sequence[str], *, timeout: float = 10.0) -> ProbeResult:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "LC_ALL": "C"},  # stable, parseable help texts
+            env=child_environment(os.environ, {"LC_ALL": "C"}),  # no secrets; parseable help texts
             start_new_session=True,
             close_fds=True,
         )
@@ -298,6 +299,15 @@ def probe(argv: Sequence[str], *, timeout: float = 10.0) -> ProbeResult:
             os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         return ProbeResult(None, out.decode(errors="replace"), f"no answer within {timeout:g} s")
+    finally:
+        if proc.returncode is None:
+            # A stop signal during the preflight (StopRequested) or Ctrl-C: a probe is a child like
+            # any other, killed with its group and reaped, not left to PID 1.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
     return ProbeResult(proc.returncode, out.decode(errors="replace"))
 
 

@@ -8,6 +8,7 @@ traceback under --debug.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import math
@@ -29,6 +30,7 @@ from supervisor import (
     console,
     doctor,
     kvm_watch,
+    launcher,
     logs,
     manage,
     pid1,
@@ -202,8 +204,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _check_paths(cfg: config.Config) -> None:
+    """Paths from the environment (and the current dir, when it is the work dir) we pass on."""
+    cwd = None
+    if not cfg.work_dir and not os.environ.get("WORK_DIR"):
+        with contextlib.suppress(OSError):
+            cwd = str(Path.cwd())
+    config.check_environment_paths(os.environ, cwd)
+
+
 def _doctor(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, _overrides(args))
+    _check_paths(cfg)
     report = doctor.diagnose(cfg, env=os.environ, cwd=Path.cwd())
     if args.json:
         sys.stdout.buffer.write(doctor.render_json(report))
@@ -237,6 +249,7 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
             f"'{PROG} run -- make test'"
         )
     cfg = config.load(args.config, _overrides(args))
+    _check_paths(cfg)
     if args.wait_kvm is not None:
         _wait_for_kvm(cfg, args.wait_kvm)
     stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
@@ -252,7 +265,9 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
     # From here on a stop signal is handled by the instance (graceful stop), not by unwinding.
     stop_signals.defer()
     # Forked before the event loop starts: fork is only safe while there are no threads.
-    watchdog = Watchdog.start(tty_fd=stdin_fd if os.isatty(stdin_fd) else None)
+    watchdog = Watchdog.start(
+        env=launcher.child_environment(os.environ, {}), tty_fd=stdin_fd if os.isatty(stdin_fd) else None
+    )
     try:
         instance = Instance(checked, watchdog, Stdio(stdin_fd, stdout_fd), host)
         return anyio.run(instance.run)
@@ -269,6 +284,7 @@ def _attach(args: argparse.Namespace) -> int:
     if args.escape_key is not None:
         overrides["console"] = {"escape-key": args.escape_key}
     cfg = config.load(args.config, overrides)
+    config.check_environment_paths(os.environ)
     settings = plan.console_settings(cfg.console, os.environ)
     base = Path(cfg.runtime_dir) if cfg.runtime_dir else runtime.default_base(os.environ, os.geteuid())
     instance, path = attach.find_console(base, args.instance)
@@ -298,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fmt = {"json": True, "human": False}.get(getattr(args, "log_format", None) or "")
         logs.configure(json=fmt, level=level)
         if args.command != "run":
+            config.check_environment_paths(os.environ)
             return manage.run_verb(args)
         return _run(args, stop_signals)
     except SupervisorError as exc:

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from supervisor.errors import ExitCode, SupervisorError
+from supervisor.launcher import child_environment
 
 ASSET_FILES = ("vmlinuz", "initrd.gz", "virtiofsd")
 KERNEL_CMDLINE_MAX = 2047  # x86 COMMAND_LINE_SIZE is 2048 including the NUL
@@ -97,7 +98,11 @@ def ensure_assets(env: Mapping[str, str]) -> GuestAssets:
             return assets
         script = resources.files("supervisor") / "guest" / "build-assets.sh"
         with resources.as_file(script) as script_path:
-            result = subprocess.run(["bash", str(script_path), str(assets.directory)], check=False)
+            result = subprocess.run(
+                ["bash", str(script_path), str(assets.directory)],
+                check=False,
+                env=child_environment(os.environ, {}),  # no API keys or tokens for apt-get and friends
+            )
         if result.returncode != 0:
             raise SupervisorError(
                 f"building the built-in guest into {assets.directory} failed (status "

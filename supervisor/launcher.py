@@ -37,9 +37,18 @@ API_KEY_VARS: Mapping[Agent, str] = {
 }
 # Kept out of every child's environment: no child needs them, and /proc/PID/environ outlives intent.
 SECRET_VARS = frozenset(API_KEY_VARS.values())
+# Any other credential by its conventional name (GITHUB_TOKEN, AWS_SECRET_ACCESS_KEY, ...): QEMU,
+# virtiofsd, nix and the probes need none of them.
+SECRET_NAME = re.compile(r"(^|_)(API_KEY|TOKEN|SECRET|SECRET_ACCESS_KEY|PASSWORD|PASSWD)$", re.IGNORECASE)
 # Readiness is the supervisor's to report; a child (e.g. a cloud-hypervisor runner's socat) must not
 # talk to systemd's notify socket on its own.
 PRIVATE_VARS = SECRET_VARS | {"NOTIFY_SOCKET"}
+
+
+def is_private(name: str) -> bool:
+    return name in PRIVATE_VARS or SECRET_NAME.search(name) is not None
+
+
 CRI_RUNTIMES = ("containerd", "crun", "crio", "docker", "podman")
 
 ENV_FILE = ".microvm-env"
@@ -96,8 +105,9 @@ def instance_prefix(work_dir: Path, agent: Agent) -> str:
 
 
 def child_environment(env: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
-    """The environment every child gets: ours without the API keys and NOTIFY_SOCKET, plus `extra`."""
-    return {**{k: v for k, v in env.items() if k not in PRIVATE_VARS}, **extra}
+    """The environment every child gets: ours without secrets (API keys, tokens) and NOTIFY_SOCKET,
+    plus `extra`."""
+    return {**{k: v for k, v in env.items() if not is_private(k)}, **extra}
 
 
 # ---- port forwards ---------------------------------------------------------------------------

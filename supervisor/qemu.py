@@ -53,6 +53,12 @@ def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
     return khz if khz > 0 else None
 
 
+def qemu_escape(value: str) -> str:
+    """A value for a QEMU option list (`-chardev socket,path=VALUE`): ',' is written ',,'. Without it a
+    path like /tmp/rt,logfile=/tmp/leak adds options of its own."""
+    return value.replace(",", ",,")
+
+
 def qemu_argv(spec: QemuSpec) -> list[str]:
     bus = "pci" if spec.machine is Machine.Q35 else "device"
     machine = spec.machine.value
@@ -60,7 +66,7 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
         machine += ",acpi=on,pit=off,pic=off,isa-serial=off,rtc=on"
     argv = [
         spec.binary,
-        "-name", spec.instance,
+        "-name", qemu_escape(spec.instance),
         "-machine", f"{machine},accel={spec.accel.value}",
         "-cpu", spec.cpu,
         "-m", f"{spec.memory_mib}M",
@@ -96,7 +102,7 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
         ]  # fmt: skip
     for index, (tag, socket_path) in enumerate(spec.shares):
         argv += [
-            "-chardev", f"socket,id=fs{index},path={socket_path}",
+            "-chardev", f"socket,id=fs{index},path={qemu_escape(str(socket_path))}",
             "-device", f"vhost-user-fs-{bus},chardev=fs{index},tag={tag}",
         ]  # fmt: skip
     if spec.forwards:

@@ -345,14 +345,11 @@ def find_target(supervisor: int, target: str) -> int | None:
     kind, _, tag = target.partition(":")
     if kind == "supervisor":
         return supervisor
-    own = _cmdline(supervisor)
     for pid in _children(supervisor):
         cmdline = _cmdline(pid)
         if kind == "watchdog":
-            with contextlib.suppress(OSError):
-                # The watchdog is the supervisor's fork with its std streams on /dev/null.
-                if cmdline == own and str(Path(f"/proc/{pid}/fd/2").readlink()) == os.devnull:
-                    return pid
+            if "-m supervisor.watchdog " in cmdline:  # the supervisor's fork, exec'd without secrets
+                return pid
         elif kind == "runner" and FAKE_QEMU.name in cmdline and " -name " in cmdline:
             return pid  # the runner itself, not the preflight's `-version` / `-machine help` probes
         elif FAKE_VIRTIOFSD.name in cmdline and f"/{tag} " in cmdline + " ":

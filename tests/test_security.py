@@ -8,14 +8,22 @@ the processes and their environments.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import signal
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
-from supervisor import statusport
-from tests.faults import Case, Player, check, fixed_case, report
+from supervisor import config, guest, plan, qemu, statusport
+from supervisor.errors import ExitCode, SupervisorError
+from supervisor.watchdog import Watchdog
+from tests.faults import Case, Player, _cmdline, check, fixed_case, report
+from tests.runner_fixtures import RunnerFixture, qemu_command
+from tests.support import TEST_CACHE, base_env, run_supervisor
 
 
 class _Player(Player):
@@ -74,7 +82,12 @@ def test_status_port_flood_fills_neither_disk_nor_memory(shared_tmp: Path) -> No
 
 @pytest.mark.parametrize(
     "line",
-    ["agentvm-exit-status=256", "agentvm-exit-status=\u00b2", "agentvm-exit-status=-1", "agentvm-exit-status=1e3"],
+    [
+        "agentvm-exit-status=256",
+        "agentvm-exit-status=\u00b2",
+        "agentvm-exit-status=-1",
+        "agentvm-exit-status=1e3",
+    ],
 )
 def test_status_out_of_range_or_not_ascii_is_a_clear_guest_error(shared_tmp: Path, line: str) -> None:
     """`agentvm-exit-status=²` crashed the supervisor (str.isdigit then int: exit 70), and 256 was
@@ -123,3 +136,210 @@ def test_guest_error_text_loses_control_characters() -> None:
     assert report_.error is not None
     assert "\x1b" not in report_.error and "\x07" not in report_.error
     assert len(report_.error) <= statusport.ERROR_TEXT_MAX + 3
+
+
+# ---- D6: control characters in paths -----------------------------------------------------------
+
+
+def test_newline_in_runtime_dir_is_refused_before_anything_runs(shared_tmp: Path) -> None:
+    """`runtime-dir = "/tmp/x/precious\\nx"` reached the watchdog, whose line protocol then removed
+    /tmp/x/precious when the supervisor was SIGKILLed."""
+    precious = shared_tmp / "precious"
+    precious.mkdir()
+    (precious / "keep").write_text("mine\n")
+    weird = f"{precious}\nx"
+    result = run_supervisor(["run", "--runtime-dir", weird, "--", "true"], cwd=shared_tmp)
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert "`$.runtime-dir` is a path with a control character (\\n)" in result.stderr
+    assert not Path(weird).exists()
+    assert (precious / "keep").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("variable", ["WORK_DIR", "AGENT_HOME", "XDG_RUNTIME_DIR"])
+def test_control_character_in_a_path_variable_is_refused(shared_tmp: Path, variable: str) -> None:
+    weird = shared_tmp / "a\x1b]0;x\x07b"
+    weird.mkdir()
+    result = run_supervisor(["run", "--", "true"], env={variable: str(weird)}, cwd=shared_tmp)
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert f"${variable}" in result.stderr and "control character (\\x1b)" in result.stderr
+    assert "\x1b" not in result.stderr  # named, not sent to the terminal
+
+
+def test_config_fuzz_shapes_control_characters_in_every_path_field(tmp_path: Path) -> None:
+    for field in sorted(config.PATH_FIELDS):
+        document: dict[str, object] = {field: "/tmp/a\tb"}
+        if field in ("source", "guest-path"):
+            document = {"shares": [{"tag": "t", "source": "/tmp/s", field: "/tmp/a\tb"}]}
+        elif field in ("binary", "kvm-device", "kernel", "initrd"):
+            document = {"qemu": {field: "/tmp/a\tb"}}
+        elif field in ("script", "cwd"):
+            document = {"runner": {"script": "/tmp/s", field: "/tmp/a\tb"}}
+        elif field == "log-dir":
+            document = {"console": {field: "/tmp/a\tb"}}
+        with pytest.raises(SupervisorError) as caught:
+            config.load(None, document)
+        assert "control character (\\t)" in caught.value.message, field
+
+
+def test_watchdog_protocol_keeps_a_newline_inside_a_path(tmp_path: Path) -> None:
+    """The watchdog split its messages at newlines: `dir /x/precious\\nx` removed /x/precious."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep").write_text("mine\n")
+    weird = tmp_path / "precious\nx"
+    weird.mkdir()
+    watchdog = Watchdog.start(env=base_env())
+    watchdog.guard_dir(weird)
+    os.close(watchdog._write_fd)  # the supervisor died without saying "done"
+    os.waitpid(watchdog.pid, 0)
+    assert (precious / "keep").read_text() == "mine\n"
+    assert not weird.exists()
+
+
+# ---- D7: commas in QEMU option values ------------------------------------------------------------
+
+
+@pytest.mark.vm
+def test_comma_in_runtime_dir_cannot_add_qemu_options(
+    guest_assets: guest.GuestAssets, tmp_path: Path
+) -> None:
+    """`--runtime-dir '/tmp/rt,logfile=/tmp/leak'` added a logfile= option to QEMU's -chardev."""
+    base = Path(tempfile.mkdtemp(prefix="avr-", dir="/tmp"))
+    try:
+        runtime_dir = base / "rt,logfile=leak"
+        work = tmp_path / "work"
+        work.mkdir()
+        args = ["run", "--name", "comma", "--work-dir", str(work), "--agent-home", str(tmp_path / "home")]
+        result = run_supervisor(
+            [*args, "--runtime-dir", str(runtime_dir), "--", "sh", "-c", "exit 5"], cwd=base
+        )
+        assert result.returncode == 5, result.stderr
+        assert sorted(path.name for path in base.iterdir()) == [runtime_dir.name]
+        assert list(runtime_dir.iterdir()) == []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_comma_in_a_path_is_escaped_in_our_qemu_options(tmp_path: Path) -> None:
+    spec = qemu.QemuSpec(
+        binary="qemu", instance="i", machine=config.Machine.Q35, accel=config.Accel.TCG, cpu="max",
+        kernel=tmp_path / "k", initrd=None, cmdline="", memory_mib=512, vcpus=1,
+        shares=[("work", Path("/tmp/rt,logfile=/tmp/leak/work.sock"))],
+        private_qmp_fd=3, public_qmp_fd=4, status_fd=5, extra_args=[],
+    )  # fmt: skip
+    argv = qemu.qemu_argv(spec)
+    assert "socket,id=fs0,path=/tmp/rt,,logfile=/tmp/leak/work.sock" in argv
+
+
+def test_comma_in_the_runtime_dir_is_escaped_in_a_rewritten_runner(
+    guest_assets: guest.GuestAssets, tmp_path: Path
+) -> None:
+    fixture = RunnerFixture(tmp_path / "runner")
+    fixture.write(qemu_command(guest_assets, guest_command=["true"]))
+    work = tmp_path / "proj"
+    work.mkdir()
+    checked = plan.build_plan(
+        config.load(
+            None,
+            {"runner": {"script": str(fixture.directory)}, "work-dir": str(work), "runtime-dir": "/tmp/a,b"},
+        ),
+        env={"AGENTVM_SUPERVISE_CACHE": str(TEST_CACHE), "HOME": str(tmp_path / "home")},
+        cwd=tmp_path,
+        command=None,
+    )
+    assert checked.runner is not None
+    rendered = checked.runner.render(checked.instance_dir, 42)
+    escaped = str(checked.instance_dir).replace(",", ",,")
+    assert f"socket,id=fs0,path={escaped}/work.sock" in rendered
+    assert f"unix:{escaped}/qmp.sock,server,nowait" in rendered
+    assert "path=/tmp/a,b" not in rendered
+
+
+# ---- D8: secrets in children's environments; D9: a stop signal during the preflight -------------
+
+SECRETS = {
+    "ANTHROPIC_API_KEY": "sk-ant-secret-1",
+    "GEMINI_API_KEY": "gemini-secret-2",
+    "OPENAI_API_KEY": "openai-secret-3",
+    "MY_SERVICE_API_KEY": "service-secret-4",
+    "GITHUB_TOKEN": "ghp-secret-5",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-6",
+}
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = [int(child) for child in (task / "children").read_text().split()]
+                found += children
+                todo += children
+    return found
+
+
+def test_no_child_gets_the_api_keys_or_tokens(shared_tmp: Path) -> None:
+    """Preflight probes got `{**os.environ}`, the forked watchdog kept the supervisor's environment,
+    the guest build script inherited it: ANTHROPIC_API_KEY (and any token) was readable in their
+    /proc/PID/environ. Every child now gets an explicit environment without secrets."""
+    env_log = shared_tmp / "environments"
+    case = fixed_case(builtin=True)
+    player = _Player(case, shared_tmp / "case", {**SECRETS, "STUB_ENV_LOG": str(env_log)})
+    (shared_tmp / "case").mkdir()
+    player.setup()
+    player.launch()
+    environments: dict[str, bytes] = {}
+    try:
+        assert player.wait_marker(), player.result.stdout
+        assert player.proc is not None
+        own = Path(f"/proc/{player.proc.pid}/environ").read_bytes()
+        for pid in _descendants(player.proc.pid):  # the watchdog, virtiofsd and their sandboxes, QEMU
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                environments[f"{pid} {cmdline}"] = Path(f"/proc/{pid}/environ").read_bytes()
+        player.trigger_end()
+        player.finish()
+    finally:
+        player.cleanup()
+    assert player.result.code == 3, player.result.stderr
+    logged = env_log.read_text()
+    assert "-version" in logged and "--version" in logged  # the probes of QEMU and virtiofsd
+    for name, value in SECRETS.items():
+        for process, environ in environments.items():
+            assert value.encode() not in environ, f"{name} in the environment of {process}"
+        assert value not in logged, f"{name} reached a probe or a child"
+    assert len(environments) >= 5, list(environments)  # watchdog, QEMU, 3 virtiofsd (+ sandboxes)
+    assert any("fake_qemu" in name for name in environments), list(environments)
+    # They were there to leak: the supervisor itself has them (.microvm-env needs the agent's key).
+    assert SECRETS["ANTHROPIC_API_KEY"].encode() in own
+
+
+def test_stop_signal_during_the_preflight_kills_and_reaps_the_probe(shared_tmp: Path) -> None:
+    """A slow `-version` probe kept running under PID 1 after the supervisor, stopped by SIGTERM
+    during the preflight, said nothing was left behind."""
+    case = fixed_case(builtin=True)
+    player = _Player(case, shared_tmp, {"STUB_QEMU_PROBE_SLEEP": "60"})
+    player.setup()
+    player.launch()
+    try:
+        assert player.proc is not None
+        deadline = time.monotonic() + 30
+        probe = None
+        while probe is None and time.monotonic() < deadline and player.alive():
+            probe = next(
+                (pid for pid in _descendants(player.proc.pid) if "fake_qemu.py -version" in _cmdline(pid)),
+                None,
+            )
+            time.sleep(0.01)
+        assert probe is not None, "the slow probe never started"
+        player.proc.send_signal(signal.SIGTERM)
+        player.finish()
+    finally:
+        player.cleanup()
+    result = player.result
+    assert result.code == 128 + signal.SIGTERM, result.stderr
+    assert "stopped by SIGTERM while starting" in result.stderr
+    assert not Path(f"/proc/{probe}").exists() or "fake_qemu" not in _cmdline(probe)
+    assert result.left_processes == []

@@ -20,6 +20,8 @@ else (a custom kernel) exits with that status.
                      once booted, before the status,
                      then print FLOOD-DONE
 
+`STUB_QEMU_PROBE_SLEEP=S` makes the preflight's `-version` probe take S seconds.
+`STUB_ENV_LOG=FILE` appends each invocation's argv and environment to FILE.
 `STUB_QEMU_STATUS_LINE` replaces the status line the guest writes (e.g. `agentvm-exit-status=256`).
 """
 
@@ -51,6 +53,14 @@ def _die(message: str) -> NoReturn:
     os._exit(1)
 
 
+def log_environment() -> None:
+    """STUB_ENV_LOG=FILE: append this process's argv and environment to FILE (secrets tests)."""
+    path = os.environ.get("STUB_ENV_LOG")
+    if path:
+        with open(path, "ab") as log:
+            log.write(repr((sys.argv, dict(os.environ))).encode() + b"\n")
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -60,8 +70,8 @@ def _write_all(fd: int, data: bytes) -> None:
 def _chardev(spec: str) -> tuple[str, dict[str, str]]:
     backend, _, rest = spec.partition(",")
     props: dict[str, str] = {}
-    for item in rest.split(","):
-        key, _, value = item.partition("=")
+    for item in rest.replace(",,", "\0").split(","):  # ",," is a comma inside a value
+        key, _, value = item.replace("\0", ",").partition("=")
         if key:
             props[key] = value
     return backend, props
@@ -98,7 +108,10 @@ class Qmp:
 
 
 def main(argv: list[str]) -> None:
+    log_environment()
     if argv[1:] == ["-version"] or (len(argv) == 3 and argv[2] == "help"):
+        if argv[1:] == ["-version"] and os.environ.get("STUB_QEMU_PROBE_SLEEP"):
+            time.sleep(float(os.environ["STUB_QEMU_PROBE_SLEEP"]))  # a slow preflight probe
         # The supervisor's preflight queries (version, machines, devices): the real QEMU answers.
         os.execv(REAL_QEMU, [REAL_QEMU, *argv[1:]])  # noqa: S606
     behaviours = set(filter(None, os.environ.get("STUB_QEMU", "").split(",")))
