@@ -21,6 +21,7 @@ from pathlib import Path
 import msgspec
 import structlog
 
+from supervisor import trust
 from supervisor.children import read_start_ticks
 from supervisor.errors import ExitCode, SupervisorError
 
@@ -186,11 +187,14 @@ def clean_stale(base: Path) -> list[str]:
     except OSError:
         return []
     for entry in entries:
+        if not trust.instance_trusted(entry):
+            continue  # not ours alone: its state file could name anyone's processes
         state = read_state(entry)
         if state is None or not is_stale(state):
             continue  # no state yet (an instance being created) or a live supervisor
         for group in state.groups:
-            if process_alive(group.pgid, group.start_ticks):
+            ours = trust.may_signal_group(group.pgid, group.start_ticks, state.supervisor_start_ticks)
+            if ours and process_alive(group.pgid, group.start_ticks):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(group.pgid, signal.SIGKILL)
                 log.warning("killed a leftover process group", instance=state.instance, child=group.name)

@@ -323,7 +323,7 @@ def test_kill_9_of_the_supervisor_gives_the_terminal_back_through_the_watchdog(s
     forks = [
         pid
         for pid in children_of(supervisor)
-        if b"\0-m\0supervisor\0run\0" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"\0-m\0supervisor.watchdog\0" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
     [watchdog] = forks
     os.kill(supervisor, signal.SIGKILL)

@@ -163,10 +163,11 @@ def test_stop_with_a_deadline_is_not_stalled_by_a_silent_client(live: Live) -> N
 
 
 def _watchdog_of(supervisor: int) -> int:
-    """The watchdog is the supervisor's child with the supervisor's own command line."""
-    cmdline = Path(f"/proc/{supervisor}/cmdline").read_bytes()
+    """The watchdog is the supervisor's child running `python -m supervisor.watchdog`."""
     [watchdog] = [
-        pid for pid in children_of(supervisor) if Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline
+        pid
+        for pid in children_of(supervisor)
+        if b"\0-m\0supervisor.watchdog\0" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
     return watchdog
 

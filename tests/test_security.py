@@ -11,19 +11,22 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from supervisor import config, guest, plan, qemu, statusport
+from supervisor import config, guest, plan, qemu, runtime, statusport
+from supervisor.children import read_start_ticks
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.watchdog import Watchdog
 from tests.faults import Case, Player, _cmdline, check, fixed_case, report
 from tests.runner_fixtures import RunnerFixture, qemu_command
-from tests.support import TEST_CACHE, base_env, run_supervisor
+from tests.support import TEST_CACHE, base_env, run_supervisor, user_ids
 
 
 class _Player(Player):
@@ -343,3 +346,102 @@ def test_stop_signal_during_the_preflight_kills_and_reaps_the_probe(shared_tmp: 
     assert "stopped by SIGTERM while starting" in result.stderr
     assert not Path(f"/proc/{probe}").exists() or "fake_qemu" not in _cmdline(probe)
     assert result.left_processes == []
+
+
+# ---- D2: state files in another user's runtime dir ------------------------------------------------
+
+
+def _sleeper(user: str | None = None) -> subprocess.Popen[bytes]:
+    """A process group leader standing for a process of root's (or `user`'s) that is not an agentvm's."""
+    ids = user_ids(user) if user else None
+    return subprocess.Popen(
+        ["sleep", "300"],
+        start_new_session=True,
+        user=ids[0] if ids else None,
+        group=ids[1] if ids else None,
+        extra_groups=[] if ids else None,
+    )
+
+
+def _plant_state(instance_dir: Path, victim: int, *, supervisor_ticks: int = 1) -> None:
+    """A state.json of a dead supervisor whose 'leftover' group is `victim`."""
+    instance_dir.mkdir(mode=0o700)
+    state = runtime.InstanceState(
+        instance=instance_dir.name,
+        supervisor_pid=2**22 - 7,  # no such process: the instance looks stale
+        supervisor_start_ticks=supervisor_ticks,
+        created=0.0,
+        groups=(runtime.GroupRecord("runner", victim, read_start_ticks(victim)),),
+    )
+    (instance_dir / "state.json").write_bytes(msgspec.json.encode(state))
+
+
+def _alive(proc: subprocess.Popen[bytes]) -> bool:
+    return proc.poll() is None
+
+
+def test_list_as_root_on_another_users_runtime_dir_kills_nothing(shared_tmp: Path, test_user: str) -> None:
+    """A user wrote a state.json naming root's process group into their runtime dir; root ran
+    `list --runtime-dir` on it, and the stale-instance cleanup SIGKILLed root's process."""
+    uid, gid = user_ids(test_user)
+    base = shared_tmp / "agentvm-user"
+    victim = _sleeper()
+    try:
+        base.mkdir(mode=0o700)
+        _plant_state(base / "x-claude-vm-00000000", victim.pid)
+        for path in (base, base / "x-claude-vm-00000000", base / "x-claude-vm-00000000" / "state.json"):
+            os.chown(path, uid, gid)
+        for verb in (["list"], ["status"], ["stop", "--no-wait"], ["attach"]):
+            result = run_supervisor([*verb, "--runtime-dir", str(base)])
+            assert result.returncode == ExitCode.USAGE, (verb, result.stderr)
+            assert f"belongs to uid {uid}, not to this user" in result.stderr
+            time.sleep(0.05)
+            assert _alive(victim), f"{verb} killed root's process"
+        assert (base / "x-claude-vm-00000000").exists()
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_stale_cleanup_signals_only_groups_its_supervisor_could_have_started(
+    short_runtime: Path, test_user: str
+) -> None:
+    """In our own runtime dir, a state.json still names only what it names: another user's process,
+    one older than the recorded supervisor, or any process in a dir others may write, is left alone."""
+    foreign = _sleeper(test_user)
+    older = _sleeper()
+    planted = _sleeper()
+    try:
+        time.sleep(0.05)
+        _plant_state(short_runtime / "a-claude-vm-00000001", foreign.pid)
+        _plant_state(
+            short_runtime / "b-claude-vm-00000002",
+            older.pid,
+            supervisor_ticks=read_start_ticks(older.pid) + 1,
+        )
+        _plant_state(short_runtime / "c-claude-vm-00000003", planted.pid)
+        (short_runtime / "c-claude-vm-00000003").chmod(0o777)
+        result = run_supervisor(["list", "--runtime-dir", str(short_runtime)])
+        assert result.returncode == 0, result.stderr
+        time.sleep(0.05)
+        assert _alive(foreign) and _alive(older) and _alive(planted)
+    finally:
+        for proc in (foreign, older, planted):
+            proc.kill()
+            proc.wait()
+
+
+def test_stale_cleanup_still_kills_what_a_dead_supervisor_left(short_runtime: Path) -> None:
+    """The checks do not stop the cleanup it is for: our own leftover group of a dead supervisor."""
+    leftover = _sleeper()
+    try:
+        _plant_state(short_runtime / "d-claude-vm-00000004", leftover.pid)
+        result = run_supervisor(["list", "--runtime-dir", str(short_runtime)])
+        assert result.returncode == 0, result.stderr
+        assert "cleaned up d-claude-vm-00000004" in result.stderr
+        leftover.wait(timeout=10)
+        assert leftover.returncode == -signal.SIGKILL
+    finally:
+        if _alive(leftover):
+            leftover.kill()
+            leftover.wait()
