@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -22,6 +23,7 @@ import pytest
 
 from supervisor import config, guest, plan, qemu, runtime, statusport
 from supervisor.children import read_start_ticks
+from supervisor.consolelog import open_log
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.watchdog import Watchdog
 from tests.faults import Case, Player, _cmdline, check, fixed_case, report
@@ -445,3 +447,69 @@ def test_stale_cleanup_still_kills_what_a_dead_supervisor_left(short_runtime: Pa
         if _alive(leftover):
             leftover.kill()
             leftover.wait()
+
+
+# ---- D11: the console log dir ----------------------------------------------------------------------
+
+
+def test_console_log_dir_of_another_user_is_refused(shared_tmp: Path, test_user: str) -> None:
+    """Root used an existing log dir another user owned (0777): that user could swap the log for a
+    link to any file, and rotation renamed and opened with O_CREAT following links."""
+    uid, gid = user_ids(test_user)
+    log_dir = shared_tmp / "logs"
+    log_dir.mkdir()
+    os.chown(log_dir, uid, gid)
+    log_dir.chmod(0o777)
+    case = fixed_case(builtin=True, qemu_behaviour="exit-at-once")
+    player = _Player(case, shared_tmp / "case")
+    (shared_tmp / "case").mkdir()
+    player.setup()
+    with (player.dir / "config.toml").open("a") as config_file:
+        config_file.write(f'[console]\nlog-dir = "{log_dir}"\n')
+    player.launch()
+    try:
+        player.finish()
+    finally:
+        player.cleanup()
+    result = player.result
+    assert result.code == ExitCode.CANT_CREATE, result.stderr
+    assert f"the console log dir {log_dir} belongs to uid {uid}" in result.stderr
+    assert list(log_dir.iterdir()) == []
+    assert not result.left_processes and not result.left_files
+
+
+def test_own_console_log_dir_open_to_others_is_made_private(tmp_path: Path) -> None:
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir(mode=0o755)
+    log_dir.chmod(0o777)
+    log = open_log(log_dir, "i-0001", max_bytes=4096, keep=2)
+    log.close()
+    assert stat.S_IMODE(log_dir.stat().st_mode) == 0o700
+
+
+def test_console_log_never_follows_a_planted_link(tmp_path: Path) -> None:
+    """Neither the log nor its rotation may write through a symlink someone planted in the dir."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir(mode=0o700)
+    (log_dir / "i-0001.log").symlink_to(victim)
+    with pytest.raises(SupervisorError) as caught:
+        open_log(log_dir, "i-0001", max_bytes=4096, keep=5)
+    assert caught.value.exit_code == ExitCode.CANT_CREATE
+    # Rotation: a link planted at the new log's name while the old one is renamed away.
+    (log_dir / "i-0001.log").unlink()
+    log = open_log(log_dir, "i-0001", max_bytes=4096, keep=5)
+    log.write(b"x" * 4096)
+    log.flush()
+    (log_dir / "i-0001.log.1").symlink_to(victim)  # unlinked, not followed, at rotation
+    log.write(b"y" * 100)
+    log.flush()
+    log.close()
+    assert victim.read_text() == "precious\n"
+    assert not (log_dir / "i-0001.log.1").is_symlink()
+    linked_dir = tmp_path / "linked"
+    linked_dir.symlink_to(log_dir)
+    with pytest.raises(SupervisorError) as caught:
+        open_log(linked_dir, "i-0002", max_bytes=4096, keep=5)
+    assert "symlink" in caught.value.message
