@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import tempfile
@@ -513,3 +514,45 @@ def test_console_log_never_follows_a_planted_link(tmp_path: Path) -> None:
     with pytest.raises(SupervisorError) as caught:
         open_log(linked_dir, "i-0002", max_bytes=4096, keep=5)
     assert "symlink" in caught.value.message
+
+
+# ---- also: console-socket flood, .microvm-env planted as a dir, an early signal --------------------
+
+
+def _closed_by_peer(conn: socket.socket) -> bool:
+    try:
+        return conn.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+
+
+def test_console_socket_connections_are_capped(shared_tmp: Path) -> None:
+    """A flood of connections to console.sock held the supervisor at its fd limit (no cap, unlike
+    the control socket); beyond the cap a connection is closed at once."""
+    case = fixed_case(builtin=True)
+    player = _Player(case, shared_tmp)
+    player.setup()
+    player.launch()
+    flood: list[socket.socket] = []
+    try:
+        assert player.wait_marker(), player.result.stdout
+        assert player.proc is not None
+        [console_socket] = player.runtime.glob("*/console.sock")
+        fds_before = len(list(Path(f"/proc/{player.proc.pid}/fd").iterdir()))
+        for _ in range(200):
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(str(console_socket))
+            flood.append(conn)
+        player.sleep(1.0)
+        fds_during = len(list(Path(f"/proc/{player.proc.pid}/fd").iterdir()))
+        assert fds_during - fds_before <= 16 + 2, (fds_before, fds_during)
+        closed = sum(1 for conn in flood if _closed_by_peer(conn))
+        assert closed >= 200 - 16
+        player.trigger_end()
+        player.finish()
+    finally:
+        for conn in flood:
+            conn.close()
+        player.cleanup()
+    assert player.result.code == 3, player.result.stderr
+    assert "refused console connections: too many open" in player.result.stderr
