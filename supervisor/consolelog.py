@@ -25,6 +25,7 @@ from pathlib import Path
 
 import structlog
 
+from supervisor import diskfull
 from supervisor.errors import ExitCode, SupervisorError
 
 LOG_SUFFIX = ".log"
@@ -120,7 +121,8 @@ class ConsoleLog:
                 del self._pending[:size]
         except OSError as exc:
             # A full disk must not take the console down with it: stop logging, say so once.
-            structlog.get_logger().warning("console log disabled", path=str(self.path), reason=exc.strerror)
+            reason = diskfull.full_disk_message(self.path, exc) or exc.strerror
+            structlog.get_logger().warning("console log disabled", path=str(self.path), reason=reason)
             self._pending.clear()
             self.close()
 

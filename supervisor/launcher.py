@@ -22,11 +22,13 @@ import os
 import pwd
 import re
 import secrets
+import shlex
 import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from supervisor import diskfull
 from supervisor.config import Agent
 from supervisor.errors import ExitCode, SupervisorError
 
@@ -229,6 +231,13 @@ def _write_atomically(path: Path, data: bytes, owner: tuple[int, int] | None) ->
     except OSError as exc:
         with contextlib.suppress(OSError):
             temporary.unlink()
+        diskfull.raise_if_full(path, exc)
+        if path.is_dir() and not path.is_symlink():
+            raise SupervisorError(
+                f"{path} is a directory where agentvm-supervise keeps a file (the guest can write "
+                f"there, and may have made it): remove it (rm -r {shlex.quote(str(path))}) and start again",
+                exit_code=ExitCode.CANT_CREATE,
+            ) from None
         raise SupervisorError(
             f"cannot write {path} ({exc.strerror}): the agent home must be a writable directory of "
             "this user; fix its permissions or choose another with --agent-home / AGENT_HOME",

@@ -21,7 +21,7 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from supervisor import trust
+from supervisor import diskfull, trust
 from supervisor.children import read_start_ticks
 from supervisor.errors import ExitCode, SupervisorError
 
@@ -118,6 +118,7 @@ def create_instance_dir(base: Path, instance: str) -> Path:
     try:
         path.mkdir(mode=0o700)
     except OSError as exc:
+        diskfull.raise_if_full(path, exc)
         raise SupervisorError(
             f"cannot create the instance dir {path} ({exc.strerror}): check that {base} is writable "
             "for this user and the disk is not full, or choose another base with --runtime-dir",
@@ -133,6 +134,9 @@ def write_state(path: Path, state: InstanceState) -> None:
         temporary.write_bytes(msgspec.json.encode(state))
         temporary.replace(path / STATE_FILE)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        diskfull.raise_if_full(path / STATE_FILE, exc)
         raise SupervisorError(
             f"cannot write {path / STATE_FILE} ({exc.strerror}): the instance dir {path} was changed "
             "while the VM was starting (its permissions, or removed, or the disk is full); keep other "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,13 +17,13 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from supervisor import config, guest, plan, qemu, runtime, statusport
+from supervisor import config, guest, launcher, plan, qemu, runtime, statusport
 from supervisor.children import read_start_ticks
 from supervisor.consolelog import open_log
 from supervisor.errors import ExitCode, SupervisorError
@@ -556,3 +557,72 @@ def test_console_socket_connections_are_capped(shared_tmp: Path) -> None:
         player.cleanup()
     assert player.result.code == 3, player.result.stderr
     assert "refused console connections: too many open" in player.result.stderr
+
+
+def test_env_file_planted_as_a_directory_is_a_clear_error(tmp_path: Path) -> None:
+    """The guest (uid 1000 owns the agent home) made .microvm-env a directory: every later start
+    failed with a remedy about the agent home's permissions."""
+    home = tmp_path / "home"
+    (home / launcher.ENV_FILE / "x").mkdir(parents=True)
+    plan_ = launcher.EnvFile(path=home / launcher.ENV_FILE, entries=(("ENABLE_CRI", "docker"),), owner=None)
+    with pytest.raises(SupervisorError) as caught:
+        launcher.write_env_file(plan_)
+    assert caught.value.exit_code == ExitCode.CANT_CREATE
+    assert f"{home / launcher.ENV_FILE} is a directory" in caught.value.message
+    assert "rm -r" in caught.value.message
+
+
+# ---- D10: a full disk ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _fill(directory: Path) -> None:
+    with (directory / "filler").open("wb", buffering=0) as filler, contextlib.suppress(OSError):
+        while True:  # until ENOSPC
+            filler.write(b"\0" * 4096)
+
+
+def test_full_runtime_dir_disk_is_said_to_be_full(shared_tmp: Path) -> None:
+    """A full disk under the runtime dir read as 'the instance dir was changed while the VM was
+    starting (its permissions, or removed, or the disk is full)'; now it says the disk is full."""
+    with _small_tmpfs(shared_tmp / "fs", "256k") as fs:
+        case = fixed_case(builtin=True, qemu_behaviour="exit-at-once")
+        player = _Player(case, shared_tmp / "case")
+        (shared_tmp / "case").mkdir()
+        player.runtime = fs / "rt"
+        player.runtime.mkdir(mode=0o700)
+        _fill(fs)
+        result = player.play()
+    assert result.code == ExitCode.CANT_CREATE, result.stderr
+    assert re.search(rf"the disk holding {fs}/rt/\S+ is full \(\d+ bytes free\)", result.stderr), (
+        result.stderr
+    )
+    assert not result.left_processes
+
+
+@pytest.mark.vm
+def test_guest_filling_the_disk_of_the_runtime_dir_keeps_its_exit_status(
+    guest_assets: guest.GuestAssets, shared_tmp: Path
+) -> None:
+    """Work dir and runtime dir on one filesystem, which the guest fills: the status the guest wrote
+    was lost (the status file could not grow) and the run ended with 76, 'QEMU exited before the
+    guest reported a status'. The status no longer goes through the disk."""
+    with _small_tmpfs(shared_tmp / "fs", "16m") as fs:
+        work = fs / "work"
+        work.mkdir()
+        runtime_dir = fs / "rt"
+        runtime_dir.mkdir(mode=0o700)
+        args = ["run", "--name", "full", "--work-dir", str(work), "--agent-home", str(shared_tmp / "home")]
+        script = "dd if=/dev/zero of=/work/big bs=1M count=32 2>/dev/null; exit 4"
+        result = run_supervisor([*args, "--runtime-dir", str(runtime_dir), "--", "sh", "-c", script])
+        assert result.returncode == 4, result.stderr
+        assert list(runtime_dir.iterdir()) == []
