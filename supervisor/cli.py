@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -294,11 +294,13 @@ def _attach(args: argparse.Namespace) -> int:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, unblock: Iterable[int] = ()) -> int:
+    """`unblock`: stop signals the entry point held back while importing us (supervisor/entry.py)."""
     debug = False
     # First of all: as PID 1, a signal without a handler is dropped by the kernel (see pid1.py).
     stop_signals = pid1.StopSignals().install()
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, unblock)  # one that came meanwhile lands here
         args = _parser().parse_args(argv)
         debug = bool(getattr(args, "debug", False))
         if args.command is None:

@@ -15,6 +15,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -30,7 +31,7 @@ from supervisor.errors import ExitCode, SupervisorError
 from supervisor.watchdog import Watchdog
 from tests.faults import Case, Player, _cmdline, check, fixed_case, report
 from tests.runner_fixtures import RunnerFixture, qemu_command
-from tests.support import TEST_CACHE, base_env, run_supervisor, user_ids
+from tests.support import TEST_CACHE, base_env, run_supervisor, supervisor_argv, user_ids
 
 
 class _Player(Player):
@@ -626,3 +627,30 @@ def test_guest_filling_the_disk_of_the_runtime_dir_keeps_its_exit_status(
         result = run_supervisor([*args, "--runtime-dir", str(runtime_dir), "--", "sh", "-c", script])
         assert result.returncode == 4, result.stderr
         assert list(runtime_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["console-script", "python-m"])
+def test_ctrl_c_while_starting_prints_no_traceback(tmp_path: Path, how: str) -> None:
+    """A SIGINT in the first ~0.1 s (while the CLI imports anyio, structlog, msgspec) printed a
+    KeyboardInterrupt traceback through our modules."""
+    script = Path(sys.executable).parent / "agentvm-supervise"
+    argv = [str(script)] if how == "console-script" else supervisor_argv()
+    seen: list[str] = []
+    for step in range(16):
+        proc = subprocess.Popen(
+            [*argv, "list", "--runtime-dir", str(tmp_path / "none")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=base_env(),
+        )
+        time.sleep(step * 0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        text = err.decode(errors="replace")
+        seen.append(f"{step * 10} ms: {proc.returncode}")
+        # CPython's own startup (site.py) or the generated wrapper's `import re` may be hit: not ours.
+        ours = "Traceback" in text and re.search(r'File "[^"]*/supervisor/[^"]*\.py"', text) is not None
+        assert not ours, f"after {step * 10} ms:\n{text}"
+        assert proc.returncode in (0, 130, 1, -signal.SIGINT), text
+    assert any(line.endswith(": 130") for line in seen), seen  # some signals did land while starting
