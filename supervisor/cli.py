@@ -28,6 +28,7 @@ from supervisor import (
     attach,
     config,
     console,
+    devallow,
     doctor,
     kvm_watch,
     launcher,
@@ -165,7 +166,29 @@ def _parser() -> _Parser:
     att.add_argument("--escape-key", help="console escape key: ctrl-X, ^X, or none (default: ctrl-])")
     att.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     manage.add_parsers(commands)
+    allow_cmd = commands.add_parser(
+        "allow",
+        help="allow the host to evaluate this project's dev shell (DIRENV_ALLOW=1) as it is now",
+        description="Record the project's Nix inputs (flake.nix, flake.lock, devenv files, every *.nix "
+        "file) as reviewed: with DIRENV_ALLOW=1 the host evaluates the dev shell only while they are "
+        "unchanged, since the guest can edit them. Review them first.",
+    )
+    allow_cmd.add_argument("--work-dir", help="the project dir (default: $WORK_DIR, else the current dir)")
     return parser
+
+
+def _allow(args: argparse.Namespace) -> int:
+    raw = args.work_dir or os.environ.get("WORK_DIR") or str(Path.cwd())
+    config.check_environment_paths(os.environ, raw)
+    work_dir = Path(raw).expanduser().resolve()
+    if not work_dir.is_dir():
+        raise SupervisorError(
+            f"the work dir {work_dir} is not a directory: pass the project dir with --work-dir"
+        )
+    allowed = devallow.allow(work_dir, os.environ)
+    names = ", ".join(allowed) or "no Nix files"
+    print(f"allowed the dev shell of {work_dir} as it is now ({names})")
+    return ExitCode.OK
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -315,6 +338,8 @@ def main(argv: Sequence[str] | None = None, *, unblock: Iterable[int] = ()) -> i
         level = logging.DEBUG if debug else (logging.INFO if getattr(args, "verbose", False) else None)
         fmt = {"json": True, "human": False}.get(getattr(args, "log_format", None) or "")
         logs.configure(json=fmt, level=level)
+        if args.command == "allow":
+            return _allow(args)
         if args.command != "run":
             config.check_environment_paths(os.environ)
             return manage.run_verb(args)

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supervisor import checks, control, guest, kvm, launcher, runner, runtime
+from supervisor import checks, control, devallow, guest, kvm, launcher, runner, runtime
 from supervisor.config import (
     Accel,
     Agent,
@@ -374,6 +374,10 @@ def build_plan(
         devshell = launcher.plan_devshell(
             work_dir, agent_home, launcher.child_environment(env, {}), owner_ids
         )
+        refused = devallow.refusal(work_dir, env) if devshell is not None else None
+        if refused is not None:  # the guest can edit the Nix code the host would evaluate
+            notes.append(refused)
+            devshell = None
     else:
         agent_home = None
     sockets += [

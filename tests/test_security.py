@@ -32,6 +32,7 @@ from supervisor.watchdog import Watchdog
 from tests.faults import Case, Player, _cmdline, check, fixed_case, report
 from tests.runner_fixtures import RunnerFixture, qemu_command
 from tests.support import TEST_CACHE, base_env, run_supervisor, supervisor_argv, user_ids
+from tests.test_launcher import _calls, _launch, _stub_tools, allow_devshell
 
 
 class _Player(Player):
@@ -654,3 +655,34 @@ def test_ctrl_c_while_starting_prints_no_traceback(tmp_path: Path, how: str) -> 
         assert not ours, f"after {step * 10} ms:\n{text}"
         assert proc.returncode in (0, 130, 1, -signal.SIGINT), text
     assert any(line.endswith(": 130") for line in seen), seen  # some signals did land while starting
+
+
+# ---- the dev shell the host evaluates (DIRENV_ALLOW=1) --------------------------------------------
+
+
+def test_guest_edited_nix_code_is_not_evaluated_on_the_host_until_allowed(
+    guest_assets: guest.GuestAssets, tmp_path: Path, short_runtime: Path
+) -> None:
+    """With DIRENV_ALLOW=1 the host evaluated whatever flake.nix the guest (which owns /work) left,
+    e.g. an impure devenv.nix reading the user's ssh key into the guest's environment."""
+    bin_dir, log, _ = _stub_tools(tmp_path)
+    work, home = tmp_path / "proj", tmp_path / "home"
+    (work / "nix").mkdir(parents=True)
+    (work / "flake.nix").write_text("{ outputs = _: { }; }\n")
+    env = {"DIRENV_ALLOW": "1"}
+    stderr = _launch(short_runtime, work, home, bin_dir, env)  # never allowed: not evaluated
+    assert _calls(log) == [] and "is not evaluated" in stderr and "changed: flake.nix" in stderr
+    allow_devshell(work, bin_dir)
+    _launch(short_runtime, work, home, bin_dir, env)
+    assert len(_calls(log)) == 1
+    good = (home / ".microvm-devshell").read_text()
+    # The guest rewrites the flake (and adds code it imports): the host leaves both alone.
+    (work / "flake.nix").write_text("{ outputs = _: import ./nix/evil.nix; }\n")
+    (work / "nix" / "evil.nix").write_text('builtins.readFile "/root/.ssh/id_ed25519"\n')
+    stderr = _launch(short_runtime, work, home, bin_dir, env)
+    assert len(_calls(log)) == 1, _calls(log)
+    assert "changed: flake.nix, nix/evil.nix" in stderr
+    assert (home / ".microvm-devshell").read_text() == good  # the VM starts with the previous one
+    allow_devshell(work, bin_dir)  # the user reviewed it
+    _launch(short_runtime, work, home, bin_dir, env)
+    assert len(_calls(log)) == 2
