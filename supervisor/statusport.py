@@ -38,20 +38,24 @@ class GuestReport:
     dropped: int = 0  # bytes the guest wrote past CAP
 
     def problem(self) -> str | None:
-        """Why the report cannot be trusted as an exit status (None: it can, or it is empty)."""
-        if self.invalid is not None:
-            return (
-                f"the built-in guest reported an invalid exit status ({self.invalid}); a status is "
-                "0..255 in ASCII digits. The guest's /init or something running as root in the guest "
-                "wrote to its status port"
-            )
-        if self.exit_status is None and self.dropped:
-            return (
-                f"the built-in guest wrote more than {CAP >> 10} KiB to its status port ({self.dropped} "
-                "bytes were dropped) and no exit status in the first part; something running as root "
-                "in the guest wrote to the port"
-            )
-        return None
+        """Why the guest's report is not an exit status: an invalid one (None: valid, or none)."""
+        if self.invalid is None:
+            return None
+        return (
+            f"the built-in guest reported an invalid exit status ({self.invalid}); a status is "
+            "0..255 in ASCII digits. The guest's /init or something running as root in the guest "
+            "wrote to its status port"
+        )
+
+    def overflow(self) -> str | None:
+        """Why there is no status from a guest that flooded its port (None: it did not)."""
+        if self.exit_status is not None or not self.dropped:
+            return None
+        return (
+            f"the built-in guest wrote more than {CAP >> 10} KiB to its status port ({self.dropped} "
+            "bytes were dropped) and no exit status in the first part; something running as root "
+            "in the guest wrote to the port"
+        )
 
 
 def _printable(raw: bytes, limit: int) -> str:

@@ -698,6 +698,11 @@ class Instance:
                 file=sys.stderr,
             )
             return exit_code_of(runner.status)
+        overflow = report.overflow()
+        if overflow is not None:
+            raise SupervisorError(
+                f"{overflow}. Run with --verbose to see its console.", exit_code=ExitCode.GUEST_FAILED
+            )
         raise SupervisorError(
             f"QEMU (pid {runner.pid}) exited with {describe_status(runner.status)} before the guest "
             f"reported a status.{said} Check the QEMU command line with --debug.",
