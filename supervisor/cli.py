@@ -271,6 +271,8 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
             f"unexpected argument '{command[0]}': put the guest command after --, as in "
             f"'{PROG} run -- make test'"
         )
+    # Before any fork: the watchdog would show the API key in its /proc/PID/environ otherwise.
+    launcher.scrub_proc_environ()
     cfg = config.load(args.config, _overrides(args))
     _check_paths(cfg)
     if args.wait_kvm is not None:

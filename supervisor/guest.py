@@ -1,8 +1,9 @@
 """The built-in guest: its assets (kernel, initramfs, virtiofsd), its command line, its status.
 
 Assets are built on first use by guest/build-assets.sh (Debian packages, downloaded and unpacked,
-nothing installed) into CACHE/guest-HASH, where HASH covers the build script and the guest's /init,
-so a change to either rebuilds and an unchanged cache is reused as it is.
+nothing installed) into CACHE/guest-HASH, where HASH covers every file in guest/ (the build script,
+the guest's /init, what the build copies in), so a change to any of them rebuilds and an unchanged
+cache is reused as it is.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class GuestAssets:
 
 def _guest_sources() -> dict[str, bytes]:
     folder = resources.files("supervisor") / "guest"
-    return {name: (folder / name).read_bytes() for name in ("build-assets.sh", "init.sh")}
+    return {item.name: item.read_bytes() for item in folder.iterdir() if item.name.endswith(".sh")}
 
 
 def assets_hash() -> str:

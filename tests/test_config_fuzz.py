@@ -59,6 +59,11 @@ _names = [
     "nl\nx",  # a newline once reached the watchdog's line protocol (issue 11, D6)
     "esc\x1b[31m",
     "rt,logfile=leak",  # a comma once added options to QEMU's -chardev (D7)
+    # Links as a guest could plant them (see Sandbox.prepare): never followed into a share source.
+    "work/planted",
+    "work/planted/new",
+    "link",
+    "link/new",
 ]
 _texts = st.text(max_size=20).filter(lambda text: ".." not in text)
 sandbox_paths = st.one_of(
@@ -300,6 +305,8 @@ class Sandbox:
         (self.root / "file.txt").write_text("a file, not a dir\n")
         (self.root / "kernel").write_text("not a kernel: the stub QEMU never reads it\n")
         (self.root / "run").chmod(0o700)
+        (self.root / "work" / "planted").symlink_to(self.root / "data")
+        (self.root / "link").symlink_to(self.root / "home")
 
     def env(self, example: str) -> dict[str, str]:
         return {
