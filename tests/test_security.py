@@ -686,3 +686,53 @@ def test_guest_edited_nix_code_is_not_evaluated_on_the_host_until_allowed(
     allow_devshell(work, bin_dir)  # the user reviewed it
     _launch(short_runtime, work, home, bin_dir, env)
     assert len(_calls(log)) == 2
+
+
+def _group_members(pgid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            if entry.name.isdigit() and os.getpgid(int(entry.name)) == pgid:
+                found.append(int(entry.name))
+    return found
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return True
+    return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] in (b"Z", b"X")
+
+
+def test_stop_signal_during_the_guest_build_kills_and_reaps_the_whole_build(tmp_path: Path) -> None:
+    """The guest asset build (bash, apt-get, dpkg-deb) is a child like any other: a SIGTERM while it
+    runs kills its whole process group, not just bash."""
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(
+        [*supervisor_argv(), "run", "--runtime-dir", str(tmp_path / "rt"), "--", "true"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=base_env({"AGENTVM_SUPERVISE_CACHE": str(cache)}),
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        build: list[int] = []
+        while not build and time.monotonic() < deadline and proc.poll() is None:
+            build = [pid for pid in _descendants(proc.pid) if "build-assets.sh" in _cmdline(pid)]
+            time.sleep(0.02)
+        assert build, "the build never started"
+        time.sleep(0.5)  # let it start its own children (apt-get, ...)
+        group = os.getpgid(build[0])
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+        # SIGKILLed grandchildren (apt-get, ...) are zombies until their new parent reaps them.
+        left = [pid for pid in _group_members(group) if not _zombie(pid)]
+        assert left == [], [_cmdline(pid) for pid in left]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
