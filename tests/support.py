@@ -160,7 +160,27 @@ def start_supervisor(
         env=base_env(env),
         cwd=cwd,
     )
-    return Supervisor(proc, bytearray())
+    supervisor = Supervisor(proc, bytearray())
+    STARTED.append(supervisor)
+    return supervisor
+
+
+# Supervisors started by the running test: conftest stops any left running when a test fails
+# midway, so a failed test leaves no VM behind (nor one that a later test would find by name).
+STARTED: list[Supervisor] = []
+
+
+def stop_leftover_supervisors() -> None:
+    while STARTED:
+        proc = STARTED.pop().proc
+        if proc.poll() is not None:
+            continue
+        proc.send_signal(signal.SIGTERM)  # the graceful path: the VM and its daemons go too
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
 
 
 def run_supervisor(
