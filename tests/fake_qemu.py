@@ -49,8 +49,9 @@ def main() -> None:
     sys.stdout.write("RUNNER-UP\r\n")
     sys.stdout.flush()
     for line in reader:
-        command = json.loads(line).get("execute")
-        send({"return": {}})
+        request = json.loads(line)
+        command = request.get("execute")
+        send({"return": {}, "id": request.get("id")})  # QEMU copies the request's id into its reply
         if command == "system_powerdown":
             send({"event": "POWERDOWN", "data": {}})
             send({"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-shutdown"}})

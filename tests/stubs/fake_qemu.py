@@ -69,8 +69,8 @@ class Qmp:
         now = time.time()
         self.send({"event": name, "data": data, "timestamp": {"seconds": int(now), "microseconds": 0}})
 
-    def commands(self) -> list[str] | None:
-        """The commands that arrived; None at EOF."""
+    def commands(self) -> list[tuple[str, object]] | None:
+        """The commands that arrived, with their ids (QEMU copies one into its reply); None at EOF."""
         try:
             chunk = self.sock.recv(65536)
         except OSError:
@@ -82,7 +82,8 @@ class Qmp:
         found = []
         for line in lines:
             if line.strip():
-                found.append(str(json.loads(line).get("execute", "")))
+                request = json.loads(line)
+                found.append((str(request.get("execute", "")), request.get("id")))
         return found
 
 
@@ -176,8 +177,8 @@ def main(argv: list[str]) -> None:
             if commands is None:
                 qmp = None
                 continue
-            for command in commands:
-                qmp.send({"return": {}})
+            for command, request_id in commands:
+                qmp.send({"return": {}, "id": request_id})
                 if command == "quit":
                     qmp.event("SHUTDOWN", guest=False, reason="host-qmp-quit")
                     os._exit(0)
