@@ -75,6 +75,7 @@ class Plan:
     kvm_device: Path = kvm.DEFAULT_DEVICE  # what the supervisor checks and watches; QEMU opens /dev/kvm
     checks: tuple[checks.Check, ...] = ()  # the preflight, warnings included
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    qemu_sandbox: bool = True  # [qemu] sandbox: QEMU's seccomp filter (qemu.SANDBOX)
 
     @property
     def qmp_socket(self) -> Path:
@@ -115,6 +116,7 @@ class Plan:
             extra_args=self.qemu_extra_args,
             forwards=[forward.hostfwd() for forward in self.forwards],
             resize_fd=resize_fd,
+            sandbox=self.qemu_sandbox,
         )
 
 
@@ -458,6 +460,7 @@ def build_plan(
     if runner_plan is None:
         row = preflight.add(checks.check_qemu(config.qemu.binary, config.qemu.machine, chosen_accel))
         qemu_binary = str(row.facts.get("path") or config.qemu.binary)
+        preflight.add(checks.check_qemu_sandbox(qemu_binary, enabled=config.qemu.sandbox, qemu_ok=row))
     else:
         qemu_binary = runner_plan.script.program
         preflight.add(
@@ -516,6 +519,7 @@ def build_plan(
         kvm_device=kvm_device,
         checks=tuple(preflight.checks),
         console=console_plan,
+        qemu_sandbox=config.qemu.sandbox,
     )
 
 
