@@ -3,7 +3,8 @@
 # built-in guest is built with, from Debian's packages; the Python package in ./.venv, made with
 # Debian's python3 so every user of the machine can run it, with the console filter's C scanner
 # (supervisor/_scan.c; gcc and Python's headers build it). `--test` adds the test tools.
-# As root it also links /usr/local/bin/agentvm-supervise. Safe to run again.
+# As root it also links /usr/local/bin/agentvm-supervise, as a user ~/.local/bin/agentvm-supervise
+# (systemd/agentvm@.service runs that one). Safe to run again.
 # `--bench` also puts supervisord (PyPI `supervisor`, a peer in bench/) in ./.venv-bench: its
 # top-level package is also called `supervisor`, so it cannot share a venv with ours.
 set -euo pipefail
@@ -58,6 +59,10 @@ if ! .venv/bin/python -c 'import supervisor._scan' 2>/dev/null; then
 fi
 if [ "$(id -u)" = 0 ]; then
   ln -sf "$PWD/.venv/bin/agentvm-supervise" /usr/local/bin/agentvm-supervise
+elif [ -n "${HOME:-}" ] && { [ -L "$HOME/.local/bin/agentvm-supervise" ] || [ ! -e "$HOME/.local/bin/agentvm-supervise" ]; }; then
+  # Where systemd/agentvm@.service's ExecStart looks (and pipx installs); never over a real file.
+  mkdir -p "$HOME/.local/bin"
+  ln -sfn "$PWD/.venv/bin/agentvm-supervise" "$HOME/.local/bin/agentvm-supervise"
 fi
 if [ "$bench" = 1 ]; then
   [ -x .venv-bench/bin/python ] || /usr/bin/python3 -m venv .venv-bench

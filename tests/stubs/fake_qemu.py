@@ -33,7 +33,7 @@ from typing import NoReturn
 PROG = "qemu-system-x86_64"
 WITH_ARGUMENT = {
     "-name", "-machine", "-cpu", "-m", "-smp", "-object", "-numa", "-display", "-kernel",
-    "-append", "-initrd", "-bios", "-chardev", "-device", "-mon", "-accel", "-serial",
+    "-append", "-initrd", "-bios", "-chardev", "-device", "-mon", "-accel", "-serial", "-sandbox",
 }  # fmt: skip
 SWITCHES = {"-nodefaults", "-no-user-config", "-no-reboot", "-nographic", "-S"}
 
@@ -88,7 +88,7 @@ class Qmp:
 
 
 def main(argv: list[str]) -> None:
-    if argv[1:] == ["-version"] or (len(argv) == 3 and argv[2] == "help"):
+    if argv[1:] == ["-version"] or argv[-1] == "help":
         # The supervisor's preflight queries (version, machines, devices): the real QEMU answers.
         os.execv(REAL_QEMU, [REAL_QEMU, *argv[1:]])  # noqa: S606
     behaviours = set(filter(None, os.environ.get("STUB_QEMU", "").split(",")))
