@@ -38,7 +38,7 @@ from supervisor import (
 from supervisor.checks import Status
 from supervisor.config import Accel
 from supervisor.errors import ExitCode, SupervisorError
-from supervisor.notify import Notifier
+from supervisor.notify import Notifier, extending
 from supervisor.vm import Host, Instance, Stdio
 from supervisor.watchdog import Watchdog
 
@@ -237,18 +237,35 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
             f"'{PROG} run -- make test'"
         )
     cfg = config.load(args.config, _overrides(args))
+    notifier = Notifier.from_env(os.environ)
+    try:
+        return _run_checked(args, cfg, command, notifier, stop_signals)
+    finally:
+        notifier.close()
+
+
+def _run_checked(
+    args: argparse.Namespace,
+    cfg: config.Config,
+    command: list[str],
+    notifier: Notifier,
+    stop_signals: pid1.StopSignals,
+) -> int:
     if args.wait_kvm is not None:
-        _wait_for_kvm(cfg, args.wait_kvm)
+        with extending(notifier, "waiting for the KVM device"):
+            _wait_for_kvm(cfg, args.wait_kvm)
     stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
-    checked = plan.build_plan(
-        cfg,
-        env=os.environ,
-        cwd=Path.cwd(),
-        command=command or None,
-        terminal_size=console.get_window_size(stdin_fd),
-    )
+    with extending(notifier, "checking the host (and building the guest the first time)"):
+        checked = plan.build_plan(
+            cfg,
+            env=os.environ,
+            cwd=Path.cwd(),
+            command=command or None,
+            terminal_size=console.get_window_size(stdin_fd),
+        )
+    logs.bind_instance(checked.instance)
     _log_warnings(checked)
-    host = Host(subreaper=args.subreaper, notifier=Notifier.from_env(os.environ), stop_signals=stop_signals)
+    host = Host(subreaper=args.subreaper, notifier=notifier, stop_signals=stop_signals)
     # From here on a stop signal is handled by the instance (graceful stop), not by unwinding.
     stop_signals.defer()
     # Forked before the event loop starts: fork is only safe while there are no threads.
@@ -259,7 +276,6 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
     finally:
         stop_signals.defer()  # the loop left SIG_DFL behind, which PID 1 would silently ignore
         watchdog.close()
-        host.notifier.close()
 
 
 def _attach(args: argparse.Namespace) -> int:

@@ -158,6 +158,8 @@ def test_stop_with_a_deadline_is_not_stalled_by_a_silent_client(live: Live) -> N
     assert any(
         event["event"] == "asked the guest to power off" and event["deadline_s"] == 3 for event in events
     )
+    # Issue 11: the instance id is bound once, so every line has it (children's lines too).
+    assert [event for event in events if not str(event.get("instance")).startswith("ctl-")] == []
     assert wait_until_gone("ctl") == []
     assert leftovers(live.runtime) == []
 
