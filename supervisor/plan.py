@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supervisor import checks, control, guest, kvm, launcher, runner, runtime
+from supervisor import checks, control, guest, kvm, launcher, runner, runtime, xdg
 from supervisor.config import (
     Accel,
     Agent,
@@ -121,8 +121,7 @@ class Plan:
 
 
 def default_console_log_dir(env: Mapping[str, str]) -> Path:
-    state_home = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "/root")) / ".local" / "state")
-    return Path(state_home) / "agentvm-supervise" / "console"
+    return xdg.base("XDG_STATE_HOME", env) / xdg.APP / "console"
 
 
 def console_settings(config: ConsoleConfig, env: Mapping[str, str]) -> ConsoleSettings:
