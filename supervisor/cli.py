@@ -34,6 +34,7 @@ from supervisor import (
     pid1,
     plan,
     runtime,
+    xdg,
 )
 from supervisor.checks import Status
 from supervisor.config import Accel
@@ -65,7 +66,11 @@ def _wait_timeout(value: str) -> float:
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """The flags laid over the config file: the same for `run` and `doctor`."""
-    parser.add_argument("--config", type=Path, help="TOML config file (see docs/config.md)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="TOML config file (docs/config.md; default: $XDG_CONFIG_HOME/agentvm-supervise/config.toml)",
+    )
     parser.add_argument(
         "--agent", choices=["claude", "gemini", "codex"], help="agent flavor: names the agent home (claude)"
     )
@@ -166,6 +171,13 @@ def _parser() -> _Parser:
     return parser
 
 
+def _config_file(args: argparse.Namespace) -> Path | None:
+    """--config FILE, else $XDG_CONFIG_HOME/agentvm-supervise/config.toml if it exists (not both:
+    a file given is the whole configuration, so a unit's config is not changed by the user's)."""
+    given: Path | None = args.config
+    return given if given is not None else xdg.default_config(os.environ)
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     top = {
         "agent": args.agent,
@@ -203,7 +215,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    cfg = config.load(args.config, _overrides(args))
+    cfg = config.load(_config_file(args), _overrides(args))
     report = doctor.diagnose(cfg, env=os.environ, cwd=Path.cwd())
     if args.json:
         sys.stdout.buffer.write(doctor.render_json(report))
@@ -236,7 +248,7 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
             f"unexpected argument '{command[0]}': put the guest command after --, as in "
             f"'{PROG} run -- make test'"
         )
-    cfg = config.load(args.config, _overrides(args))
+    cfg = config.load(_config_file(args), _overrides(args))
     notifier = Notifier.from_env(os.environ)
     try:
         return _run_checked(args, cfg, command, notifier, stop_signals)
@@ -284,7 +296,7 @@ def _attach(args: argparse.Namespace) -> int:
         overrides["runtime-dir"] = args.runtime_dir
     if args.escape_key is not None:
         overrides["console"] = {"escape-key": args.escape_key}
-    cfg = config.load(args.config, overrides)
+    cfg = config.load(_config_file(args), overrides)
     settings = plan.console_settings(cfg.console, os.environ)
     base = Path(cfg.runtime_dir) if cfg.runtime_dir else runtime.default_base(os.environ, os.geteuid())
     instance, path = attach.find_console(base, args.instance)
