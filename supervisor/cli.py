@@ -168,6 +168,19 @@ def _parser() -> _Parser:
     att.add_argument("--escape-key", help="console escape key: ctrl-X, ^X, or none (default: ctrl-])")
     att.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     manage.add_parsers(commands)
+    commands.add_parser(
+        "schema",
+        help="print the JSON Schema of every --json output and of the control protocol",
+        description="Print one JSON Schema document (2020-12) describing status/list/stop/doctor "
+        "--json and the control socket's messages (docs/schema.json is this output).",
+    )
+    completion = commands.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description="Print a completion script generated from this CLI's flags, e.g. "
+        f"'{PROG} completion bash > ~/.local/share/bash-completion/completions/{PROG}'.",
+    )
+    completion.add_argument("shell", choices=["bash"], help="the shell")
     return parser
 
 
@@ -306,6 +319,18 @@ def _attach(args: argparse.Namespace) -> int:
     )
 
 
+def _print_meta(args: argparse.Namespace) -> int:
+    if args.command == "schema":
+        from supervisor import outputs  # only this verb needs it
+
+        sys.stdout.write(outputs.render(outputs.schema()))
+    else:
+        from supervisor import completion
+
+        sys.stdout.write(completion.bash(_parser()))
+    return ExitCode.OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     debug = False
     # First of all: as PID 1, a signal without a handler is dropped by the kernel (see pid1.py).
@@ -316,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             _parser().print_help(sys.stderr)
             return ExitCode.USAGE
+        if args.command in ("schema", "completion"):
+            return _print_meta(args)
         if args.command == "attach":
             logs.configure(level=logging.DEBUG if debug else None)
             return _attach(args)

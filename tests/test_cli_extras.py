@@ -4,10 +4,13 @@ published schema, shell completion."""
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.support import run_supervisor
+from supervisor import outputs
+from tests.support import REPO, run_supervisor
 
 
 def _doctor(tmp_path: Path, *args: str, env: dict[str, str]) -> dict[str, Any]:
@@ -48,3 +51,46 @@ def test_the_default_config_file_is_read_unless_a_file_or_flag_says_otherwise(tm
     assert (
         _doctor(tmp_path, env={"XDG_CONFIG_HOME": "config", "HOME": str(tmp_path)})["qemu"]["status"] == "ok"
     )
+
+
+def test_the_published_schema_is_current() -> None:
+    """docs/schema.json is `agentvm-supervise schema`; regenerate it when an output changes:
+    .venv/bin/agentvm-supervise schema > docs/schema.json"""
+    result = run_supervisor(["schema"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == outputs.render(outputs.schema())
+    assert (REPO / "docs" / "schema.json").read_text() == result.stdout, "docs/schema.json is stale"
+    schema = json.loads(result.stdout)
+    assert set(schema["x-outputs"]) == {
+        "status --json", "list --json", "stop --json", "doctor --json", "control request", "control response",
+    }  # fmt: skip
+    assert {"InstanceStatus", "InstanceList", "StopResult", "Report"} <= set(schema["$defs"])
+
+
+def _complete(script: str, line: str) -> list[str]:
+    """What bash offers for `line` (the cursor at its end), with the generated script loaded."""
+    words = line.split(" ")
+    program = (
+        f"{script}\nCOMP_WORDS=({' '.join(shlex.quote(word) for word in words)}); COMP_CWORD={len(words) - 1}\n"
+        '_agentvm_supervise; printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    result = subprocess.run(
+        ["bash", "--norc", "--noprofile", "-c", program], capture_output=True, text=True, check=True
+    )
+    return [word for word in result.stdout.splitlines() if word]
+
+
+def test_bash_completion_offers_commands_flags_and_values() -> None:
+    result = run_supervisor(["completion", "bash"])
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    assert _complete(script, "agentvm-supervise ") == [
+        "run", "doctor", "attach", "status", "stop", "list", "schema", "completion", "-h", "--help", "--version",
+    ]  # fmt: skip
+    assert _complete(script, "agentvm-supervise st") == ["status", "stop"]
+    assert _complete(script, "agentvm-supervise run --acc") == ["--accel"]
+    assert _complete(script, "agentvm-supervise run --accel ") == ["auto", "kvm", "tcg"]
+    assert _complete(script, "agentvm-supervise doctor --work-dir /tmp --machine m") == ["microvm"]
+    assert _complete(script, "agentvm-supervise stop --j") == ["--json"]
+    assert _complete(script, "agentvm-supervise run -- make --acc") == []  # the guest's argv: filenames
+    assert "complete -o default -F _agentvm_supervise agentvm-supervise" in script

@@ -16,9 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from supervisor import control, guest, manage
+from supervisor import control, guest, manage, outputs
 from tests.container_support import Launched, fake_runner_config
 from tests.support import base_env, children_of, leftovers, supervisor_argv, wait_until_gone
 
@@ -190,10 +191,11 @@ def test_list_shows_the_live_instance_and_cleans_up_the_stale_one(
 
         listed = _cli("list", "--json", "--runtime-dir", str(tmp_path / "rt"))
         assert listed.returncode == 0, listed.stderr
-        report = json.loads(listed.stdout)
-        assert [entry["instance"] for entry in report["instances"]] == [alive_found.state.instance]
-        assert report["instances"][0]["phase"] == "running"
-        assert report["stale_cleaned"] == [doomed_found.state.instance]
+        # the published schema's type, decoded strictly (issue 11: it was built from dicts)
+        report = msgspec.json.decode(listed.stdout, type=outputs.InstanceList)
+        assert [entry.instance for entry in report.instances] == [alive_found.state.instance]
+        assert report.instances[0].phase == "running"
+        assert report.stale_cleaned == [doomed_found.state.instance]
         assert f"cleaned up {doomed_found.state.instance}" in listed.stderr
         assert not doomed_found.path.exists()
         assert wait_until_gone("doomed") == []
@@ -206,9 +208,15 @@ def test_list_shows_the_live_instance_and_cleans_up_the_stale_one(
         shown = _cli("status", "--runtime-dir", str(tmp_path / "rt"))
         assert shown.returncode == 0, shown.stderr
         assert alive_found.state.instance in shown.stdout and "virtiofsd[work]" in shown.stdout
-        stopped = _cli("stop", "--deadline", "2", "--runtime-dir", str(tmp_path / "rt"))
+        stopped = _cli("stop", "--deadline", "2", "--json", "--runtime-dir", str(tmp_path / "rt"))
         assert stopped.returncode == 0, stopped.stderr
         assert alive.proc.poll() == 128 + signal.SIGTERM  # `stop` returned after the supervisor ended
+        result = msgspec.json.decode(stopped.stdout, type=outputs.StopResult)
+        assert (result.instance, result.stopped) == (alive_found.state.instance, True)
+        assert (
+            result.status.phase == "stopping"
+            and result.status.stop_cause == "stop requested on the control socket"
+        )
     finally:
         alive.kill()
         doomed.kill()
