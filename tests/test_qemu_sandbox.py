@@ -21,7 +21,7 @@ def _spec(tmp_path: Path, *, sandbox: bool) -> QemuSpec:
     return QemuSpec(
         binary="qemu", instance="i", machine=config.Machine.Q35, accel=config.Accel.TCG, cpu="max",
         kernel=tmp_path / "k", initrd=None, cmdline="", memory_mib=512, vcpus=1, shares=[],
-        private_qmp_fd=3, public_qmp_fd=4, status_file=tmp_path / "s", extra_args=[], sandbox=sandbox,
+        private_qmp_fd=3, public_qmp_fd=4, status_fd=5, extra_args=[], sandbox=sandbox,
     )  # fmt: skip
 
 
