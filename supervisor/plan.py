@@ -15,7 +15,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supervisor import checks, control, devallow, guest, kvm, launcher, network, runner, runtime, sharedirs
+from supervisor import (
+    checks,
+    control,
+    devallow,
+    guest,
+    kvm,
+    launcher,
+    network,
+    runner,
+    runtime,
+    sharedirs,
+    xdg,
+)
 from supervisor.config import (
     Accel,
     Agent,
@@ -77,6 +89,7 @@ class Plan:
     kvm_device: Path = kvm.DEFAULT_DEVICE  # what the supervisor checks and watches; QEMU opens /dev/kvm
     checks: tuple[checks.Check, ...] = ()  # the preflight, warnings included
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    qemu_sandbox: bool = True  # [qemu] sandbox: QEMU's seccomp filter (qemu.SANDBOX)
 
     @property
     def qmp_socket(self) -> Path:
@@ -115,12 +128,12 @@ class Plan:
             extra_args=self.qemu_extra_args,
             network=self.network,
             resize_fd=resize_fd,
+            sandbox=self.qemu_sandbox,
         )
 
 
 def default_console_log_dir(env: Mapping[str, str]) -> Path:
-    state_home = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "/root")) / ".local" / "state")
-    return Path(state_home) / "agentvm-supervise" / "console"
+    return xdg.base("XDG_STATE_HOME", env) / xdg.APP / "console"
 
 
 def console_settings(config: ConsoleConfig, env: Mapping[str, str]) -> ConsoleSettings:
@@ -497,6 +510,7 @@ def build_plan(
             checks.check_qemu(config.qemu.binary, config.qemu.machine, chosen_accel, known=known)
         )
         qemu_binary = str(row.facts.get("path") or config.qemu.binary)
+        preflight.add(checks.check_qemu_sandbox(qemu_binary, enabled=config.qemu.sandbox, qemu_ok=row))
     else:
         qemu_binary = runner_plan.script.program
         preflight.add(
@@ -556,6 +570,7 @@ def build_plan(
         kvm_device=kvm_device,
         checks=tuple(preflight.checks),
         console=console_plan,
+        qemu_sandbox=config.qemu.sandbox,
     )
 
 

@@ -47,7 +47,7 @@ from supervisor.children import (
 )
 from supervisor.config import Hypervisor, SocketMode
 from supervisor.errors import ExitCode, SupervisorError
-from supervisor.notify import Notifier
+from supervisor.notify import Notifier, stop_budget
 from supervisor.plan import Plan
 from supervisor.qemu import qemu_argv
 from supervisor.qmp import QmpClient, QmpError
@@ -147,7 +147,8 @@ class Instance:
         """Teardown begins: remember the first cause and tell the service manager."""
         if self.stop_cause is None:
             self.stop_cause = cause
-            self.host.notifier.stopping(f"stopping {self.plan.instance}: {cause}")
+            budget = stop_budget(self.plan.timeouts, self._stop_deadline)
+            self.host.notifier.stopping(f"stopping {self.plan.instance}: {cause}", budget=budget)
 
     async def _graceful_stop(self, runner: Child) -> None:
         """system_powerdown, a deadline, QMP quit, a deadline, then the group kill in run_child."""

@@ -33,6 +33,8 @@ def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         "PYTHONPATH": str(REPO),
         "LANG": "C.UTF-8",
         "XDG_STATE_HOME": f"{TEST_STATE}-{os.geteuid()}",
+        # No default config file (~/.config/agentvm-supervise/config.toml) a person may have left.
+        "XDG_CONFIG_HOME": "/nonexistent/agentvm-supervise-tests",
     }
     if extra:
         env.update(extra)

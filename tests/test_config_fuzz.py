@@ -156,6 +156,7 @@ def documents(*, junk_fields: bool) -> st.SearchStrategy[dict[str, Any]]:
                     "memory-mib": field(st.integers(64, 4096), st.integers()),
                     "vcpus": field(st.integers(1, 4), st.integers()),
                     "extra-args": field(qemu_args, st.lists(text, max_size=3)),
+                    "sandbox": field(st.booleans(), st.one_of(text, st.integers())),
                 },
             ),
             "timeouts": st.fixed_dictionaries(
