@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supervisor import checks, control, guest, kvm, launcher, runner, runtime
+from supervisor import checks, control, egress, guest, kvm, launcher, runner, runtime
 from supervisor.config import (
     Accel,
     Agent,
@@ -75,6 +75,7 @@ class Plan:
     kvm_device: Path = kvm.DEFAULT_DEVICE  # what the supervisor checks and watches; QEMU opens /dev/kvm
     checks: tuple[checks.Check, ...] = ()  # the preflight, warnings included
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    network: egress.NetworkPlan = field(default_factory=egress.NetworkPlan.legacy)  # supervisor/egress
 
     @property
     def qmp_socket(self) -> Path:
@@ -115,6 +116,7 @@ class Plan:
             extra_args=self.qemu_extra_args,
             forwards=[forward.hostfwd() for forward in self.forwards],
             resize_fd=resize_fd,
+            network=self.network,
         )
 
 
@@ -289,6 +291,16 @@ def build_plan(
     instance_dir = base / instance
     forwards = launcher.parse_forwards(config.forwards)
     notes: list[str] = []
+    network = egress.plan_network(
+        config.network,
+        agent=agent,
+        agent_guest=False,  # the agent guest (issue 13) passes True: allowlist by default
+        runner=config.runner is not None,
+        instance=instance,
+        instance_dir=instance_dir,
+        forwards=len(forwards),
+        env=env,
+    )
 
     # The KVM rows are worked out now (a runner is rewritten for the accelerator) but go into the
     # preflight below, after the input checks, in the order `doctor` lists them.
@@ -383,6 +395,7 @@ def build_plan(
         (instance_dir / "console.sock", "the console"),
         (instance_dir / control.SOCKET_NAME, "the control socket"),
         (instance_dir / runner.API_SOCKET, "the runner's API"),
+        (instance_dir / egress.SOCKET_NAME, "the egress proxy"),
     ]
 
     builtin = config.qemu.kernel is None and runner_plan is None
@@ -403,7 +416,12 @@ def build_plan(
             term=env.get("TERM"),
             rows=terminal_size[0] if terminal_size else None,
             cols=terminal_size[1] if terminal_size else None,
-            extra=" ".join(filter(None, [_microvm_tsc_hint(config.qemu.machine), config.qemu.cmdline])),
+            extra=" ".join(
+                filter(
+                    None,
+                    [_microvm_tsc_hint(config.qemu.machine), network.guest_cmdline(), config.qemu.cmdline],
+                )
+            ),
         )
     else:
         for what, maybe in (("qemu.kernel", config.qemu.kernel), ("qemu.initrd", config.qemu.initrd)):
@@ -465,6 +483,7 @@ def build_plan(
                 "qemu", f"the runner {runner_plan.script.path} brings its own hypervisor ({qemu_binary})"
             )
         )
+    preflight.add(egress.check_egress(network))
     preflight.add(checks.check_memfd())
     preflight.add(checks.check_runtime_dir(base))
     preflight.add(checks.check_socket_paths(sockets))
@@ -516,6 +535,7 @@ def build_plan(
         kvm_device=kvm_device,
         checks=tuple(preflight.checks),
         console=console_plan,
+        network=network,
     )
 
 

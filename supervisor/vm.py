@@ -24,7 +24,18 @@ from typing import Any
 import anyio
 import structlog
 
-from supervisor import console, consolelog, control, guest, kvm_watch, launcher, pid1, readiness, runtime
+from supervisor import (
+    console,
+    consolelog,
+    control,
+    egress,
+    guest,
+    kvm_watch,
+    launcher,
+    pid1,
+    readiness,
+    runtime,
+)
 from supervisor import runner as microvm
 from supervisor.children import (
     Child,
@@ -35,6 +46,7 @@ from supervisor.children import (
     run_child,
 )
 from supervisor.config import Hypervisor, SocketMode
+from supervisor.egress.proxy import Proxy
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.notify import Notifier
 from supervisor.plan import Plan
@@ -102,6 +114,7 @@ class Instance:
         self._created = runtime.now()  # the instance's start, kept across state rewrites
         self.report = guest.GuestReport(None, None)
         self._console_log: consolelog.ConsoleLog | None = None
+        self.egress: Proxy | None = None  # allowlist mode: the guest's only way out
 
     # ---- state file and watchdog -------------------------------------------------------------
 
@@ -251,6 +264,7 @@ class Instance:
             stop_cause=self.stop_cause,
             children=[control.child_info(child) for child in self.children],
             shares=[control.share_info(share) for share in plan.shares],
+            egress=egress.egress_info(self.egress, plan.network) if self.egress is not None else None,
         )
 
     def _is_own_child(self, pid: int) -> bool:
@@ -614,6 +628,12 @@ class Instance:
                         pid1.become_subreaper()
                         everything.start_soon(pid1.reap_orphans, self._is_own_child)
                     await everything.start(control.Server(plan.control_socket, self).serve)
+                    self.egress = egress.make_proxy(plan.network)
+                    if self.egress is not None and plan.network.socket_path is not None:
+                        self.log.info(
+                            "egress allow-list", proxy=plan.network.proxy_url, log=str(plan.network.log_path)
+                        )
+                        await everything.start(self.egress.serve_handoff, plan.network.socket_path)
                     if plan.devshell is not None:
                         await self._refresh_devshell(plan.devshell)
                     async with anyio.create_task_group() as shares:
@@ -636,6 +656,8 @@ class Instance:
             runtime.remove_instance_dir(plan.instance_dir)
             if self._console_log is not None:
                 self._console_log.close()
+            if self.egress is not None:
+                self.egress.audit.close()
         return self._exit_code()
 
     def _exit_code(self) -> int:

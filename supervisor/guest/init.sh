@@ -10,6 +10,8 @@
 #                                           `sh -c` in /work; absent: interactive `sh -l`
 #     agentvm.term=T                        TERM for the command (default xterm-256color)
 #     agentvm.rows=R agentvm.cols=C         initial size of hvc0 (default 24x80)
+#     agentvm.proxy=http://ADDR:PORT        egress allow-list mode: the command gets HTTP(S)_PROXY,
+#                                           http(s)_proxy and NO_PROXY/no_proxy pointing there
 #   virtio-serial ports (found by name under /sys/class/virtio-ports):
 #     org.agentvm.status  the guest writes exactly one line, then powers off:
 #                           agentvm-exit-status=N      the command ran and exited with N
@@ -148,6 +150,7 @@ for arg in $cmdline; do
 	agentvm.term=*) term=${arg#*=} ;;
 	agentvm.rows=*) rows=${arg#*=} ;;
 	agentvm.cols=*) cols=${arg#*=} ;;
+	agentvm.proxy=*) proxy=${arg#*=} ;;
 	esac
 done
 set +f
@@ -226,7 +229,15 @@ cd /work 2>/dev/null || cd /
 # setsid -c: a new session whose controlling terminal is stdin (hvc0), so ^C on the console reaches
 # the command's foreground process group. su (not -l) switches to agent with initgroups, sets HOME,
 # SHELL, USER, LOGNAME from /etc/passwd, keeps the cwd, and runs `/bin/sh -c "$cmd"`.
-env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin TERM="$term" \
+proxy_env=
+case $proxy in
+http://[0-9]*) case $proxy in *[!0-9a-z:/.]*) diag "agentvm.proxy=$proxy ignored" ;; *)
+	proxy_env="HTTP_PROXY=$proxy HTTPS_PROXY=$proxy http_proxy=$proxy https_proxy=$proxy"
+	proxy_env="$proxy_env NO_PROXY=localhost,127.0.0.1,::1 no_proxy=localhost,127.0.0.1,::1" ;;
+	esac ;;
+esac
+# shellcheck disable=SC2086 # proxy_env: checked above to be words of safe characters
+env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin TERM="$term" $proxy_env \
 	setsid -c su agent -c "$cmd" <>"$CONSOLE" >&0 2>&0
 status=$?
 # The session leader's exit hung up hvc0 (so every fd open on it is dead): reopen for diagnostics.
