@@ -217,12 +217,11 @@ class Proxy:
         upstream: anyio.abc.SocketStream | None = None
         try:
             async with client:
-                if stats.active > self.settings.max_connections:
-                    stats.busy += 1
-                    raise _Refused(
-                        503, "busy", f"{self.settings.max_connections} connections are open", verdict="error"
-                    )
                 try:
+                    if stats.active > self.settings.max_connections:
+                        stats.busy += 1
+                        limit = self.settings.max_connections
+                        raise _Refused(503, "busy", f"{limit} connections are open", verdict="error")
                     upstream = await self._open(client, record)
                 except _Refused as refused:
                     record.verdict, record.rule, record.reason = refused.verdict, refused.rule, refused.reason
@@ -233,9 +232,9 @@ class Proxy:
                     return
                 async with upstream:
                     record.verdict = "allowed"
-                    await self._splice(client, upstream, record)
-        except _Refused as refused:  # the connection limit
-            record.verdict, record.rule, record.reason = refused.verdict, refused.rule, refused.reason
+                    # not 443: a ClientHello, if the client speaks TLS, is checked in the splice
+                    gate = record.kind == "CONNECT" and record.port != 443
+                    await self._splice(client, upstream, record, gate=gate)
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             if record.verdict != "allowed":
                 record.verdict, record.rule, record.reason = "error", "io-error", str(exc)
@@ -289,10 +288,13 @@ class Proxy:
         try:
             if method == "CONNECT":
                 await client.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                first = await self._check_hello(client, rest, host, port, record)
-                if first is None:
-                    await upstream.aclose()
-                    return None
+                first = rest
+                if port == 443:  # TLS is required; other ports are checked in the splice
+                    checked = await self._check_hello(client, rest, host, port, record)
+                    if checked is None:
+                        await upstream.aclose()
+                        return None
+                    first = checked
                 if first:
                     await upstream.send(first)
                     record.bytes_up += len(first)
@@ -350,18 +352,14 @@ class Proxy:
         try:
             with anyio.fail_after(settings.handshake_timeout):
                 while True:
-                    if not data and port != 443:
-                        break  # a client that speaks first only after the server (SMTP, SSH...)
                     hello = tls.parse_client_hello(data)
                     if hello.complete or len(data) >= tls.MAX_HELLO:
                         break
                     data += await client.receive(CHUNK)
         except TimeoutError:
-            if port == 443 or data:
-                record.verdict, record.rule = "denied", "handshake-timeout"
-                record.reason = "no TLS ClientHello within the handshake timeout"
-                return None
-            return data
+            record.verdict, record.rule = "denied", "handshake-timeout"
+            record.reason = "no complete TLS ClientHello within the handshake timeout"
+            return None
         except anyio.EndOfStream:
             return None
         if not data:
@@ -383,15 +381,31 @@ class Proxy:
         return data
 
     async def _splice(
-        self, client: anyio.abc.SocketStream, upstream: anyio.abc.SocketStream, record: Record
+        self, client: anyio.abc.SocketStream, upstream: anyio.abc.SocketStream, record: Record, *, gate: bool
     ) -> None:
+        """Bytes both ways until both ends are done or nothing moved for the idle timeout.
+
+        `gate`: the client's first bytes, if they start a TLS handshake, pass only once the
+        ClientHello's server name is checked; a server that speaks first (SSH, SMTP) is not held up.
+        """
         idle = self.settings.idle_timeout
         with anyio.CancelScope(deadline=anyio.current_time() + idle) as scope:
 
             async def pump(source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream, up: bool) -> None:
+                first = up and gate
                 try:
                     while True:
                         chunk = await source.receive(CHUNK)
+                        if first:
+                            first = False
+                            if chunk[:1] == b"\x16":
+                                checked = await self._check_hello(
+                                    client, chunk, record.host, record.port, record
+                                )
+                                if checked is None:
+                                    pumps.cancel_scope.cancel()
+                                    return
+                                chunk = checked
                         await sink.send(chunk)
                         scope.deadline = anyio.current_time() + idle
                         if up:
