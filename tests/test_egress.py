@@ -102,7 +102,7 @@ async def serve(tg: anyio.abc.TaskGroup, context: ssl.SSLContext | None = None) 
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     upstream = Upstream(port=listener.extra(anyio.abc.SocketAttribute.local_port))  # noqa: S610
     wrapped: anyio.abc.Listener[anyio.abc.ByteStream] = (
-        TLSListener(listener, context, standard_compatible=False) if context else listener  # type: ignore[assignment]
+        TLSListener(listener, context, standard_compatible=False) if context else listener
     )
 
     async def handler(stream: anyio.abc.ByteStream) -> None:
@@ -111,8 +111,9 @@ async def serve(tg: anyio.abc.TaskGroup, context: ssl.SSLContext | None = None) 
     scope = anyio.CancelScope()
 
     async def run() -> None:
-        with scope:
-            await wrapped.serve(handler)
+        async with wrapped:
+            with scope:
+                await wrapped.serve(handler)
 
     tg.start_soon(run)
     try:
@@ -319,7 +320,8 @@ async def test_the_real_handoff_helper_passes_a_connection_to_the_proxy(tmp_path
             qemu_end.close()
             request = f"GET http://localhost:{upstream.port}/handed HTTP/1.1\r\n\r\n".encode()
             guest.settimeout(20)
-            reply = await anyio.to_thread.run_sync(lambda: (guest.sendall(request), _read_response(guest))[1])
+            guest.sendall(request)
+            reply = await anyio.to_thread.run_sync(_read_response, guest)
         tg.cancel_scope.cancel()
     assert result.returncode == 0, result.stderr
     assert reply.endswith(b"egress-ok /handed"), reply
