@@ -35,6 +35,7 @@ from supervisor import (
     pid1,
     readiness,
     runtime,
+    sharedirs,
 )
 from supervisor import runner as microvm
 from supervisor.children import (
@@ -114,6 +115,7 @@ class Instance:
         self._created = runtime.now()  # the instance's start, kept across state rewrites
         self.report = guest.GuestReport(None, None)
         self._console_log: consolelog.ConsoleLog | None = None
+        self._share_dirs: dict[str, int] = {}  # tag -> the share's open directory (see sharedirs)
         self.egress: Proxy | None = None  # allowlist mode: the guest's only way out
 
     # ---- state file and watchdog -------------------------------------------------------------
@@ -264,7 +266,7 @@ class Instance:
             stop_cause=self.stop_cause,
             children=[control.child_info(child) for child in self.children],
             shares=[control.share_info(share) for share in plan.shares],
-            egress=egress.egress_info(self.egress, plan.network) if self.egress is not None else None,
+            egress=egress.egress_info(self.egress, plan.egress) if self.egress is not None else None,
         )
 
     def _is_own_child(self, pid: int) -> bool:
@@ -360,8 +362,9 @@ class Instance:
                 fd=fd,
                 sandbox=plan.sandbox,
                 extra_args=plan.virtiofsd_extra_args,
+                source_fd=self._share_dirs[share.tag],
             ),
-            pass_fds=(fd,) if fd is not None else (),
+            pass_fds=(self._share_dirs[share.tag], *((fd,) if fd is not None else ())),
             env=self._child_env(),
             kill_grace=plan.timeouts.kill_grace,
         )
@@ -586,27 +589,36 @@ class Instance:
                 details=str(devshell.errors),
             )
 
-    def _prepare_share_dirs(self) -> None:
+    def _open_share_dirs(self) -> None:
+        """Open every share's directory (creating the missing ones) without following links."""
         for share in self.plan.shares:
-            if share.source.exists():
-                continue
-            try:
-                share.source.mkdir(mode=0o700, parents=True)
-                if os.geteuid() == 0:
-                    os.chown(share.source, share.ids.host_uid, share.ids.host_gid)
-            except OSError as exc:
-                raise SupervisorError(
-                    f"cannot create the directory {share.source} for share '{share.tag}' "
-                    f"({exc.strerror}): create it yourself or choose another path",
-                    exit_code=ExitCode.CANT_CREATE,
-                ) from None
-            self.log.info("created share directory", share=share.tag, path=str(share.source))
+            existed = share.source.exists()
+            self._share_dirs[share.tag] = sharedirs.open_source(
+                share.tag,
+                share.source,
+                create=share.create,
+                owner=(share.ids.host_uid, share.ids.host_gid),
+                expect_uid=share.inside_share_of_uid,
+            )
+            if not existed:
+                self.log.info("created share directory", share=share.tag, path=str(share.source))
+
+    def _close_share_dirs(self) -> None:
+        for fd in self._share_dirs.values():
+            os.close(fd)
+        self._share_dirs.clear()
 
     async def run(self) -> int:
+        try:
+            return await self._run_instance()
+        finally:
+            self._close_share_dirs()
+
+    async def _run_instance(self) -> int:
         plan = self.plan
         runtime.ensure_base(plan.base_dir)
         runtime.clean_stale(plan.base_dir)
-        self._prepare_share_dirs()
+        self._open_share_dirs()
         if plan.env_file is not None:
             launcher.write_env_file(plan.env_file)
         for note in plan.notes:
@@ -628,12 +640,12 @@ class Instance:
                         pid1.become_subreaper()
                         everything.start_soon(pid1.reap_orphans, self._is_own_child)
                     await everything.start(control.Server(plan.control_socket, self).serve)
-                    self.egress = egress.make_proxy(plan.network)
-                    if self.egress is not None and plan.network.socket_path is not None:
+                    self.egress = egress.make_proxy(plan.egress)
+                    if self.egress is not None and plan.egress.socket_path is not None:
                         self.log.info(
-                            "egress allow-list", proxy=plan.network.proxy_url, log=str(plan.network.log_path)
+                            "egress allow-list", proxy=plan.egress.proxy_url, log=str(plan.egress.log_path)
                         )
-                        await everything.start(self.egress.serve_handoff, plan.network.socket_path)
+                        await everything.start(self.egress.serve_handoff, plan.egress.socket_path)
                     if plan.devshell is not None:
                         await self._refresh_devshell(plan.devshell)
                     async with anyio.create_task_group() as shares:

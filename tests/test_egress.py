@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from supervisor import egress
+from supervisor import egress, launcher, network
 from supervisor.config import Agent, Network, NetworkMode, Preset
 from supervisor.egress import tls
 from supervisor.egress.audit import Audit
@@ -460,11 +460,14 @@ def _plan(mode: NetworkMode | None, *, forwards: int = 0, agent_guest: bool = Fa
 def test_modes_defaults_and_the_qemu_netdev_they_give() -> None:
     assert _plan(None).mode is NetworkMode.OPEN
     assert _plan(None, agent_guest=True).mode is NetworkMode.ALLOWLIST
-    assert _plan(NetworkMode.NONE).netdev_options([]) is None
+    assert network.plan_network([], builtin_guest=True, egress=_plan(NetworkMode.NONE).netdev_extra()) is None
     allow = _plan(NetworkMode.ALLOWLIST)
-    options = allow.netdev_options(["hostfwd=tcp:127.0.0.1:8080-:80"])
-    assert options is not None and "restrict=on" in options and "hostfwd=tcp:127.0.0.1:8080-:80" in options
-    assert options[-1].startswith("guestfwd=tcp:10.0.2.100:3128-cmd:" + sys.executable)
+    forward = launcher.parse_forwards(["8080:80"])
+    nic = network.plan_network(forward, builtin_guest=False, egress=allow.netdev_extra())
+    assert nic is not None
+    netdev = nic.qemu_args("pci")[1].split(",")
+    assert "restrict=on" in netdev and "hostfwd=tcp:127.0.0.1:8080-:80" in netdev
+    assert netdev[-1].startswith("guestfwd=tcp:10.0.2.100:3128-cmd:" + sys.executable)
     assert allow.guest_env()["HTTPS_PROXY"] == "http://10.0.2.100:3128"
     assert allow.log_path == Path("/home/u/.local/state/agentvm-supervise/egress/i-1.jsonl")
     with pytest.raises(SupervisorError, match="no network device"):

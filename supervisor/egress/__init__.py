@@ -20,7 +20,7 @@ This module owns what the plan and the QEMU command line need; nothing here does
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,15 +77,14 @@ class NetworkPlan:
         """The built-in guest's kernel parameter: its init exports the proxy variables."""
         return f"agentvm.proxy={self.proxy_url}" if self.mode is NetworkMode.ALLOWLIST else ""
 
-    def netdev_options(self, hostfwds: Sequence[str]) -> list[str] | None:
-        """The `-netdev user,...` options, None for no network device (mode none)."""
+    def netdev_extra(self) -> list[str] | None:
+        """For network.plan_network: None for no NIC (mode none), else the extra -netdev user options."""
         if self.mode is NetworkMode.NONE:
             return None
-        options = ["user", "id=agentvm-net", *hostfwds]
-        if self.mode is NetworkMode.ALLOWLIST:
-            command = " ".join(self.handoff_argv)
-            options += ["restrict=on", f"guestfwd=tcp:{GUEST_PROXY_ADDRESS}:{GUEST_PROXY_PORT}-cmd:{command}"]
-        return options
+        if self.mode is NetworkMode.OPEN:
+            return []
+        command = " ".join(self.handoff_argv)
+        return ["restrict=on", f"guestfwd=tcp:{GUEST_PROXY_ADDRESS}:{GUEST_PROXY_PORT}-cmd:{command}"]
 
 
 def make_proxy(network: NetworkPlan) -> Proxy | None:
