@@ -99,10 +99,10 @@ def _split_authority(authority: str, default_port: int | None) -> tuple[str, int
     if port_text:
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise _Refused(400, "bad-request", f"bad port in '{authority}'", verdict="error")
-        return host.lower().rstrip("."), int(port_text)
+        return host.strip("[]").lower().rstrip("."), int(port_text)
     if default_port is None:
         raise _Refused(400, "bad-request", f"CONNECT needs HOST:PORT, got '{authority}'", verdict="error")
-    return host.lower().rstrip("."), default_port
+    return host.strip("[]").lower().rstrip("."), default_port
 
 
 class Proxy:
