@@ -139,6 +139,10 @@ i=0; while [ ! -e /work/host-done ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1));
             time.sleep(0.2)
         with urllib.request.urlopen(f"http://127.0.0.1:{forward}/index.html", timeout=10) as answer:
             forwarded = answer.read()
+        status = subprocess.run(
+            [*supervisor_argv(), "status", "egress-e2e", "--runtime-dir", str(short_runtime), "--json"],
+            capture_output=True, text=True, env=base_env(env), timeout=30, check=False,
+        )  # fmt: skip
         (work / "host-done").touch()
         out, err = proc.communicate(timeout=60)
     finally:
@@ -159,6 +163,10 @@ i=0; while [ ! -e /work/host-done ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1));
     assert "direct-host: failed" in text and "direct-other: failed" in text
     assert "dns: none" in text
     assert forwarded == b"served through the forward\n"
+    assert status.returncode == 0, status.stderr
+    counts = json.loads(status.stdout)["egress"]
+    assert counts["allowed"] == 2 and counts["denied"] == 3 and counts["active"] == 0, counts
+    assert "denied.example:80 (1)" in counts["top_denied"]
     assert wait_until_gone("egress-e2e") == []
     assert leftovers(short_runtime) == []
     [log] = (tmp_path / "state" / "agentvm-supervise" / "egress").glob("egress-e2e*.jsonl")
