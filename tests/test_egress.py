@@ -10,7 +10,6 @@ import datetime
 import os
 import socket
 import ssl
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -307,8 +306,9 @@ async def test_plain_http_to_an_allowed_host_gets_200_in_origin_form() -> None:
     assert fronted.startswith(b"HTTP/1.1 403") and b"host-mismatch" in fronted
 
 
-async def test_the_real_handoff_helper_passes_a_connection_to_the_proxy(tmp_path: Path) -> None:
-    """What QEMU does per guest connection: run handoff.py with one end of a socketpair as stdin."""
+@pytest.mark.parametrize("binary", [True, False], ids=["agentvm-handoff", "handoff.py"])
+async def test_the_real_handoff_helper_passes_a_connection_to_the_proxy(tmp_path: Path, binary: bool) -> None:
+    """What QEMU does per guest connection: run the helper with one end of a socketpair as stdin."""
     sock_path = tmp_path / "egress.sock"
     proxy = Proxy(_policy("localhost", "127.0.0.1"), Audit(None))
     async with anyio.create_task_group() as tg, serve(tg) as upstream:
@@ -316,7 +316,7 @@ async def test_the_real_handoff_helper_passes_a_connection_to_the_proxy(tmp_path
         assert oct(sock_path.stat().st_mode & 0o777) == "0o600"
         guest, qemu_end = socket.socketpair()
         with guest:
-            argv = egress.handoff_argv(sock_path)
+            argv = egress.handoff_argv(sock_path, binary=binary)
             result = await anyio.run_process(list(argv), stdin=qemu_end.fileno(), check=False)
             qemu_end.close()
             request = f"GET http://localhost:{upstream.port}/handed HTTP/1.1\r\n\r\n".encode()
@@ -468,15 +468,22 @@ def test_modes_defaults_and_the_qemu_netdev_they_give() -> None:
     assert nic is not None
     netdev = nic.qemu_args("pci")[1].split(",")
     assert "restrict=on" in netdev and "hostfwd=tcp:127.0.0.1:8080-:80" in netdev
-    assert netdev[-1].startswith("guestfwd=tcp:10.0.2.100:3128-cmd:" + sys.executable)
+    assert (
+        netdev[-1]
+        == f"guestfwd=tcp:10.0.2.100:3128-cmd:{egress.HANDOFF_BINARY} /run/user/1/agentvm/i-1/egress.sock"
+    )
     assert allow.guest_env()["HTTPS_PROXY"] == "http://10.0.2.100:3128"
     assert allow.log_path == Path("/home/u/.local/state/agentvm-supervise/egress/i-1.jsonl")
     with pytest.raises(SupervisorError, match="no network device"):
         _plan(NetworkMode.NONE, forwards=1)
 
 
-def test_doctor_row_runs_the_handoff_python_for_real() -> None:
-    assert egress.check_egress(_plan(NetworkMode.ALLOWLIST)).status.value == "ok"
+def test_doctor_row_runs_the_handoff_for_real(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert egress.check_egress(_plan(NetworkMode.ALLOWLIST)).status.value == "ok"  # install.sh built it
+    # without the C helper (no compiler at install): the Python one works, slower: a warning
+    monkeypatch.setattr(egress, "HANDOFF_BINARY", Path("/nonexistent/agentvm-handoff"))
+    row = egress.check_egress(_plan(NetworkMode.ALLOWLIST))
+    assert row.status.value == "warn" and "handoff.py" in row.summary
     assert egress.check_egress(_plan(NetworkMode.OPEN)).status.value == "skip"
     spaced = egress.plan_network(
         Network(mode=NetworkMode.ALLOWLIST),
