@@ -198,6 +198,7 @@ class Proxy:
             if guest.type != socket.SOCK_STREAM:
                 guest.close()
                 return
+            _grow_buffers(guest)
             stream = await anyio.abc.SocketStream.from_socket(guest)
         except (OSError, ValueError) as exc:
             self._log.info("egress handoff failed", reason=str(exc))
@@ -422,6 +423,22 @@ class Proxy:
                 pumps.start_soon(pump, upstream, client, False)
         if scope.cancelled_caught:
             record.reason = f"idle for {idle:g} s"
+
+
+SOCKETPAIR_BUFFER = 4 << 20
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # linux/asm-generic/socket.h; Python's socket module lacks them
+
+
+def _grow_buffers(sock: socket.socket) -> None:
+    """QEMU's end of the socketpair is read only when libslirp's window allows, and our end is
+    refilled only when this process gets the CPU: a deeper buffer absorbs scheduling delays on a
+    busy host (the default is about 200 KiB). Past net.core.wmem_max only with CAP_NET_ADMIN."""
+    for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKETPAIR_BUFFER)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKETPAIR_BUFFER)
 
 
 async def _read_head(client: anyio.abc.SocketStream) -> tuple[bytes, bytes]:
