@@ -362,6 +362,7 @@ def build_plan(
                 forwards=forwards,
                 cmdline=config.qemu.cmdline,
                 tsc_khz=host_tsc_khz(),
+                netdev_extra=tuple(egress_plan.netdev_extra() or ()),
             ),
             _runner_cwd(config.runner.cwd, cwd),
         )
@@ -412,7 +413,9 @@ def build_plan(
     if home_share is not None and agent_home is not None and work_dir is not None:
         owner_ids = (home_share.ids.host_uid, home_share.ids.host_gid) if euid == 0 else None
         agent_home = home_share.source  # the link-free path of the directory the guest mounts
-        env_file = launcher.plan_env_file(agent_home, env, agent, owner_ids)
+        env_file = launcher.plan_env_file(
+            agent_home, env, agent, owner_ids, extra=sorted(egress_plan.guest_env().items())
+        )
         devshell = launcher.plan_devshell(
             work_dir, agent_home, launcher.child_environment(env, {}), owner_ids
         )

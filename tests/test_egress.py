@@ -24,13 +24,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from supervisor import egress, launcher, network
+from supervisor import config, egress, guest, launcher, network, plan
 from supervisor.config import Agent, Network, NetworkMode, Preset
 from supervisor.egress import tls
 from supervisor.egress.audit import Audit
 from supervisor.egress.proxy import Proxy, ProxySettings
 from supervisor.egress.rules import Policy, RuleError, build_policy, parse_rule
 from supervisor.errors import SupervisorError
+from tests.runner_fixtures import RunnerFixture, qemu_command
 
 pytestmark = pytest.mark.anyio
 
@@ -497,3 +498,25 @@ def test_doctor_row_runs_the_handoff_for_real(monkeypatch: pytest.MonkeyPatch) -
     )
     row = egress.check_egress(spaced)
     assert row.status.value == "fail" and "space or comma" in row.summary
+
+
+def test_a_runner_with_another_way_out_is_refused_in_allowlist_mode(
+    guest_assets: guest.GuestAssets, tmp_path: Path
+) -> None:
+    """A tap next to the user netdev would go around the proxy: the plan says so, naming it."""
+    fixture = RunnerFixture(tmp_path / "runner")
+    argv = qemu_command(guest_assets, guest_command=None)
+    argv += ["-netdev", "tap,id=tap0,ifname=vm0", "-device", "virtio-net-device,netdev=tap0"]
+    fixture.write(argv)
+    work = tmp_path / "proj"
+    work.mkdir()
+    document = {
+        "runner": {"script": str(fixture.script)},
+        "work-dir": str(work),
+        "runtime-dir": "/tmp/avr-plan-only",
+        "network": {"mode": "allowlist"},
+    }
+    with pytest.raises(SupervisorError, match=r"cannot cover \(tap\).*exactly one -netdev user"):
+        plan.build_plan(
+            config.load(None, document), env={"HOME": str(tmp_path / "home")}, cwd=tmp_path, command=None
+        )

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from supervisor import guest
+from tests.runner_fixtures import RunnerFixture, qemu_command
 from tests.support import base_env, leftovers, supervisor_argv, wait_until_gone
 from tests.test_egress import certificate  # noqa: F401 - the fixture
 
@@ -180,3 +181,41 @@ i=0; while [ ! -e /work/host-done ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1));
         ("denied.example", "denied"),
         ("::1", "denied"),
     }
+
+
+def test_a_microvm_nix_runner_in_allowlist_mode_gets_the_proxy_and_nothing_else(
+    guest_assets: guest.GuestAssets,
+    host_servers: tuple[int, int],
+    tmp_path: Path,
+    short_runtime: Path,
+) -> None:
+    """The runner's own -netdev user is restricted and given the proxy's guestfwd; the proxy
+    variables reach its guest through .microvm-env (the runner fixture boots the built-in guest's
+    kernel; agentvm.net= in qemu.cmdline sets its eth0 up, as a NixOS guest does itself)."""
+    plain, _secure = host_servers
+    script = (
+        "unset no_proxy NO_PROXY; "
+        f'echo "via-proxy: $(wget -q -O - http://localhost:{plain}/runner 2>&1)"; '
+        f'echo "direct: $(nc -w 3 10.0.2.2 {plain} </dev/null >/dev/null 2>&1 && echo connected || echo failed)"'
+    )
+    fixture = RunnerFixture(tmp_path / "runner")
+    fixture.write(qemu_command(guest_assets, guest_command=["sh", "-c", script]))
+    config = tmp_path / "agentvm.toml"
+    config.write_text(
+        f'[network]\nmode = "allowlist"\npresets = []\nallow = ["localhost:{plain}", "127.0.0.1"]\n'
+        '[qemu]\ncmdline = "agentvm.net=10.0.2.15/24,10.0.2.2,10.0.2.3"\n'
+    )
+    work = tmp_path / "proj"
+    work.mkdir()
+    env = {"HOME": str(tmp_path / "home"), "XDG_STATE_HOME": str(tmp_path / "state"), "WORK_DIR": str(work)}
+    done = subprocess.run(
+        [*supervisor_argv(), "run", "--config", str(config), "--runner", str(fixture.script),
+         "--runtime-dir", str(short_runtime), "--accel", "tcg"],
+        capture_output=True, text=True, env=base_env(env), timeout=300, check=False, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "via-proxy: host-ok /runner" in done.stdout, done.stdout[-2000:]
+    assert "direct: failed" in done.stdout
+    [home] = (tmp_path / "home" / ".local" / "share" / "claude-microvm").iterdir()
+    assert "HTTPS_PROXY='http://10.0.2.100:3128'" in (home / ".microvm-env").read_text()
+    assert leftovers(short_runtime) == []

@@ -142,11 +142,10 @@ def plan_network(
         mode, why = NetworkMode.ALLOWLIST, "the default for agent guests"
     else:
         mode, why = NetworkMode.OPEN, "the default for the built-in shell guest"
-    if runner and mode is not NetworkMode.OPEN:
+    if runner and mode is NetworkMode.NONE:
         raise SupervisorError(
-            f'network.mode = "{mode.value}" is not supported for microvm.nix runners yet (their '
-            "-netdev is not rewritten): leave network.mode out (open) for a runner, or use the "
-            "built-in guest"
+            'network.mode = "none" is not supported for microvm.nix runners (their network devices '
+            'are not removed): use "allowlist", or remove microvm.interfaces from the VM'
         )
     if mode is NetworkMode.NONE and forwards:
         raise SupervisorError(
