@@ -520,3 +520,12 @@ def test_a_runner_with_another_way_out_is_refused_in_allowlist_mode(
         plan.build_plan(
             config.load(None, document), env={"HOME": str(tmp_path / "home")}, cwd=tmp_path, command=None
         )
+
+
+async def test_an_unwritable_log_dir_leaves_the_proxy_working(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the log's directory should be: mkdir fails
+    async with proxy_at(_policy("localhost"), audit_path=blocker / "egress" / "i.jsonl") as (proxy, port):
+        reply = await anyio.to_thread.run_sync(raw_request, port, b"GET http://x.example/ HTTP/1.1\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 403") and proxy.audit.stats.denied == 1
+    assert proxy.audit.path is None

@@ -68,9 +68,18 @@ class Audit:
         self._warned: set[str] = set()
         self._log = structlog.get_logger()
         if path is not None:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._open()
-            _prune(path.parent, keep=KEEP, current=path)
+            try:
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._open()
+                _prune(path.parent, keep=KEEP, current=path)
+            except OSError as exc:  # the proxy still runs: counts, and the `egress` log events
+                self._log.warning(
+                    "the egress log cannot be written; connections are logged as events only",
+                    path=str(path),
+                    reason=exc.strerror or str(exc),
+                    remedy="make $XDG_STATE_HOME (~/.local/state) writable",
+                )
+                self.path = None
 
     def _open(self) -> None:
         assert self.path is not None
