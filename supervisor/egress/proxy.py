@@ -300,9 +300,9 @@ class Proxy:
                     await upstream.send(first)
                     record.bytes_up += len(first)
             else:
-                request = _origin_form(method, target, version, headers)
-                await upstream.send(request + rest)
-                record.bytes_up += len(rest)
+                request = _origin_form(method, target, version, headers) + rest
+                await upstream.send(request)
+                record.bytes_up += len(request)
         except BaseException:
             await anyio.aclose_forcefully(upstream)
             raise
