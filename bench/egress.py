@@ -89,6 +89,59 @@ def _run_guest(mode: str, port: int, requests: int, root: Path) -> None:
         )
 
 
+def flood(root: Path, connections: int) -> None:
+    """A guest opens `connections` idle connections to the proxy (and a few that send a byte a
+    second); meanwhile the host asks `status` over the control socket, the way the CLI does."""
+    from supervisor import control  # the repo's, as the supervisor under test
+
+    work = root / "work-flood"
+    work.mkdir(exist_ok=True)
+    script = (
+        f"i=0; while [ $i -lt {connections} ]; do (sleep 90 | nc 10.0.2.100 3128 >/dev/null 2>&1) & "
+        "i=$((i+1)); done; "
+        "for j in 1 2 3 4 5; do (while :; do printf x; sleep 1; done | nc 10.0.2.100 3128 >/dev/null 2>&1) & "
+        "done; "
+        "touch /work/flood-up; while [ ! -e /work/go ]; do sleep 0.2; done"
+    )
+    env = {**os.environ, "XDG_STATE_HOME": str(root / "state"), "HOME": str(root / "home")}
+    argv = [
+        sys.executable, "-m", "supervisor", "run", "-v", "--network", "allowlist", "--work-dir", str(work),
+        "--runtime-dir", str(root / "rt"), "--name", "bench-flood", "--", "sh", "-c", script,
+    ]  # fmt: skip
+    with (root / "flood.log").open("wb") as log:
+        proc = subprocess.Popen(argv, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 600
+        while not (work / "flood-up").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        [instance] = (root / "rt").iterdir()
+        times: list[float] = []
+        active, peak, steady_since = 0, 0, time.monotonic()
+        # ask every 0.2 s while the guest's connections pile up, until their number holds for 10 s
+        while time.monotonic() - steady_since < 10 and time.monotonic() < deadline:
+            started = time.monotonic()
+            status = control.call(instance / control.SOCKET_NAME, control.StatusRequest())
+            times.append((time.monotonic() - started) * 1000)
+            active = int(str((status.egress or {}).get("active", 0)))
+            if active > peak:
+                peak, steady_since = active, time.monotonic()
+            time.sleep(0.2)
+        (work / "go").touch()
+        go = time.monotonic()
+        proc.wait(timeout=120)
+        ended = time.monotonic() - go
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            print((root / "flood.log").read_text()[-3000:])
+    print(f"status while the guest opened up to {peak} proxy connections at once (limit 256: 503 beyond):")
+    print(
+        f"  p50 {_pct(times, 0.5):.1f} ms, max {max(times):.1f} ms over {len(times)} calls (target: 100 ms)"
+    )
+    print(f"  from the guest's last step to the supervisor's exit: {ended:.1f} s (power-off included)")
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -99,7 +152,12 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=100)
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--flood", type=int, default=0, metavar="N", help="only: status under N connections")
     args = parser.parse_args()
+    if args.flood:
+        with tempfile.TemporaryDirectory(prefix="bench-egress-") as tmp:
+            flood(Path(tmp), args.flood)
+        return 0
     _Handler.payload = os.urandom(1 << 20) * args.mib
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
