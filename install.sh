@@ -61,6 +61,11 @@ if ! .venv/bin/python -c 'import supervisor._scan' 2>/dev/null; then
     "the console works, at about half the throughput on escape-dense output. Check that gcc," \
     "libc6-dev and python3-dev are installed (and \$CC, if set), then run install.sh again." >&2
 fi
+if [ ! -x supervisor/egress/agentvm-handoff ]; then
+  echo "install.sh: warning: the egress proxy's helper (supervisor/egress/handoff.c) did not compile;" \
+    "--network allowlist works, with ~20-100 ms more per guest connection (handoff.py). Check that" \
+    "gcc and libc6-dev are installed (and \$CC, if set), then run install.sh again." >&2
+fi
 if [ "$(id -u)" = 0 ]; then
   ln -sf "$PWD/.venv/bin/agentvm-supervise" /usr/local/bin/agentvm-supervise
 elif [ -n "${HOME:-}" ] && { [ -L "$HOME/.local/bin/agentvm-supervise" ] || [ ! -e "$HOME/.local/bin/agentvm-supervise" ]; }; then

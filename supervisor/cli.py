@@ -72,6 +72,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         metavar="[ADDR:]HOST:GUEST",
         help="forward a host port to a guest port (repeatable; ADDR defaults to 127.0.0.1)",
     )
+    parser.add_argument(
+        "--network",
+        choices=["open", "allowlist", "none"],
+        help="guest network: user-mode NAT, only the egress proxy (allow-list), or no device",
+    )
     parser.add_argument("--runtime-dir", help="base dir for instance dirs (sockets, state)")
     parser.add_argument("--name", help="instance name prefix (default: <basename>-<agent>-vm)")
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default: auto)")
@@ -242,7 +247,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "escape-key": getattr(args, "escape_key", None),
         "filter": getattr(args, "console_filter", None),
     }
-    sections = (("qemu", qemu), ("virtiofsd", virtiofsd), ("runner", runner), ("console", console_section))
+    network = {"mode": getattr(args, "network", None)}
+    sections = (
+        ("qemu", qemu),
+        ("virtiofsd", virtiofsd),
+        ("runner", runner),
+        ("console", console_section),
+        ("network", network),
+    )
     for section, values in sections:
         present = {key: value for key, value in values.items() if value is not None}
         if present:

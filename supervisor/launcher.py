@@ -24,7 +24,7 @@ import re
 import secrets
 import shlex
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,7 +208,12 @@ def _shell_quote(value: str) -> str:
 
 
 def plan_env_file(
-    agent_home: Path, env: Mapping[str, str], agent: Agent, owner: tuple[int, int] | None
+    agent_home: Path,
+    env: Mapping[str, str],
+    agent: Agent,
+    owner: tuple[int, int] | None,
+    *,
+    extra: Sequence[tuple[str, str]] = (),  # e.g. the egress proxy's variables (egress.guest_env)
 ) -> EnvFile:
     """What `.microvm-env` will hold; bad values are rejected here, without echoing secrets."""
     direnv = env.get("DIRENV_ALLOW", "")
@@ -235,6 +240,7 @@ def plan_env_file(
                 "key alone (its value is not shown here)",
             )
         entries.append((key_var, key))
+    entries += extra
     return EnvFile(agent_home / ENV_FILE, tuple(entries), owner)
 
 

@@ -282,6 +282,16 @@ def format_status(status: control.InstanceStatus) -> str:
     for share in status.shares:
         mode = "ro" if share.read_only else "rw"
         lines.append(f"  {share.tag:<16} {share.source} -> {share.guest_path} ({mode})")
+    egress = status.egress
+    if egress is not None:  # allowlist mode (supervisor/egress)
+        lines.append(
+            f"egress    allowlist via {egress.get('proxy')}: {egress.get('allowed')} allowed, "
+            f"{egress.get('denied')} denied, {egress.get('errors')} failed, {egress.get('active')} open; "
+            f"log {egress.get('log')}"
+        )
+        denied = egress.get("top_denied")
+        if isinstance(denied, list) and denied:
+            lines.append(f"          most denied: {', '.join(str(item) for item in denied)}")
     return "\n".join(line for line in lines if line)
 
 

@@ -32,7 +32,7 @@ from tests.test_kvm_watch import mknod
 
 CHECKS = [
     "kvm-device", "kvm-access", "kvm-usable", "accelerator", "namespaces", "pidfd", "id-maps", "guest",
-    "virtiofsd", "qemu", "qemu-sandbox", "memfd", "runtime-dir", "socket-paths",
+    "virtiofsd", "qemu", "qemu-sandbox", "egress", "memfd", "runtime-dir", "socket-paths",
 ]  # fmt: skip
 DENY_UNSHARE = [str(REPO / ".venv" / "bin" / "python"), "-m", "tests.deny_unshare"]
 

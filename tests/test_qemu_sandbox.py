@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from supervisor import config, guest
-from supervisor.qemu import SANDBOX, QemuSpec, qemu_argv
+from supervisor.qemu import SANDBOX, QemuSpec, qemu_argv, sandbox_options
 from tests.support import instance_processes, leftovers, start_supervisor, wait_until_gone
 
 
-def _spec(tmp_path: Path, *, sandbox: bool) -> QemuSpec:
+def _spec(tmp_path: Path, *, sandbox: str | None) -> QemuSpec:
     return QemuSpec(
         binary="qemu", instance="i", machine=config.Machine.Q35, accel=config.Accel.TCG, cpu="max",
         kernel=tmp_path / "k", initrd=None, cmdline="", memory_mib=512, vcpus=1, shares=[],
@@ -27,10 +27,11 @@ def _spec(tmp_path: Path, *, sandbox: bool) -> QemuSpec:
 
 def test_the_sandbox_is_on_by_default_and_the_config_turns_it_off(tmp_path: Path) -> None:
     assert config.Qemu().sandbox is True
-    argv = qemu_argv(_spec(tmp_path, sandbox=True))
+    argv = qemu_argv(_spec(tmp_path, sandbox=SANDBOX))
     assert argv[argv.index("-sandbox") + 1] == SANDBOX
     assert "spawn=deny" in SANDBOX and "elevateprivileges=deny" in SANDBOX
-    assert "-sandbox" not in qemu_argv(_spec(tmp_path, sandbox=False))
+    assert sandbox_options(spawn=False) == SANDBOX
+    assert "-sandbox" not in qemu_argv(_spec(tmp_path, sandbox=None))
     assert config.load(None, {"qemu": {"sandbox": False}}).qemu.sandbox is False
 
 
