@@ -135,6 +135,23 @@ class Runner(_Strict, frozen=True):
     cwd: str | None = None  # the runner's working directory; None: the instance's runtime dir
 
 
+class NetworkMode(enum.StrEnum):
+    USER = "user"  # QEMU's user-mode network (slirp): NAT, port forwards, no privileges
+    TAP = "tap"  # a tap on a host bridge: a static address the host and other VMs reach (CAP_NET_ADMIN)
+
+
+class Network(_Strict, frozen=True):
+    """The guest's network; bridge, address, gateway, dns and tap are for mode "tap" (docs/config.md)."""
+
+    mode: NetworkMode = NetworkMode.USER
+    bridge: str | None = None  # an existing host bridge the tap joins
+    address: str | None = None  # the guest's IPv4 address with prefix, e.g. "192.168.83.2/24"
+    gateway: str | None = None  # None: the bridge's own address in the guest's subnet
+    dns: str | None = None  # None: the gateway
+    tap: str | None = None  # None: "mv" + 11 hex digits of the VM name's sha256, as seed 003 names it
+    mac: str | None = None  # None: derived from the VM name
+
+
 class ConsoleConfig(_Strict, frozen=True):
     escape_key: str = "ctrl-]"  # ctrl-X, ^X, one character, or "none"; checked by plan
     filter: bool = True  # the hostile-output filter (termfilter); false passes the guest's bytes as they are
@@ -153,6 +170,7 @@ class Config(_Strict, frozen=True):
     agent_home: str | None = None  # None: $AGENT_HOME, else $XDG_DATA_HOME/<agent>-microvm/<basename>-<hash>
     forwards: list[str] = []  # "[ADDR:]HOST:GUEST[/udp]" port forwards (QEMU user networking)
     runner: Runner | None = None
+    network: Network = Network()
     shares: list[Share] | None = None  # None: work, agent-home, cri-storage as claude-microvm has them
     virtiofsd: Virtiofsd = Virtiofsd()
     qemu: Qemu = Qemu()

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supervisor import checks, control, guest, kvm, launcher, network, runner, runtime, sharedirs
+from supervisor import checks, control, guest, kvm, launcher, network, runner, runtime, sharedirs, tap
 from supervisor.config import (
     Accel,
     Agent,
@@ -76,6 +76,12 @@ class Plan:
     kvm_device: Path = kvm.DEFAULT_DEVICE  # what the supervisor checks and watches; QEMU opens /dev/kvm
     checks: tuple[checks.Check, ...] = ()  # the preflight, warnings included
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
+
+    @property
+    def taps(self) -> tuple[tap.TapSpec, ...]:
+        """The taps the supervisor creates on the host for this instance (tap.attached)."""
+        own = self.network.tap.tap if self.network is not None and self.network.tap is not None else None
+        return (own,) if own is not None else ()
 
     @property
     def qmp_socket(self) -> Path:
@@ -420,7 +426,11 @@ def build_plan(
             "a guest command (after --) needs the built-in guest, which knows how to run it and report "
             "its status; with your own qemu.kernel, put the command in the guest's own configuration",
         )
-    guest_net = None if runner_plan is not None else network.plan_network(forwards, builtin_guest=builtin)
+    guest_net = (
+        None
+        if runner_plan is not None
+        else network.plan_network(forwards, builtin_guest=builtin, config=config.network, vm_name=prefix)
+    )
     net_args = guest_net.kernel_args() if guest_net is not None else []  # network.py: eth0 in the guest
     if runner_plan is not None:
         cmdline = ""

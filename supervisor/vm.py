@@ -35,6 +35,7 @@ from supervisor import (
     readiness,
     runtime,
     sharedirs,
+    tap,
 )
 from supervisor import runner as microvm
 from supervisor.children import (
@@ -638,7 +639,11 @@ class Instance:
                     await everything.start(control.Server(plan.control_socket, self).serve)
                     if plan.devshell is not None:
                         await self._refresh_devshell(plan.devshell)
-                    async with anyio.create_task_group() as shares:
+                    owner = tap.current_owner(plan.instance)
+                    async with (
+                        tap.attached(plan.taps, owner, self.watchdog, self.log),
+                        anyio.create_task_group() as shares,
+                    ):
                         await self._start_shares(shares)
                         await self._run_vm()
                         shares.cancel_scope.cancel()

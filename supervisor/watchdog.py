@@ -18,6 +18,7 @@ import termios
 from pathlib import Path
 from typing import Any
 
+from supervisor import tap
 from supervisor.runtime import remove_instance_dir
 
 
@@ -33,11 +34,12 @@ class Watchdog:
         if tty_fd is not None:
             saved_tty = (termios.tcgetattr(tty_fd), fcntl.fcntl(tty_fd, fcntl.F_GETFL))
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the forked process
             os.close(write_fd)
             try:
-                _watch(read_fd, tty_fd, saved_tty)
+                _watch(read_fd, tty_fd, saved_tty, supervisor)
             finally:
                 os._exit(0)
         os.close(read_fd)
@@ -56,6 +58,13 @@ class Watchdog:
     def release_group(self, pgid: int) -> None:
         self._send(f"release {pgid}")
 
+    def guard_tap(self, name: str) -> None:
+        """A tap (tap.py) to delete if the supervisor dies; only while it still carries our mark."""
+        self._send(f"tap {name}")
+
+    def release_tap(self, name: str) -> None:
+        self._send(f"untap {name}")
+
     def guard_terminal_modes(self, reset: bytes) -> None:
         """Bytes that undo the modes the guest left on in the terminal (the console keeps this current)."""
         self._send(f"tty-reset {reset.hex()}")
@@ -69,8 +78,16 @@ class Watchdog:
             os.waitpid(self.pid, 0)
 
 
+def _remove_taps(names: set[str], supervisor: int) -> None:  # pragma: no cover - in the watchdog
+    """The taps the dead supervisor made (its pid is in their mark: a zombie supervisor still looks
+    alive to tap.Owner.alive, and a tap someone else made since then is left alone)."""
+    for name in names:
+        with contextlib.suppress(Exception):  # one tap that cannot go must not keep the others
+            tap.remove_owned(name, supervisor)
+
+
 def _watch(
-    read_fd: int, tty_fd: int | None, saved_tty: tuple[list[Any], int] | None
+    read_fd: int, tty_fd: int | None, saved_tty: tuple[list[Any], int] | None, supervisor: int
 ) -> None:  # pragma: no cover - runs in the forked process
     os.setsid()
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGTSTP):
@@ -89,6 +106,7 @@ def _watch(
     os.closerange(low, 65536)
     dirs: list[str] = []
     groups: set[int] = set()
+    taps: set[str] = set()
     tty_reset = b""
     buffer = b""
     while True:
@@ -110,6 +128,10 @@ def _watch(
                 groups.add(int(arg))
             elif verb == "release":
                 groups.discard(int(arg))
+            elif verb == "tap":
+                taps.add(arg)
+            elif verb == "untap":
+                taps.discard(arg)
             elif verb == "tty-reset":
                 tty_reset = bytes.fromhex(arg)
     for pgid in groups:
@@ -117,6 +139,8 @@ def _watch(
             os.killpg(pgid, signal.SIGKILL)
     for path in dirs:
         remove_instance_dir(Path(path))
+    if taps:  # after the kill: the runner no longer holds them
+        _remove_taps(taps, supervisor)
     if kept_tty is not None and saved_tty is not None:
         with contextlib.suppress(OSError, termios.error):
             termios.tcsetattr(kept_tty, termios.TCSANOW, saved_tty[0])

@@ -1,0 +1,326 @@
+"""Tap interfaces on a host bridge: checked while planning, created at start, removed at the end.
+
+A tap here is *persistent* (TUNSETPERSIST): it exists before the runner opens it by name (a
+microvm.nix runner's `-netdev tap,ifname=...` can only open one that exists, and an unprivileged
+runner could not create it), so it does not vanish with the runner's fd and must be removed by us.
+Three paths remove it, from the most to the least orderly:
+
+- `attached`: the context the instance's task groups nest in; its exit (normal end, error,
+  cancellation) deletes the tap, shielded from cancellation.
+- the watchdog (watchdog.py), after a SIGKILL of the supervisor: `remove_owned` with the
+  supervisor's pid.
+- the next start: `remove_stale` deletes every tap whose owner is dead (the watchdog was killed too,
+  the machine's pid namespace was torn down...).
+
+Ownership is written on the link itself, as its alias (IFLA_IFALIAS): `agentvm-supervise INSTANCE
+PID START_TICKS`. It lives exactly as long as the link and in the link's own network namespace, so
+no state file can disagree with it; the start ticks tell a reused pid from the supervisor.
+
+Netlink through pyroute2 (not `ip` in a subprocess): typed errors (errno) instead of parsing `ip`'s
+messages, one socket instead of a process per step, and tap creation (an ioctl on /dev/net/tun) in
+the same call. pyroute2's synchronous IPRoute runs its own asyncio loop, so inside ours it is called
+from a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import ipaddress
+import os
+import re
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from supervisor.children import read_start_ticks
+from supervisor.errors import ExitCode, SupervisorError
+
+MARK = "agentvm-supervise"
+IFNAMSIZ = 15  # usable characters of an interface name (IFNAMSIZ 16 with the NUL)
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+CAP_NET_ADMIN = 12
+TUN_DEVICE = Path("/dev/net/tun")
+
+
+class TapGuard(Protocol):
+    """What the watchdog offers: remove this tap if the supervisor is killed."""
+
+    def guard_tap(self, name: str) -> None: ...
+
+    def release_tap(self, name: str) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class TapSpec:
+    name: str
+    bridge: str
+    uid: int  # the tap's owner: the user the runner runs as, who opens it by name
+    gid: int
+    multi_queue: bool = False  # must match what the runner asks for (QEMU: queues=N>1)
+    vnet_hdr: bool = True  # QEMU and cloud-hypervisor both use the virtio-net header
+    origin: str = "network.tap"  # where the name came from, for errors
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who created a tap, as written in its alias."""
+
+    instance: str
+    pid: int
+    start_ticks: int
+
+    def alias(self) -> str:
+        return f"{MARK} {self.instance} {self.pid} {self.start_ticks}"
+
+    @classmethod
+    def parse(cls, alias: str | None) -> Owner | None:
+        parts = (alias or "").split()
+        if len(parts) != 4 or parts[0] != MARK or not parts[2].isdigit() or not parts[3].isdigit():
+            return None
+        return cls(parts[1], int(parts[2]), int(parts[3]))
+
+    def alive(self) -> bool:
+        """The supervisor that wrote this is still running (not a zombie, not a reused pid)."""
+        try:
+            data = Path(f"/proc/{self.pid}/stat").read_bytes()
+        except OSError:
+            return False
+        fields = data[data.rindex(b")") + 2 :].split()
+        return fields[0] != b"Z" and int(fields[19]) == self.start_ticks
+
+
+def default_name(vm_name: str) -> str:
+    """As seed 003 names them: "mv" and 11 hex digits of the VM name's sha256 (15 characters)."""
+    return "mv" + hashlib.sha256(vm_name.encode()).hexdigest()[:11]
+
+
+def guest_mac(vm_name: str) -> str:
+    """A stable, locally administered unicast MAC per VM name: two VMs on a bridge must differ
+    (QEMU gives every NIC 52:54:00:12:34:56), and one VM keeps its MAC (neighbour caches stay right)."""
+    digest = hashlib.sha256(b"mac:" + vm_name.encode()).digest()
+    return ":".join(f"{byte:02x}" for byte in (0x02, *digest[:5]))
+
+
+def check_name(name: str, origin: str) -> None:
+    if not NAME_PATTERN.match(name):
+        raise SupervisorError(
+            f"{origin} '{name}' is not a usable interface name: Linux allows at most {IFNAMSIZ} "
+            "characters; use letters, digits, '_', '.' and '-', starting with a letter or digit "
+            "(or leave it out: the default is derived from the VM's name)",
+        )
+
+
+def has_net_admin(status: Path = Path("/proc/self/status")) -> bool:
+    for line in status.read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    return False
+
+
+@contextlib.contextmanager
+def _netlink() -> Iterator[Any]:
+    with IPRoute() as ip:
+        yield ip
+
+
+def _link(ip: Any, name: str) -> Any | None:
+    try:
+        found = ip.link("get", ifname=name)
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise
+    return found[0] if found else None
+
+
+def _kind(link: Any) -> str | None:
+    kind: str | None = link.get(("linkinfo", "kind"))
+    return kind
+
+
+@dataclass(frozen=True)
+class Bridge:
+    name: str
+    networks: tuple[ipaddress.IPv4Interface, ...]  # its IPv4 addresses with their prefixes
+
+
+def inspect_bridge(name: str) -> Bridge:
+    """The bridge's IPv4 addresses; raises when it does not exist or is not a bridge."""
+    with _netlink() as ip:
+        link = _link(ip, name)
+        if link is None:
+            raise SupervisorError(
+                f"the bridge '{name}' (network.bridge) does not exist in this network namespace: create it "
+                f"(ip link add {name} type bridge; ip addr add ADDRESS/PREFIX dev {name}; ip link set {name} "
+                "up, or networking.bridges on NixOS), or fix network.bridge",
+                exit_code=ExitCode.UNAVAILABLE,
+            )
+        if _kind(link) != "bridge":
+            raise SupervisorError(
+                f"network.bridge names '{name}', which is a {_kind(link) or 'plain'} interface, not a "
+                "bridge: name the bridge the VMs' taps join",
+            )
+        addresses = ip.get_addr(family=2, index=link["index"])
+    networks = tuple(
+        ipaddress.IPv4Interface(f"{addr.get('IFA_ADDRESS')}/{addr['prefixlen']}") for addr in addresses
+    )
+    return Bridge(name, networks)
+
+
+def check_free(spec: TapSpec) -> None:
+    """Raise when the tap's name is taken by a running VM or by something not ours; a stale tap of a
+    dead instance is fine (`attached` removes it)."""
+    with _netlink() as ip:
+        link = _link(ip, spec.name)
+    if link is None:
+        return
+    owner = Owner.parse(link.get("IFLA_IFALIAS"))
+    if owner is None:
+        raise SupervisorError(
+            f"the tap name '{spec.name}' ({spec.origin}) is in use by an interface agentvm-supervise did "
+            f"not create ({_kind(link) or 'kind unknown'}): choose another name with {spec.origin}, or "
+            f"remove that interface (ip link del {spec.name}) if nothing needs it",
+        )
+    if owner.alive():
+        raise SupervisorError(
+            f"the tap name '{spec.name}' ({spec.origin}) is in use by the running VM {owner.instance} "
+            f"(supervisor pid {owner.pid}): stop that VM first (agentvm-supervise stop "
+            f"{owner.instance}), or give this one its own tap with {spec.origin} (or its own name)",
+        )
+
+
+def check_host(specs: Sequence[TapSpec]) -> None:
+    """What creating the taps needs from the host, checked before anything exists."""
+    if not has_net_admin():
+        raise SupervisorError(
+            f"a tap network ('{specs[0].name}' on bridge '{specs[0].bridge}') needs CAP_NET_ADMIN to "
+            "create the tap and attach it to the bridge, and this process does not have it: run "
+            "agentvm-supervise as root, or grant it the capability (e.g. systemd's "
+            'AmbientCapabilities=CAP_NET_ADMIN), or use network mode "user"',
+            exit_code=ExitCode.UNAVAILABLE,
+        )
+    if not TUN_DEVICE.exists():
+        raise SupervisorError(
+            f"{TUN_DEVICE} does not exist, so no tap can be created: load the tun module (modprobe "
+            "tun) or, in a container, pass the device in (--device /dev/net/tun)",
+            exit_code=ExitCode.UNAVAILABLE,
+        )
+    names = [spec.name for spec in specs]
+    for spec in specs:
+        if names.count(spec.name) > 1:
+            raise SupervisorError(
+                f"two interfaces of this VM use the tap name '{spec.name}': give each its own"
+            )
+        inspect_bridge(spec.bridge)
+        check_free(spec)
+
+
+def _bridge_index(ip: Any, name: str) -> int:
+    link = _link(ip, name)
+    if link is None or _kind(link) != "bridge":
+        raise SupervisorError(
+            f"the bridge '{name}' disappeared (or is no bridge) between the checks and the start: "
+            "create it again, then start the VM again",
+            exit_code=ExitCode.UNAVAILABLE,
+        )
+    index: int = link["index"]
+    return index
+
+
+def create(spec: TapSpec, owner: Owner) -> None:
+    """Create the tap (removing a stale one of the same name), mark it ours, attach it, bring it up.
+    On any failure the half-made tap is removed before the error is raised."""
+    with _netlink() as ip:
+        old = _link(ip, spec.name)
+        if old is not None:
+            found = Owner.parse(old.get("IFLA_IFALIAS"))
+            if found is None or found.alive():
+                check_free(spec)  # raises the error naming who holds it
+            ip.link("del", index=old["index"])
+        bridge = _bridge_index(ip, spec.bridge)
+        ip.link(
+            "add",
+            ifname=spec.name,
+            kind="tuntap",
+            mode="tap",
+            uid=spec.uid,
+            gid=spec.gid,
+            ifr={"no_pi": True, "vnet_hdr": spec.vnet_hdr, "multi_queue": spec.multi_queue},
+        )
+        try:
+            index = ip.link_lookup(ifname=spec.name)[0]
+            # the mark first: from here on every cleanup path recognises the tap as ours
+            ip.link("set", index=index, ifalias=owner.alias())
+            ip.link("set", index=index, master=bridge)
+            ip.link("set", index=index, state="up")
+        except BaseException:
+            with contextlib.suppress(NetlinkError, IndexError):
+                ip.link("del", index=ip.link_lookup(ifname=spec.name)[0])
+            raise
+
+
+def remove_owned(name: str, pid: int) -> bool:
+    """Delete the tap `name` if the supervisor `pid` created it; False if it was not there (or not its)."""
+    with _netlink() as ip:
+        link = _link(ip, name)
+        owner = Owner.parse(link.get("IFLA_IFALIAS")) if link is not None else None
+        if link is None or owner is None or owner.pid != pid:
+            return False
+        try:
+            ip.link("del", index=link["index"])
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise
+            return False
+    return True
+
+
+def remove_stale() -> list[str]:
+    """Delete every tap whose creator is no longer running; the names removed."""
+    removed = []
+    with _netlink() as ip:
+        for link in ip.get_links():
+            owner = Owner.parse(link.get("IFLA_IFALIAS"))
+            if owner is None or owner.alive():
+                continue
+            with contextlib.suppress(NetlinkError):
+                ip.link("del", index=link["index"])
+                removed.append(str(link.get("IFLA_IFNAME")))
+    return removed
+
+
+@contextlib.asynccontextmanager
+async def attached(specs: Sequence[TapSpec], owner: Owner, guard: TapGuard, log: Any) -> AsyncIterator[None]:
+    """The taps exist, on their bridges, for the body's duration; removed however it ends."""
+    if not specs:
+        yield
+        return
+    for name in await anyio.to_thread.run_sync(remove_stale):
+        log.info("removed a stale tap of a dead instance", tap=name)
+    made: list[TapSpec] = []
+    try:
+        for spec in specs:
+            guard.guard_tap(spec.name)  # before it exists: a SIGKILL during create leaves none
+            await anyio.to_thread.run_sync(create, spec, owner)
+            made.append(spec)
+            log.info("tap created", tap=spec.name, bridge=spec.bridge, uid=spec.uid)
+        yield
+    finally:
+        with anyio.CancelScope(shield=True):
+            for spec in reversed(made):
+                gone = await anyio.to_thread.run_sync(remove_owned, spec.name, owner.pid)
+                log.info("tap removed" if gone else "tap already gone", tap=spec.name)
+            for spec in specs:
+                guard.release_tap(spec.name)
+
+
+def current_owner(instance: str) -> Owner:
+    pid = os.getpid()
+    return Owner(instance, pid, read_start_ticks(pid))
