@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import guest, tap
+from supervisor.children import read_start_ticks
 from supervisor.errors import ExitCode
 from tests.support import base_env, instance_processes, leftovers, supervisor_argv, wait_until_gone
 
@@ -260,7 +261,7 @@ def test_an_address_outside_the_bridge_subnet(netns: Netns, tmp_path: Path) -> N
 
 def test_a_tap_name_in_use_by_a_running_vm_or_by_something_else(netns: Netns, tmp_path: Path) -> None:
     # a running VM: a tap marked with a live supervisor (this test process stands in for it)
-    ours = tap.Owner("tap-other-1234", os.getpid(), tap.read_start_ticks(os.getpid())).alias()
+    ours = tap.Owner("tap-other-1234", os.getpid(), read_start_ticks(os.getpid())).alias()
     netns.run(["ip", "tuntap", "add", "mode", "tap", "name", "mvbusy"])
     netns.run(["ip", "link", "set", "mvbusy", "alias", ours])
     netns.run(["ip", "link", "add", "mvother", "type", "bridge"])
