@@ -152,6 +152,14 @@ class Network(_Strict, frozen=True):
     mac: str | None = None  # None: derived from the VM name
 
 
+class Ssh(_Strict, frozen=True):
+    """The built-in guest's SSH server (dropbear) on a tap network; see supervisor/sshkeys.py."""
+
+    enable: bool | None = None  # None: on with network mode "tap" and the built-in guest
+    authorized_keys: list[str] = []  # public keys (one .pub line each) that may log in as agent
+    host_keys: str | None = None  # None: $XDG_STATE_HOME/agentvm-supervise/vms/NAME/ssh-host-keys
+
+
 class ConsoleConfig(_Strict, frozen=True):
     escape_key: str = "ctrl-]"  # ctrl-X, ^X, one character, or "none"; checked by plan
     filter: bool = True  # the hostile-output filter (termfilter); false passes the guest's bytes as they are
@@ -171,6 +179,7 @@ class Config(_Strict, frozen=True):
     forwards: list[str] = []  # "[ADDR:]HOST:GUEST[/udp]" port forwards (QEMU user networking)
     runner: Runner | None = None
     network: Network = Network()
+    ssh: Ssh = Ssh()
     shares: list[Share] | None = None  # None: work, agent-home, cri-storage as claude-microvm has them
     virtiofsd: Virtiofsd = Virtiofsd()
     qemu: Qemu = Qemu()

@@ -15,7 +15,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supervisor import checks, control, guest, kvm, launcher, network, runner, runtime, sharedirs, tap
+from supervisor import (
+    checks,
+    control,
+    guest,
+    kvm,
+    launcher,
+    network,
+    runner,
+    runtime,
+    sharedirs,
+    sshkeys,
+    tap,
+)
 from supervisor.config import (
     Accel,
     Agent,
@@ -23,6 +35,7 @@ from supervisor.config import (
     ConsoleConfig,
     Hypervisor,
     Machine,
+    NetworkMode,
     Share,
     SocketMode,
     Timeouts,
@@ -76,6 +89,7 @@ class Plan:
     kvm_device: Path = kvm.DEFAULT_DEVICE  # what the supervisor checks and watches; QEMU opens /dev/kvm
     checks: tuple[checks.Check, ...] = ()  # the preflight, warnings included
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    ssh: sshkeys.SshPlan | None = None  # the built-in guest's SSH server and its host key dir
 
     @property
     def taps(self) -> tuple[tap.TapSpec, ...]:
@@ -368,6 +382,15 @@ def build_plan(
         shares_config = list(config.shares)
     if not shares_config and runner_plan is None:
         raise SupervisorError("the config lists no shares: add at least one [[shares]] entry")
+    ssh_plan = sshkeys.plan_ssh(
+        config.ssh,
+        env,
+        prefix,
+        tap_network=config.network.mode is NetworkMode.TAP,
+        builtin=config.qemu.kernel is None and runner_plan is None,
+    )
+    if ssh_plan is not None:  # the host key dir, shared read-only at /etc/ssh/host-keys
+        shares_config = [*shares_config, ssh_plan.share()]
 
     owner_path = work_dir
     seen: set[str] = set()
@@ -436,7 +459,8 @@ def build_plan(
         cmdline = ""
     elif builtin:
         first = shares[0].ids
-        extra = [_microvm_tsc_hint(config.qemu.machine), *net_args, config.qemu.cmdline]
+        ssh_args = ssh_plan.kernel_args() if ssh_plan is not None else []
+        extra = [_microvm_tsc_hint(config.qemu.machine), *net_args, *ssh_args, config.qemu.cmdline]
         cmdline = guest.guest_cmdline(
             mounts=[(share.tag, share.guest_path) for share in shares],
             command=list(command) if command else None,
@@ -559,6 +583,7 @@ def build_plan(
         kvm_device=kvm_device,
         checks=tuple(preflight.checks),
         console=console_plan,
+        ssh=ssh_plan,
     )
 
 

@@ -35,6 +35,7 @@ from supervisor import (
     readiness,
     runtime,
     sharedirs,
+    sshkeys,
     tap,
 )
 from supervisor import runner as microvm
@@ -616,6 +617,9 @@ class Instance:
         runtime.ensure_base(plan.base_dir)
         runtime.clean_stale(plan.base_dir)
         self._open_share_dirs()
+        host_key = sshkeys.public_key_of(plan.ssh, self._share_dirs)  # made once per VM
+        if host_key is not None:
+            self.log.info("ssh host key", key=host_key)
         if plan.env_file is not None:
             launcher.write_env_file(plan.env_file)
         for note in plan.notes:

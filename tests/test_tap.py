@@ -66,9 +66,12 @@ def netns() -> Iterator[Netns]:
         subprocess.run(["ip", "netns", "del", ns.name], check=False)
 
 
-def _config(tmp_path: Path, name: str, address: str | None, **network: str) -> Path:
+def _config(
+    tmp_path: Path, name: str, address: str | None, *, ssh: Sequence[str] = (), **network: str
+) -> Path:
     work = tmp_path / name / "work"
     work.mkdir(parents=True, exist_ok=True)
+    ssh_lines = ["[ssh]", f'host-keys = "{tmp_path / name / "keys"}"', f"authorized-keys = {list(ssh)!r}"]
     lines = [
         f'name = "{name}"',
         f'work-dir = "{work}"',
@@ -79,6 +82,7 @@ def _config(tmp_path: Path, name: str, address: str | None, **network: str) -> P
         f'bridge = "{network.pop("bridge", BRIDGE)}"',
         *([f'address = "{address}"'] if address else []),
         *(f'{key} = "{value}"' for key, value in network.items()),
+        *(ssh_lines if ssh else []),
     ]
     path = tmp_path / f"{name}.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -134,12 +138,30 @@ def _fetch(ns: Netns, url: str) -> str:
     return ns.python(code).stdout
 
 
+def _ssh(ns: Netns, tmp_path: Path, address: str, command: str, *, first: bool) -> str:
+    """ssh as agent with the test's key; the first connection pins the host key, later ones demand it."""
+    pinning = "accept-new" if first else "yes"
+    argv = [
+        "ssh", "-i", str(tmp_path / "client"), "-F", "/dev/null", "-o", "BatchMode=yes",
+        "-o", f"UserKnownHostsFile={tmp_path / 'known_hosts'}", "-o", f"StrictHostKeyChecking={pinning}",
+        "-o", "ConnectTimeout=20", f"agent@{address}", command,
+    ]  # fmt: skip
+    result = ns.run(argv, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 @pytest.mark.vm
-def test_two_guests_on_a_bridge_reach_each_other_and_the_host_reaches_both(
+def test_two_guests_on_a_bridge_reach_each_other_the_host_reaches_both_over_http_and_ssh(
     guest_assets: guest.GuestAssets, netns: Netns, tmp_path: Path
 ) -> None:
-    a_cfg = _config(tmp_path, "tap-a", f"{SUBNET}.2/24")
-    b_cfg = _config(tmp_path, "tap-b", f"{SUBNET}.3/24")
+    """And each guest's host key, pinned by the first ssh, is the same after a stop and a start."""
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "client")], check=True
+    )
+    client = (tmp_path / "client.pub").read_text().strip()
+    a_cfg = _config(tmp_path, "tap-a", f"{SUBNET}.2/24", ssh=[client])
+    b_cfg = _config(tmp_path, "tap-b", f"{SUBNET}.3/24", ssh=[client])
     a_work, b_work = tmp_path / "tap-a" / "work", tmp_path / "tap-b" / "work"
     (a_work / "hello").write_text("from a\n")
     (b_work / "hello").write_text("from b\n")
@@ -157,6 +179,9 @@ def test_two_guests_on_a_bridge_reach_each_other_and_the_host_reaches_both(
         assert (b_work / "from-a").read_text() == "from a\n"  # guest to guest, over the bridge
         assert _fetch(netns, f"http://{SUBNET}.2:8080/hello") == "from a\n\n"  # the host to each guest
         assert _fetch(netns, f"http://{SUBNET}.3:8080/hello") == "from b\n\n"
+        for address, name in ((f"{SUBNET}.2", "a"), (f"{SUBNET}.3", "b")):
+            said = _ssh(netns, tmp_path, address, "cd /work && pwd && id -un && cat hello", first=True)
+            assert said == f"/work\nagent\nfrom {name}\n"
         assert sorted(netns.ports()) == sorted([tap.default_name("tap-a"), tap.default_name("tap-b")])
         for work in (a_work, b_work):
             (work / "stop").touch()
@@ -166,6 +191,25 @@ def test_two_guests_on_a_bridge_reach_each_other_and_the_host_reaches_both(
     finally:
         _kill(procs)
     _nothing_left(netns, tmp_path, "tap-a", "tap-b")
+    keys = tmp_path / "tap-a" / "keys"
+    assert (keys / "ssh_host_ed25519_key").stat().st_mode & 0o777 == 0o600
+    assert (keys / "ssh_host_ed25519_key.pub").stat().st_mode & 0o777 == 0o644
+    pinned = (tmp_path / "known_hosts").read_text()
+    assert pinned.count("ssh-ed25519") == 2
+    # a again: StrictHostKeyChecking=yes fails on a key that is not the pinned one
+    for name in ("up", "stop"):
+        (a_work / name).unlink()
+    again = _start(netns, a_cfg, SERVE)
+    try:
+        _wait_for(a_work / "up", again)
+        assert _ssh(netns, tmp_path, f"{SUBNET}.2", "cat /work/hello", first=False) == "from a\n"
+        (a_work / "stop").touch()
+        code, err = _finish(again)
+        assert code == 0, err
+    finally:
+        _kill([again])
+    assert (tmp_path / "known_hosts").read_text() == pinned
+    _nothing_left(netns, tmp_path, "tap-a")
 
 
 def _qemu_of(name: str) -> int:
