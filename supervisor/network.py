@@ -22,6 +22,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from supervisor import tap
 from supervisor.config import Network, NetworkMode
@@ -39,6 +40,16 @@ DNS_ADDRESS = ipaddress.IPv4Address("10.0.2.3")  # slirp's DNS forwarder (the ho
 class NetMode(enum.Enum):
     USER = "user"  # slirp NAT: the guest reaches what the host reaches, the host reaches forwards
     TAP = "tap"  # a tap on a host bridge (TapNetwork)
+
+
+class RunnerTapLike(Protocol):
+    """runner.RunnerTap (network.py is imported by runner's users, not the other way round)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def multi_queue(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -179,3 +190,45 @@ def _ipv4(raw: str | None, what: str) -> ipaddress.IPv4Address | None:
         return ipaddress.IPv4Address(raw)
     except ValueError:
         raise SupervisorError(f"{what} '{raw}' is not an IPv4 address (e.g. 192.168.83.1)") from None
+
+
+def plan_runner_taps(config: Network, taps: Sequence[RunnerTapLike]) -> tuple[tap.TapSpec, ...]:
+    """A microvm.nix runner's tap interfaces: with mode "tap" the supervisor creates them on the
+    bridge (checked now, as for its own); otherwise they must exist already (a NixOS host's
+    microvm-tap-interfaces units made them)."""
+    if not taps:
+        return ()
+    names = ", ".join(t.name for t in taps)
+    if config.mode is not NetworkMode.TAP:
+        missing = [t.name for t in taps if not tap.exists(t.name)]
+        if missing:
+            raise SupervisorError(
+                f"the runner opens the tap interface '{missing[0]}', which does not exist: set [network] "
+                'mode = "tap" and bridge = "..." so that the supervisor creates it (and removes it at the '
+                "end), or create it beforehand (NixOS: microvm.nix's host module does)",
+            )
+        return ()
+    if config.bridge is None:
+        raise SupervisorError(
+            f'network mode "tap" with a runner needs network.bridge: the host bridge its taps ({names}) join',
+        )
+    if config.address is not None or config.tap is not None:
+        raise SupervisorError(
+            "network.address and network.tap are for the built-in guest: a microvm.nix runner names its "
+            "own taps and its NixOS configuration sets the guest's address; remove them",
+        )
+    specs = []
+    for found in taps:
+        tap.check_name(found.name, "the runner's -netdev ifname")
+        specs.append(
+            tap.TapSpec(
+                name=found.name,
+                bridge=config.bridge,
+                uid=os.geteuid(),
+                gid=os.getegid(),
+                multi_queue=found.multi_queue,
+                origin="the runner's ifname",
+            )
+        )
+    tap.check_host(specs)
+    return tuple(specs)

@@ -91,11 +91,13 @@ class Plan:
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
     ssh: sshkeys.SshPlan | None = None  # the built-in guest's SSH server and its host key dir
 
+    runner_taps: tuple[tap.TapSpec, ...] = ()  # a microvm.nix runner's taps, made before it starts
+
     @property
     def taps(self) -> tuple[tap.TapSpec, ...]:
         """The taps the supervisor creates on the host for this instance (tap.attached)."""
         own = self.network.tap.tap if self.network is not None and self.network.tap is not None else None
-        return (own,) if own is not None else ()
+        return (own,) if own is not None else self.runner_taps
 
     @property
     def qmp_socket(self) -> Path:
@@ -342,6 +344,7 @@ def build_plan(
     accel = chosen_accel or Accel.TCG  # None only in a lenient preflight, which already has the failure
 
     runner_plan: runner.RunnerPlan | None = None
+    runner_taps: tuple[tap.TapSpec, ...] = ()
     if config.runner is not None:
         if command:
             raise SupervisorError(
@@ -375,6 +378,7 @@ def build_plan(
             _runner_cwd(config.runner.cwd, cwd),
         )
         notes += runner_plan.notes
+        runner_taps = network.plan_runner_taps(config.network, runner_plan.taps)
         shares_config = _runner_shares(config, runner_plan, default_layout, runner.declared_sources(script))
     elif config.shares is None:
         shares_config = list(default_layout.values())
@@ -584,6 +588,7 @@ def build_plan(
         checks=tuple(preflight.checks),
         console=console_plan,
         ssh=ssh_plan,
+        runner_taps=runner_taps,
     )
 
 

@@ -145,6 +145,12 @@ def _kind(link: Any) -> str | None:
     return kind
 
 
+def exists(name: str) -> bool:
+    """Whether an interface of that name exists (needs no privileges)."""
+    with _netlink() as ip:
+        return _link(ip, name) is not None
+
+
 @dataclass(frozen=True)
 class Bridge:
     name: str

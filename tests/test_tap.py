@@ -23,6 +23,7 @@ import pytest
 from supervisor import guest, tap
 from supervisor.children import read_start_ticks
 from supervisor.errors import ExitCode
+from tests.runner_fixtures import RunnerFixture, qemu_command
 from tests.support import base_env, instance_processes, leftovers, supervisor_argv, wait_until_gone
 
 BRIDGE = "br0"
@@ -331,3 +332,92 @@ def test_the_default_tap_name_is_seed_003s() -> None:
     """seed 003 names a VM's tap "mv" + the first 11 hex digits of sha256(VM name)."""
     assert tap.default_name("claude-home") == "mv" + hashlib.sha256(b"claude-home").hexdigest()[:11]
     assert len(tap.default_name("x" * 40)) == 13  # within the 15 characters Linux allows
+
+
+# ---- microvm.nix runners with tap interfaces ---------------------------------------------------
+
+
+def _tap_runner(assets: guest.GuestAssets, tmp_path: Path, netdev: str, command: str = "true") -> Path:
+    """A microvm.nix QEMU runner with one interface of type "tap" (as lib/runners/qemu.nix writes it)."""
+    fixture = RunnerFixture(tmp_path / "runner")
+    argv = qemu_command(assets, guest_command=["sh", "-c", command], user_net=False)
+    argv += ["-netdev", netdev, "-device", "virtio-net-device,netdev=vm-net,mac=02:00:00:01:aa:bb"]
+    return fixture.write(argv)
+
+
+def _runner_config(tmp_path: Path, script: Path, *, cmdline: str = "", **network: str) -> Path:
+    work = tmp_path / "proj"
+    work.mkdir(exist_ok=True)
+    lines = [
+        'name = "tap-runner"',  # not the default: other tests' runners are called proj-claude-vm
+        f'work-dir = "{work}"',
+        f'agent-home = "{tmp_path / "home"}"',
+        f'runtime-dir = "{tmp_path / "rt"}"',
+        "[runner]",
+        f'script = "{script}"',
+        "[qemu]",
+        f'cmdline = "{cmdline}"',
+        "[network]",
+        *(f'{key} = "{value}"' for key, value in network.items()),
+    ]
+    path = tmp_path / "runner.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.vm
+def test_a_microvm_nix_runner_gets_its_tap_created_on_the_bridge(
+    guest_assets: guest.GuestAssets, netns: Netns, tmp_path: Path
+) -> None:
+    # the runner's NixOS config would set the address; the built-in guest's kernel takes it here
+    net = f"agentvm.net={SUBNET}.7/24,{SUBNET}.1,{SUBNET}.1"
+    script = _tap_runner(
+        guest_assets,
+        tmp_path,
+        "tap,id=vm-net,ifname=mvrunner,script=no,downscript=no",
+        "echo from-runner > /work/hello; " + SERVE,
+    )
+    config = _runner_config(tmp_path, script, cmdline=net, mode="tap", bridge=BRIDGE)
+    argv = netns.argv([*supervisor_argv(), "run", "--config", str(config), "--accel", "tcg"])
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=base_env()
+    )
+    work = tmp_path / "proj"
+    try:
+        _wait_for(work / "up", proc)
+        assert netns.ports() == ["mvrunner"]
+        assert _fetch(netns, f"http://{SUBNET}.7:8080/hello") == "from-runner\n\n"
+        (work / "stop").touch()
+        code, err = _finish(proc)
+        assert code == 0, err
+    finally:
+        _kill([proc])
+    _nothing_left(netns, tmp_path, "tap-runner")
+
+
+def test_runner_nics_that_are_not_taps_by_name_are_refused(
+    guest_assets: guest.GuestAssets, netns: Netns, tmp_path: Path
+) -> None:
+    cases = {
+        "tap,id=vm-net,fd=3": "a tap passed as an fd (macvtap)",
+        "bridge,id=vm-net,br=br0": "needs QEMU's bridge helper",
+        "tap,id=vm-net,ifname=x,helper=/usr/lib/qemu/qemu-bridge-helper": "needs QEMU's bridge helper",
+    }
+    before = netns.links()
+    for netdev, said in cases.items():
+        script = _tap_runner(guest_assets, tmp_path, netdev)
+        code, err = _refused_runner(netns, _runner_config(tmp_path, script, mode="tap", bridge=BRIDGE))
+        assert code == ExitCode.USAGE, err
+        assert said in err and 'microvm.interfaces type "tap"' in err
+    # mode "user" (the default): a runner's tap must exist already, as NixOS's host units make it
+    script = _tap_runner(guest_assets, tmp_path, "tap,id=vm-net,ifname=mvnothere,script=no,downscript=no")
+    code, err = _refused_runner(netns, _runner_config(tmp_path, script))
+    assert code == ExitCode.USAGE, err
+    assert "the tap interface 'mvnothere', which does not exist" in err and 'mode = "tap"' in err
+    _created_nothing(netns, tmp_path, before)
+
+
+def _refused_runner(ns: Netns, config: Path) -> tuple[int, str]:
+    argv = ns.argv([*supervisor_argv(), "run", "--config", str(config)])
+    result = subprocess.run(argv, capture_output=True, text=True, env=base_env(), timeout=60, check=False)
+    return result.returncode, result.stderr
