@@ -150,6 +150,8 @@ class Network(_Strict, frozen=True):
     dns: str | None = None  # None: the gateway
     tap: str | None = None  # None: "mv" + 11 hex digits of the VM name's sha256, as seed 003 names it
     mac: str | None = None  # None: derived from the VM name
+    # Make the bridge (at the gateway's address) when it is missing, remove it with its last VM; no NAT.
+    bridge_create: bool = False
 
 
 class Ssh(_Strict, frozen=True):

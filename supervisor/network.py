@@ -16,6 +16,7 @@ proxy), its extra netdev options in `qemu_args`, and what the guest must know in
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 import os
@@ -151,6 +152,8 @@ def plan_tap(config: Network, vm_name: str, *, origin: str = "network.tap") -> T
     name = config.tap or tap.default_name(vm_name)
     tap.check_name(name, origin)
     spec = tap.TapSpec(name=name, bridge=config.bridge, uid=os.geteuid(), gid=os.getegid(), origin=origin)
+    if config.bridge_create and not tap.exists(config.bridge):
+        return _with_new_bridge(config, spec, address, vm_name)
     tap.check_host([spec])
     bridge = tap.inspect_bridge(config.bridge)
     on_bridge = [net for net in bridge.networks if address.ip in net.network]
@@ -173,6 +176,32 @@ def plan_tap(config: Network, vm_name: str, *, origin: str = "network.tap") -> T
                 "network.gateway, or give the bridge an address in the guest's subnet",
             )
         gateway = on_bridge[0].ip
+    return _guest_side(config, spec, address, gateway, vm_name)
+
+
+def _with_new_bridge(
+    config: Network, spec: tap.TapSpec, address: ipaddress.IPv4Interface, vm_name: str = ""
+) -> TapNetwork:
+    """bridge-create and no bridge yet: it will get the gateway's address (default: the subnet's first)."""
+    gateway = _ipv4(config.gateway, "network.gateway") or next(address.network.hosts())
+    if gateway not in address.network or gateway == address.ip:
+        raise SupervisorError(
+            f"network.gateway {gateway} becomes the address of the bridge '{spec.bridge}' that "
+            f"bridge-create makes: it must be another address in the guest's subnet {address.network}",
+        )
+    bridge_address = ipaddress.IPv4Interface(f"{gateway}/{address.network.prefixlen}")
+    spec = dataclasses.replace(spec, bridge_address=bridge_address)
+    tap.check_host([spec])
+    return _guest_side(config, spec, address, gateway, vm_name)
+
+
+def _guest_side(
+    config: Network,
+    spec: tap.TapSpec,
+    address: ipaddress.IPv4Interface,
+    gateway: ipaddress.IPv4Address,
+    vm_name: str,
+) -> TapNetwork:
     dns = _ipv4(config.dns, "network.dns") or gateway
     mac = config.mac or tap.guest_mac(vm_name)
     if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac) or int(mac[:2], 16) & 1:
@@ -211,6 +240,12 @@ def plan_runner_taps(config: Network, taps: Sequence[RunnerTapLike]) -> tuple[ta
     if config.bridge is None:
         raise SupervisorError(
             f'network mode "tap" with a runner needs network.bridge: the host bridge its taps ({names}) join',
+        )
+    if config.bridge_create:
+        raise SupervisorError(
+            "network.bridge-create is for the built-in guest (its address names the bridge's subnet); "
+            "for a runner, create the bridge on the host (services.agentvm.network on NixOS) and remove "
+            "bridge-create",
         )
     if config.address is not None or config.tap is not None:
         raise SupervisorError(

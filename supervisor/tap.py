@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import ipaddress
 import os
@@ -43,6 +44,7 @@ from supervisor.children import read_start_ticks
 from supervisor.errors import ExitCode, SupervisorError
 
 MARK = "agentvm-supervise"
+BRIDGE_MARK = "agentvm-supervise bridge"  # the alias of a bridge we created (bridge-create)
 IFNAMSIZ = 15  # usable characters of an interface name (IFNAMSIZ 16 with the NUL)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 CAP_NET_ADMIN = 12
@@ -66,6 +68,9 @@ class TapSpec:
     multi_queue: bool = False  # must match what the runner asks for (QEMU: queues=N>1)
     vnet_hdr: bool = True  # QEMU and cloud-hypervisor both use the virtio-net header
     origin: str = "network.tap"  # where the name came from, for errors
+    # network.bridge-create: the bridge is made with this address when missing, and removed with
+    # the last tap of ours on it
+    bridge_address: ipaddress.IPv4Interface | None = None
 
 
 @dataclass(frozen=True)
@@ -224,8 +229,48 @@ def check_host(specs: Sequence[TapSpec]) -> None:
             raise SupervisorError(
                 f"two interfaces of this VM use the tap name '{spec.name}': give each its own"
             )
-        inspect_bridge(spec.bridge)
+        if spec.bridge_address is None or exists(spec.bridge):
+            inspect_bridge(spec.bridge)
         check_free(spec)
+
+
+@contextlib.contextmanager
+def _bridge_lock() -> Iterator[None]:
+    """Serialises making and removing our bridges between supervisors (one start must not attach
+    to a bridge another's teardown is deleting)."""
+    directory = Path("/run/lock") if os.access("/run/lock", os.W_OK) else Path("/tmp")
+    fd = os.open(directory / "agentvm-supervise-bridges.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _make_bridge(ip: Any, spec: TapSpec) -> None:
+    assert spec.bridge_address is not None
+    ip.link("add", ifname=spec.bridge, kind="bridge")
+    index = ip.link_lookup(ifname=spec.bridge)[0]
+    ip.link("set", index=index, ifalias=BRIDGE_MARK)
+    address = spec.bridge_address
+    ip.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+    ip.link("set", index=index, state="up")
+
+
+def release_bridge(name: str | None) -> bool:
+    """Delete the bridge `name` if we created it and no interface is attached to it any more."""
+    if name is None:
+        return False
+    with _bridge_lock(), _netlink() as ip:
+        link = _link(ip, name)
+        if link is None or link.get("IFLA_IFALIAS") != BRIDGE_MARK:
+            return False
+        if any(port.get("IFLA_MASTER") == link["index"] for port in ip.get_links()):
+            return False
+        with contextlib.suppress(NetlinkError):
+            ip.link("del", index=link["index"])
+            return True
+    return False
 
 
 def _bridge_index(ip: Any, name: str) -> int:
@@ -250,41 +295,58 @@ def create(spec: TapSpec, owner: Owner) -> None:
             if found is None or found.alive():
                 check_free(spec)  # raises the error naming who holds it
             ip.link("del", index=old["index"])
-        bridge = _bridge_index(ip, spec.bridge)
-        ip.link(
-            "add",
-            ifname=spec.name,
-            kind="tuntap",
-            mode="tap",
-            uid=spec.uid,
-            gid=spec.gid,
-            ifr={"no_pi": True, "vnet_hdr": spec.vnet_hdr, "multi_queue": spec.multi_queue},
-        )
+    with _bridge_lock(), _netlink() as ip:  # the bridge cannot go away between here and the attach
+        made_bridge = spec.bridge_address is not None and _link(ip, spec.bridge) is None
+        if made_bridge:
+            _make_bridge(ip, spec)
         try:
-            index = ip.link_lookup(ifname=spec.name)[0]
-            # the mark first: from here on every cleanup path recognises the tap as ours
-            ip.link("set", index=index, ifalias=owner.alias())
-            ip.link("set", index=index, master=bridge)
-            ip.link("set", index=index, state="up")
+            _add_tap(ip, spec, owner, _bridge_index(ip, spec.bridge))
         except BaseException:
-            with contextlib.suppress(NetlinkError, IndexError):
-                ip.link("del", index=ip.link_lookup(ifname=spec.name)[0])
+            if made_bridge:  # nothing else can be on it: we hold the lock
+                with contextlib.suppress(NetlinkError, IndexError):
+                    ip.link("del", index=ip.link_lookup(ifname=spec.bridge)[0])
             raise
 
 
+def _add_tap(ip: Any, spec: TapSpec, owner: Owner, bridge: int) -> None:
+    ip.link(
+        "add",
+        ifname=spec.name,
+        kind="tuntap",
+        mode="tap",
+        uid=spec.uid,
+        gid=spec.gid,
+        ifr={"no_pi": True, "vnet_hdr": spec.vnet_hdr, "multi_queue": spec.multi_queue},
+    )
+    try:
+        index = ip.link_lookup(ifname=spec.name)[0]
+        # the mark first: from here on every cleanup path recognises the tap as ours
+        ip.link("set", index=index, ifalias=owner.alias())
+        ip.link("set", index=index, master=bridge)
+        ip.link("set", index=index, state="up")
+    except BaseException:
+        with contextlib.suppress(NetlinkError, IndexError):
+            ip.link("del", index=ip.link_lookup(ifname=spec.name)[0])
+        raise
+
+
 def remove_owned(name: str, pid: int) -> bool:
-    """Delete the tap `name` if the supervisor `pid` created it; False if it was not there (or not its)."""
+    """Delete the tap `name` if the supervisor `pid` created it; False if it was not there (or not its).
+    A bridge we created goes with the last tap on it."""
     with _netlink() as ip:
         link = _link(ip, name)
         owner = Owner.parse(link.get("IFLA_IFALIAS")) if link is not None else None
         if link is None or owner is None or owner.pid != pid:
             return False
+        master = link.get("IFLA_MASTER")
+        bridge = ip.get_links(master)[0].get("IFLA_IFNAME") if master else None
         try:
             ip.link("del", index=link["index"])
         except NetlinkError as exc:
             if exc.code != errno.ENODEV:
                 raise
             return False
+    release_bridge(bridge)
     return True
 
 
@@ -299,6 +361,11 @@ def remove_stale() -> list[str]:
             with contextlib.suppress(NetlinkError):
                 ip.link("del", index=link["index"])
                 removed.append(str(link.get("IFLA_IFNAME")))
+        bridges = [
+            str(link.get("IFLA_IFNAME")) for link in ip.get_links() if link.get("IFLA_IFALIAS") == BRIDGE_MARK
+        ]
+    for bridge in bridges:
+        release_bridge(bridge)
     return removed
 
 

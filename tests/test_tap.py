@@ -421,3 +421,35 @@ def _refused_runner(ns: Netns, config: Path) -> tuple[int, str]:
     argv = ns.argv([*supervisor_argv(), "run", "--config", str(config)])
     result = subprocess.run(argv, capture_output=True, text=True, env=base_env(), timeout=60, check=False)
     return result.returncode, result.stderr
+
+
+@pytest.mark.vm
+def test_bridge_create_makes_the_bridge_and_removes_it_with_its_last_vm(
+    guest_assets: guest.GuestAssets, netns: Netns, tmp_path: Path
+) -> None:
+    subnet = "10.78.0"
+    made = {"bridge": "vmbr", "bridge-create": "true"}
+    a_cfg = _config(tmp_path, "tap-ca", f"{subnet}.2/24", **made)
+    b_cfg = _config(tmp_path, "tap-cb", f"{subnet}.3/24", **made)
+    for cfg in (a_cfg, b_cfg):  # a TOML boolean, not the string _config writes
+        cfg.write_text(cfg.read_text().replace('bridge-create = "true"', "bridge-create = true"))
+    a_work, b_work = tmp_path / "tap-ca" / "work", tmp_path / "tap-cb" / "work"
+    (b_work / "hello").write_text("from b\n")
+    procs = [_start(netns, a_cfg, SERVE)]
+    try:
+        _wait_for(a_work / "up", procs[0])
+        assert f"inet {subnet}.1/24" in netns.run(["ip", "-o", "addr", "show", "vmbr"]).stdout
+        procs.append(_start(netns, b_cfg, SERVE))  # the bridge a made: b joins it
+        _wait_for(b_work / "up", procs[1])
+        assert sorted(netns.ports("vmbr")) == sorted([tap.default_name("tap-ca"), tap.default_name("tap-cb")])
+        (a_work / "stop").touch()
+        code, err = _finish(procs[0])
+        assert code == 0, err
+        assert netns.ports("vmbr") == [tap.default_name("tap-cb")]  # b still uses it: it stays
+        assert _fetch(netns, f"http://{subnet}.3:8080/hello") == "from b\n\n"
+        (b_work / "stop").touch()
+        code, err = _finish(procs[1])
+        assert code == 0, err
+    finally:
+        _kill(procs)
+    _nothing_left(netns, tmp_path, "tap-ca", "tap-cb")  # vmbr gone with its last VM; br0 untouched
