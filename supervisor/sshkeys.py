@@ -22,9 +22,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
 from supervisor.config import Share, Ssh
 from supervisor.errors import SupervisorError
 
@@ -134,6 +131,10 @@ def _exists(dir_fd: int, name: str) -> bool:
 
 def ensure_keys(plan: SshPlan, dir_fd: int) -> str:
     """Make the host key if the VM has none yet; write authorized_keys. Returns the public key."""
+    # imported here: about 70 ms that only VMs with SSH should pay
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
     try:
         if not _exists(dir_fd, HOST_KEY):
             key = ed25519.Ed25519PrivateKey.generate()

@@ -18,8 +18,8 @@ no state file can disagree with it; the start ticks tell a reused pid from the s
 
 Netlink through pyroute2 (not `ip` in a subprocess): typed errors (errno) instead of parsing `ip`'s
 messages, one socket instead of a process per step, and tap creation (an ioctl on /dev/net/tun) in
-the same call. pyroute2's synchronous IPRoute runs its own asyncio loop, so inside ours it is called
-from a worker thread.
+the same call. It is imported on first use (that costs about 0.25 s). Its synchronous IPRoute runs
+its own asyncio loop, so inside ours it is called from a worker thread.
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from supervisor.children import read_start_ticks
 from supervisor.errors import ExitCode, SupervisorError
@@ -131,15 +129,25 @@ def has_net_admin(status: Path = Path("/proc/self/status")) -> bool:
 
 @contextlib.contextmanager
 def _netlink() -> Iterator[Any]:
+    # imported here: pyroute2 takes about 0.25 s to import, which only tap networks should pay
+    from pyroute2 import IPRoute
+
     with IPRoute() as ip:
         yield ip
+
+
+def _netlink_error() -> type[Exception]:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    error: type[Exception] = NetlinkError
+    return error
 
 
 def _link(ip: Any, name: str) -> Any | None:
     try:
         found = ip.link("get", ifname=name)
-    except NetlinkError as exc:
-        if exc.code == errno.ENODEV:
+    except _netlink_error() as exc:
+        if getattr(exc, "code", None) == errno.ENODEV:
             return None
         raise
     return found[0] if found else None
@@ -267,7 +275,7 @@ def release_bridge(name: str | None) -> bool:
             return False
         if any(port.get("IFLA_MASTER") == link["index"] for port in ip.get_links()):
             return False
-        with contextlib.suppress(NetlinkError):
+        with contextlib.suppress(_netlink_error()):
             ip.link("del", index=link["index"])
             return True
     return False
@@ -303,7 +311,7 @@ def create(spec: TapSpec, owner: Owner) -> None:
             _add_tap(ip, spec, owner, _bridge_index(ip, spec.bridge))
         except BaseException:
             if made_bridge:  # nothing else can be on it: we hold the lock
-                with contextlib.suppress(NetlinkError, IndexError):
+                with contextlib.suppress(_netlink_error(), IndexError):
                     ip.link("del", index=ip.link_lookup(ifname=spec.bridge)[0])
             raise
 
@@ -325,7 +333,7 @@ def _add_tap(ip: Any, spec: TapSpec, owner: Owner, bridge: int) -> None:
         ip.link("set", index=index, master=bridge)
         ip.link("set", index=index, state="up")
     except BaseException:
-        with contextlib.suppress(NetlinkError, IndexError):
+        with contextlib.suppress(_netlink_error(), IndexError):
             ip.link("del", index=ip.link_lookup(ifname=spec.name)[0])
         raise
 
@@ -342,8 +350,8 @@ def remove_owned(name: str, pid: int) -> bool:
         bridge = ip.get_links(master)[0].get("IFLA_IFNAME") if master else None
         try:
             ip.link("del", index=link["index"])
-        except NetlinkError as exc:
-            if exc.code != errno.ENODEV:
+        except _netlink_error() as exc:
+            if getattr(exc, "code", None) != errno.ENODEV:
                 raise
             return False
     release_bridge(bridge)
@@ -358,7 +366,7 @@ def remove_stale() -> list[str]:
             owner = Owner.parse(link.get("IFLA_IFALIAS"))
             if owner is None or owner.alive():
                 continue
-            with contextlib.suppress(NetlinkError):
+            with contextlib.suppress(_netlink_error()):
                 ip.link("del", index=link["index"])
                 removed.append(str(link.get("IFLA_IFNAME")))
         bridges = [
