@@ -118,11 +118,25 @@ def plan_network(
                 "remove the forwards",
             )
         return GuestNetwork(NetMode.TAP, tap=plan_tap(config, vm_name), configure_guest=builtin_guest)
+    if config is not None:
+        _no_tap_fields(config)
     if builtin_guest:
         return GuestNetwork(NetMode.USER, tuple(forwards))
     if forwards:
         return GuestNetwork(NetMode.USER, tuple(forwards), configure_guest=False)
     return None
+
+
+def _no_tap_fields(config: Network) -> None:
+    tap_only = ("bridge", "address", "gateway", "dns", "tap", "mac")
+    given = [name for name in tap_only if getattr(config, name) is not None]
+    if config.bridge_create:
+        given.append("bridge-create")
+    if given:
+        raise SupervisorError(
+            f'network.{given[0]} is set, but it is for network mode "tap" and the mode is "user": '
+            'add mode = "tap" to [network], or remove it',
+        )
 
 
 def plan_tap(config: Network, vm_name: str, *, origin: str = "network.tap") -> TapNetwork:
@@ -225,6 +239,8 @@ def plan_runner_taps(config: Network, taps: Sequence[RunnerTapLike]) -> tuple[ta
     """A microvm.nix runner's tap interfaces: with mode "tap" the supervisor creates them on the
     bridge (checked now, as for its own); otherwise they must exist already (a NixOS host's
     microvm-tap-interfaces units made them)."""
+    if config.mode is not NetworkMode.TAP:
+        _no_tap_fields(config)
     if not taps:
         return ()
     names = ", ".join(t.name for t in taps)

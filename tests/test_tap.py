@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import guest, tap
+from supervisor import config, guest, network, tap
 from supervisor.children import read_start_ticks
-from supervisor.errors import ExitCode
+from supervisor.errors import ExitCode, SupervisorError
 from tests.runner_fixtures import RunnerFixture, qemu_command
 from tests.support import base_env, instance_processes, leftovers, supervisor_argv, wait_until_gone
 
@@ -326,6 +326,12 @@ def test_a_tap_name_over_15_characters(netns: Netns, tmp_path: Path) -> None:
     assert code == ExitCode.USAGE, err
     assert "at most 15" in err
     _created_nothing(netns, tmp_path, before)
+
+
+def test_tap_fields_without_mode_tap_are_refused() -> None:
+    for field in ({"bridge": "br0"}, {"address": "10.0.0.2/24"}, {"bridge_create": True}):
+        with pytest.raises(SupervisorError, match=r'is for network mode "tap" and the mode is "user"'):
+            network.plan_network([], builtin_guest=True, config=config.Network(**field))
 
 
 def test_the_default_tap_name_is_seed_003s() -> None:
