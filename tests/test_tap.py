@@ -459,3 +459,22 @@ def test_bridge_create_makes_the_bridge_and_removes_it_with_its_last_vm(
     finally:
         _kill(procs)
     _nothing_left(netns, tmp_path, "tap-ca", "tap-cb")  # vmbr gone with its last VM; br0 untouched
+
+
+@pytest.mark.vm
+def test_a_sigkilled_supervisor_s_bridge_goes_with_its_tap(
+    guest_assets: guest.GuestAssets, netns: Netns, tmp_path: Path
+) -> None:
+    """bridge-create and a SIGKILL: the watchdog removes the tap, then the bridge nobody uses."""
+    cfg = _config(tmp_path, "tk-br", "10.79.0.2/24", bridge="vmbr2", **{"bridge-create": "true"})
+    cfg.write_text(cfg.read_text().replace('bridge-create = "true"', "bridge-create = true"))
+    proc = _start(netns, cfg, SERVE)
+    try:
+        _wait_for(tmp_path / "tk-br" / "work" / "up", proc)
+        assert netns.ports("vmbr2") == [tap.default_name("tk-br")]
+        proc.kill()
+        code, _ = _finish(proc)
+        assert code == -signal.SIGKILL
+    finally:
+        _kill([proc])
+    _nothing_left(netns, tmp_path, "tk-br")
