@@ -152,6 +152,7 @@ class Network(_Strict, frozen=True):
     mac: str | None = None  # None: derived from the VM name
     # Make the bridge (at the gateway's address) when it is missing, remove it with its last VM; no NAT.
     bridge_create: bool = False
+    nat: bool = False  # with bridge-create: masquerade the subnet (nftables) and turn IPv4 forwarding on
 
 
 class Ssh(_Strict, frozen=True):

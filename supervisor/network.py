@@ -130,8 +130,7 @@ def plan_network(
 def _no_tap_fields(config: Network) -> None:
     tap_only = ("bridge", "address", "gateway", "dns", "tap", "mac")
     given = [name for name in tap_only if getattr(config, name) is not None]
-    if config.bridge_create:
-        given.append("bridge-create")
+    given += [name for name in ("bridge_create", "nat") if getattr(config, name)]
     if given:
         raise SupervisorError(
             f'network.{given[0]} is set, but it is for network mode "tap" and the mode is "user": '
@@ -166,6 +165,11 @@ def plan_tap(config: Network, vm_name: str, *, origin: str = "network.tap") -> T
     name = config.tap or tap.default_name(vm_name)
     tap.check_name(name, origin)
     spec = tap.TapSpec(name=name, bridge=config.bridge, uid=os.geteuid(), gid=os.getegid(), origin=origin)
+    if config.nat and not config.bridge_create:
+        raise SupervisorError(
+            "network.nat is for a bridge the supervisor creates (bridge-create = true); a bridge of the "
+            "host has the host's NAT (networking.nat on NixOS): remove nat, or add bridge-create",
+        )
     if config.bridge_create and not tap.exists(config.bridge):
         return _with_new_bridge(config, spec, address, vm_name)
     tap.check_host([spec])
@@ -204,7 +208,7 @@ def _with_new_bridge(
             f"bridge-create makes: it must be another address in the guest's subnet {address.network}",
         )
     bridge_address = ipaddress.IPv4Interface(f"{gateway}/{address.network.prefixlen}")
-    spec = dataclasses.replace(spec, bridge_address=bridge_address)
+    spec = dataclasses.replace(spec, bridge_address=bridge_address, nat=config.nat)
     tap.check_host([spec])
     return _guest_side(config, spec, address, gateway, vm_name)
 
@@ -257,11 +261,11 @@ def plan_runner_taps(config: Network, taps: Sequence[RunnerTapLike]) -> tuple[ta
         raise SupervisorError(
             f'network mode "tap" with a runner needs network.bridge: the host bridge its taps ({names}) join',
         )
-    if config.bridge_create:
+    if config.bridge_create or config.nat:
         raise SupervisorError(
-            "network.bridge-create is for the built-in guest (its address names the bridge's subnet); "
-            "for a runner, create the bridge on the host (services.agentvm.network on NixOS) and remove "
-            "bridge-create",
+            "network.bridge-create and nat are for the built-in guest (its address names the bridge's "
+            "subnet); for a runner, create the bridge on the host (services.agentvm.network on NixOS) "
+            "and remove them",
         )
     if config.address is not None or config.tap is not None:
         raise SupervisorError(

@@ -31,6 +31,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,7 @@ class TapSpec:
     # network.bridge-create: the bridge is made with this address when missing, and removed with
     # the last tap of ours on it
     bridge_address: ipaddress.IPv4Interface | None = None
+    nat: bool = False  # network.nat: the bridge made here masquerades its subnet (nftables)
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,50 @@ def _make_bridge(ip: Any, spec: TapSpec) -> None:
     address = spec.bridge_address
     ip.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
     ip.link("set", index=index, state="up")
+    if spec.nat:
+        _add_nat(spec.bridge, address.network)
+
+
+def _nat_table(bridge: str) -> str:
+    return f"agentvm-{bridge}"
+
+
+def _add_nat(bridge: str, subnet: ipaddress.IPv4Network) -> None:
+    """What seed 003's networking.nat does for its bridge: masquerade the subnet's traffic that
+    leaves it, in a table of our own (removed with the bridge), and turn IPv4 forwarding on (left
+    on: other things on the host may rely on it by then)."""
+    from pyroute2.netlink.nfnetlink.nftsocket import Cmp
+    from pyroute2.nftables.expressions import ipv4addr, masq
+    from pyroute2.nftables.main import NFTables
+
+    nft = NFTables(nfgen_family=socket.AF_INET)
+    try:
+        table = _nat_table(bridge)
+        nft.table("add", name=table)
+        nft.chain(
+            "add", table=table, name="postrouting", hook="postrouting", type="nat", policy=1, priority=100
+        )
+        # ip saddr SUBNET ip daddr != SUBNET masquerade
+        nft.rule(
+            "add",
+            table=table,
+            chain="postrouting",
+            expressions=(ipv4addr(src=str(subnet)), ipv4addr(dst=str(subnet), op=Cmp.NFT_CMP_NEQ), masq()),
+        )
+    finally:
+        nft.close()
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+
+
+def _remove_nat(bridge: str) -> None:
+    from pyroute2.nftables.main import NFTables
+
+    nft = NFTables(nfgen_family=socket.AF_INET)
+    try:
+        if any(t.get("NFTA_TABLE_NAME") == _nat_table(bridge) for t in nft.get_tables()):
+            nft.table("del", name=_nat_table(bridge))
+    finally:
+        nft.close()
 
 
 def release_bridge(name: str | None) -> bool:
@@ -277,6 +323,7 @@ def release_bridge(name: str | None) -> bool:
             return False
         with contextlib.suppress(_netlink_error()):
             ip.link("del", index=link["index"])
+            _remove_nat(name)
             return True
     return False
 
@@ -313,6 +360,7 @@ def create(spec: TapSpec, owner: Owner) -> None:
             if made_bridge:  # nothing else can be on it: we hold the lock
                 with contextlib.suppress(_netlink_error(), IndexError):
                     ip.link("del", index=ip.link_lookup(ifname=spec.bridge)[0])
+                    _remove_nat(spec.bridge)
             raise
 
 

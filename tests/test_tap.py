@@ -478,3 +478,63 @@ def test_a_sigkilled_supervisor_s_bridge_goes_with_its_tap(
     finally:
         _kill([proc])
     _nothing_left(netns, tmp_path, "tk-br")
+
+
+NFT_TABLES = (
+    "import socket; from pyroute2.nftables.main import NFTables; "
+    "print(sorted(t.get('NFTA_TABLE_NAME') for t in NFTables(nfgen_family=socket.AF_INET).get_tables()))"
+)
+
+
+@pytest.mark.vm
+def test_bridge_create_with_nat_masquerades_the_guest_out_of_an_uplink(
+    guest_assets: guest.GuestAssets, netns: Netns, tmp_path: Path
+) -> None:
+    """The uplink is a veth into a second namespace, which has no route back to the guests'
+    subnet: the guest's fetch only works masqueraded, and the server sees the uplink's address."""
+    outside = Netns(f"agentvm-o-{secrets.token_hex(4)}")
+    subprocess.run(["ip", "netns", "add", outside.name], check=True)
+    server: subprocess.Popen[bytes] | None = None
+    try:
+        netns.run(["ip", "link", "add", "up0", "type", "veth", "peer", "name", "out0"])
+        netns.run(["ip", "link", "set", "out0", "netns", outside.name])
+        netns.run(["ip", "addr", "add", "10.80.0.1/24", "dev", "up0"])
+        netns.run(["ip", "link", "set", "up0", "up"])
+        outside.run(["ip", "addr", "add", "10.80.0.2/24", "dev", "out0"])
+        outside.run(["ip", "link", "set", "out0", "up"])
+        served = tmp_path / "served"
+        served.mkdir()
+        (served / "ping.txt").write_text("pong\n")
+        log = tmp_path / "server.log"
+        argv = [
+            sys.executable,
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "10.80.0.2",
+            "--directory",
+            str(served),
+        ]
+        with log.open("wb") as out:
+            server = subprocess.Popen(outside.argv(argv), stdout=out, stderr=out)
+        cfg = _config(
+            tmp_path, "tap-nat", "10.81.0.2/24", bridge="vmbr3", **{"bridge-create": "x", "nat": "x"}
+        )
+        cfg.write_text(cfg.read_text().replace('= "x"', "= true"))
+        fetch = (
+            "n=0; until wget -q -O /work/out http://10.80.0.2:8080/ping.txt; do n=$((n+1)); "
+            '[ "$n" -lt 300 ] || break; sleep 0.2; done'
+        )
+        code, err = _finish(_start(netns, cfg, fetch), timeout=120)
+        assert code == 0, err
+        assert (tmp_path / "tap-nat" / "work" / "out").read_text() == "pong\n"
+        assert "10.80.0.1 - - " in log.read_text()  # masqueraded to the uplink's address
+        assert netns.python(NFT_TABLES).stdout == "[]\n"  # the NAT table went with the bridge
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "netns", "del", outside.name], check=False)
+    netns.run(["ip", "link", "del", "up0"], check=False)
+    _nothing_left(netns, tmp_path, "tap-nat")
