@@ -72,6 +72,7 @@ def _config(
 ) -> Path:
     work = tmp_path / name / "work"
     work.mkdir(parents=True, exist_ok=True)
+    # the host keys in the test's dir, not the (test) user's state dir, where they would outlive it
     ssh_lines = ["[ssh]", f'host-keys = "{tmp_path / name / "keys"}"', f"authorized-keys = {list(ssh)!r}"]
     lines = [
         f'name = "{name}"',
@@ -83,7 +84,7 @@ def _config(
         f'bridge = "{network.pop("bridge", BRIDGE)}"',
         *([f'address = "{address}"'] if address else []),
         *(f'{key} = "{value}"' for key, value in network.items()),
-        *(ssh_lines if ssh else []),
+        *ssh_lines,
     ]
     path = tmp_path / f"{name}.toml"
     path.write_text("\n".join(lines) + "\n")
