@@ -453,3 +453,18 @@ async def attached(specs: Sequence[TapSpec], owner: Owner, guard: TapGuard, log:
 def current_owner(instance: str) -> Owner:
     pid = os.getpid()
     return Owner(instance, pid, read_start_ticks(pid))
+
+
+def _main(argv: Sequence[str]) -> int:
+    """`python -m supervisor.tap PID NAME...`: the watchdog's helper after a SIGKILL of supervisor PID."""
+    pid, *names = argv
+    for name in names:
+        with contextlib.suppress(Exception):  # one tap that cannot go must not keep the others
+            remove_owned(name, int(pid))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))
