@@ -1,6 +1,6 @@
 try:
-    from supervisor.cli import entry
+    from supervisor.entry import main
 except KeyboardInterrupt:  # Ctrl-C while Python is still importing: nothing has started yet
     raise SystemExit(130) from None
 
-entry()
+raise SystemExit(main())

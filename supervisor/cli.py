@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -149,7 +149,31 @@ def _parser() -> _Parser:
     att.add_argument("--escape-key", help="console escape key: ctrl-X, ^X, or none (default: ctrl-])")
     att.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     manage.add_parsers(commands)
+    allow_cmd = commands.add_parser(
+        "allow",
+        help="allow the host to evaluate this project's dev shell (DIRENV_ALLOW=1) as it is now",
+        description="Record the project's Nix inputs (flake.nix, flake.lock, devenv files, every *.nix "
+        "file) as reviewed: with DIRENV_ALLOW=1 the host evaluates the dev shell only while they are "
+        "unchanged, since the guest can edit them. Review them first.",
+    )
+    allow_cmd.add_argument("--work-dir", help="the project dir (default: $WORK_DIR, else the current dir)")
     return parser
+
+
+def _allow(args: argparse.Namespace) -> int:
+    from supervisor import config, devallow
+
+    raw = args.work_dir or os.environ.get("WORK_DIR") or str(Path.cwd())
+    config.check_environment_paths(os.environ, raw)
+    work_dir = Path(raw).expanduser().resolve()
+    if not work_dir.is_dir():
+        raise SupervisorError(
+            f"the work dir {work_dir} is not a directory: pass the project dir with --work-dir"
+        )
+    allowed = devallow.allow(work_dir, os.environ)
+    names = ", ".join(allowed) or "no Nix files"
+    print(f"allowed the dev shell of {work_dir} as it is now ({names})")
+    return ExitCode.OK
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -188,10 +212,22 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _check_paths(cfg: config.Config) -> None:
+    """Paths from the environment (and the current dir, when it is the work dir) we pass on."""
+    from supervisor import config
+
+    cwd = None
+    if not cfg.work_dir and not os.environ.get("WORK_DIR"):
+        with contextlib.suppress(OSError):
+            cwd = str(Path.cwd())
+    config.check_environment_paths(os.environ, cwd)
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from supervisor import config, doctor
 
     cfg = config.load(args.config, _overrides(args))
+    _check_paths(cfg)
     report = doctor.diagnose(cfg, env=os.environ, cwd=Path.cwd())
     if args.json:
         sys.stdout.buffer.write(doctor.render_json(report))
@@ -246,6 +282,7 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
     # watchdog included, get an environment without it).
     launcher.scrub_proc_environ()
     cfg = config.load(args.config, _overrides(args))
+    _check_paths(cfg)
     if args.wait_kvm is not None:
         _wait_for_kvm(cfg, args.wait_kvm)
     stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
@@ -282,6 +319,7 @@ def _attach(args: argparse.Namespace) -> int:
     if args.escape_key is not None:
         overrides["console"] = {"escape-key": args.escape_key}
     cfg = config.load(args.config, overrides)
+    config.check_environment_paths(os.environ)
     settings = plan.console_settings(cfg.console, os.environ)
     base = Path(cfg.runtime_dir) if cfg.runtime_dir else runtime.default_base(os.environ, os.geteuid())
     instance, path = attach.find_console(base, args.instance)
@@ -291,14 +329,14 @@ def _attach(args: argparse.Namespace) -> int:
     )
 
 
-def entry() -> NoReturn:
+def entry(*, unblock: Iterable[int] = ()) -> NoReturn:
     """The console script: `main`, then straight out once the output is flushed.
 
     Everything the supervisor started is cleaned up by then (teardown is the nesting of its task
     groups), so the interpreter's own finalization (every module and object torn down, tens of
     ms: issue 17) would only delay the exit status the caller is waiting for."""
     try:
-        code: int | str | None = main()
+        code: int | str | None = main(unblock=unblock)
     except SystemExit as exc:  # argparse: --help, and its own exits
         code = exc.code
     if not isinstance(code, int):
@@ -311,11 +349,13 @@ def entry() -> NoReturn:
     os._exit(code)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, unblock: Iterable[int] = ()) -> int:
+    """`unblock`: stop signals the entry point held back while importing us (supervisor/entry.py)."""
     debug = False
     # First of all: as PID 1, a signal without a handler is dropped by the kernel (see pid1.py).
     stop_signals = pid1.StopSignals().install()
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, unblock)  # one that came meanwhile lands here
         if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
             # Before the parser: building it imports the verbs' modules (manage.add_parsers).
             print(f"{PROG} {__version__}")
@@ -338,9 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = logging.DEBUG if debug else (logging.INFO if getattr(args, "verbose", False) else None)
         fmt = {"json": True, "human": False}.get(getattr(args, "log_format", None) or "")
         logs.configure(json=fmt, level=level)
+        if args.command == "allow":
+            return _allow(args)
         if args.command != "run":
-            from supervisor import manage
+            from supervisor import config, manage
 
+            config.check_environment_paths(os.environ)
             return manage.run_verb(args)
         return _run(args, stop_signals)
     except SupervisorError as exc:

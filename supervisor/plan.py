@@ -18,6 +18,7 @@ from pathlib import Path
 from supervisor import (
     checks,
     control,
+    devallow,
     guest,
     kvm,
     launcher,
@@ -109,14 +110,12 @@ class Plan:
         return self.instance_dir / "console.sock"
 
     @property
-    def status_file(self) -> Path:
-        return self.instance_dir / "guest-status"
-
-    @property
     def control_socket(self) -> Path:
         return self.instance_dir / control.SOCKET_NAME
 
-    def qemu_spec(self, *, private_qmp_fd: int, public_qmp_fd: int, resize_fd: int | None = None) -> QemuSpec:
+    def qemu_spec(
+        self, *, private_qmp_fd: int, public_qmp_fd: int, status_fd: int, resize_fd: int | None = None
+    ) -> QemuSpec:
         """The inputs of our own QEMU command line (built-in guest or qemu.kernel, not a runner
         script); only the fds QEMU inherits are decided at spawn time."""
         if self.kernel is None:
@@ -135,7 +134,7 @@ class Plan:
             shares=[(share.tag, share.socket_path) for share in self.shares],
             private_qmp_fd=private_qmp_fd,
             public_qmp_fd=public_qmp_fd,
-            status_file=self.status_file,
+            status_fd=status_fd,
             extra_args=self.qemu_extra_args,
             network=self.network,
             resize_fd=resize_fd,
@@ -439,6 +438,10 @@ def build_plan(
         devshell = launcher.plan_devshell(
             work_dir, agent_home, launcher.child_environment(env, {}), owner_ids
         )
+        refused = devallow.refusal(work_dir, env) if devshell is not None else None
+        if refused is not None:  # the guest can edit the Nix code the host would evaluate
+            notes.append(refused)
+            devshell = None
     else:
         agent_home = None
     sockets += [
