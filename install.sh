@@ -22,7 +22,7 @@ done
 
 packages=(qemu-system-x86 python3 python3-venv python3-dev gcc libc6-dev cpio apt dpkg gzip
   ca-certificates)
-[ "$test_tools" = 1 ] && packages+=(tmux nix-bin systemd procps util-linux passwd)
+[ "$test_tools" = 1 ] && packages+=(tmux nix-bin systemd procps util-linux passwd iproute2 openssh-client)
 [ "$bench" = 1 ] && packages+=(bash)  # and gcc, above, for the stub runner
 missing=()
 for p in "${packages[@]}"; do

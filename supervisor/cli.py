@@ -74,8 +74,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--network",
-        choices=["open", "allowlist", "none"],
-        help="guest network: user-mode NAT, only the egress proxy (allow-list), or no device",
+        choices=["open", "allowlist", "none", "tap"],
+        help="guest network: user-mode NAT, only the egress proxy (allow-list), no device, or a tap on "
+        "network.bridge",
     )
     parser.add_argument("--runtime-dir", help="base dir for instance dirs (sockets, state)")
     parser.add_argument("--name", help="instance name prefix (default: <basename>-<agent>-vm)")

@@ -27,6 +27,8 @@ from supervisor import (
     runner,
     runtime,
     sharedirs,
+    sshkeys,
+    tap,
     xdg,
 )
 from supervisor.config import (
@@ -36,6 +38,7 @@ from supervisor.config import (
     ConsoleConfig,
     Hypervisor,
     Machine,
+    NetworkMode,
     Share,
     SocketMode,
     Timeouts,
@@ -92,6 +95,15 @@ class Plan:
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
     qemu_sandbox: str | None = SANDBOX  # -sandbox's options (qemu.sandbox_options); None: off
     egress: egress.NetworkPlan = field(default_factory=egress.NetworkPlan.legacy)  # mode, policy, proxy
+    ssh: sshkeys.SshPlan | None = None  # the built-in guest's SSH server and its host key dir
+
+    runner_taps: tuple[tap.TapSpec, ...] = ()  # a microvm.nix runner's taps, made before it starts
+
+    @property
+    def taps(self) -> tuple[tap.TapSpec, ...]:
+        """The taps the supervisor creates on the host for this instance (tap.attached)."""
+        own = self.network.tap.tap if self.network is not None and self.network.tap is not None else None
+        return (own,) if own is not None else self.runner_taps
 
     @property
     def qmp_socket(self) -> Path:
@@ -346,6 +358,7 @@ def build_plan(
     accel = chosen_accel or Accel.TCG  # None only in a lenient preflight, which already has the failure
 
     runner_plan: runner.RunnerPlan | None = None
+    runner_taps: tuple[tap.TapSpec, ...] = ()
     if config.runner is not None:
         if command:
             raise SupervisorError(
@@ -380,6 +393,7 @@ def build_plan(
             _runner_cwd(config.runner.cwd, cwd),
         )
         notes += runner_plan.notes
+        runner_taps = network.plan_runner_taps(config.network, runner_plan.taps)
         shares_config = _runner_shares(config, runner_plan, default_layout, runner.declared_sources(script))
     elif config.shares is None:
         shares_config = list(default_layout.values())
@@ -387,6 +401,15 @@ def build_plan(
         shares_config = list(config.shares)
     if not shares_config and runner_plan is None:
         raise SupervisorError("the config lists no shares: add at least one [[shares]] entry")
+    ssh_plan = sshkeys.plan_ssh(
+        config.ssh,
+        env,
+        prefix,
+        tap_network=config.network.mode is NetworkMode.TAP,
+        builtin=config.qemu.kernel is None and runner_plan is None,
+    )
+    if ssh_plan is not None:  # the host key dir, shared read-only at /etc/ssh/host-keys
+        shares_config = [*shares_config, ssh_plan.share()]
 
     owner_path = work_dir
     seen: set[str] = set()
@@ -455,16 +478,24 @@ def build_plan(
     guest_net = (
         None
         if runner_plan is not None
-        else network.plan_network(forwards, builtin_guest=builtin, egress=egress_plan.netdev_extra())
+        else network.plan_network(
+            forwards,
+            builtin_guest=builtin,
+            egress=egress_plan.netdev_extra(),
+            config=config.network,
+            vm_name=prefix,
+        )
     )
     net_args = guest_net.kernel_args() if guest_net is not None else []  # network.py: eth0 in the guest
     if runner_plan is not None:
         cmdline = ""
     elif builtin:
         first = shares[0].ids
+        ssh_args = ssh_plan.kernel_args() if ssh_plan is not None else []
         extra = [
             _microvm_tsc_hint(config.qemu.machine),
             *net_args,
+            *ssh_args,
             egress_plan.guest_cmdline(),
             config.qemu.cmdline,
         ]
@@ -598,6 +629,8 @@ def build_plan(
         checks=tuple(preflight.checks),
         console=console_plan,
         qemu_sandbox=sandbox_options(spawn=egress_plan.needs_spawn) if config.qemu.sandbox else None,
+        ssh=ssh_plan,
+        runner_taps=runner_taps,
     )
 
 

@@ -311,6 +311,47 @@ class _Edit:
 
 
 @dataclass(frozen=True)
+class RunnerTap:
+    """A tap interface the runner opens by name (microvm.interfaces type "tap"): it must exist first."""
+
+    name: str
+    multi_queue: bool  # QEMU queues=N>1, cloud-hypervisor num_queues>2: the tap needs IFF_MULTI_QUEUE
+
+
+UNSUPPORTED_NIC = (
+    "; agentvm-supervise creates tap interfaces the runner opens by name (microvm.interfaces "
+    'type "tap", -netdev tap,ifname=... / --net tap=...) on [network] bridge; macvtap, fd-passed '
+    "taps and QEMU's bridge helper are not supported: use a tap interface, or start the VM with "
+    "microvm.nix's own host units"
+)
+
+
+def _qemu_tap(script: Path, value: str) -> RunnerTap | None:
+    kind = value.split(",", maxsplit=1)[0]
+    if kind == "bridge" or (kind == "tap" and _get_option(value, "helper") is not None):
+        raise _error(script, f"has -netdev {value!r}, which needs QEMU's bridge helper{UNSUPPORTED_NIC}")
+    if kind != "tap":
+        return None
+    if _get_option(value, "fd") is not None or _get_option(value, "fds") is not None:
+        raise _error(script, f"has -netdev {value!r}, a tap passed as an fd (macvtap){UNSUPPORTED_NIC}")
+    name = _get_option(value, "ifname")
+    if name is None:
+        raise _error(script, f"has -netdev {value!r} without ifname={UNSUPPORTED_NIC}")
+    queues = _get_option(value, "queues") or "1"
+    return RunnerTap(name, queues.isdigit() and int(queues) > 1)
+
+
+def _ch_tap(script: Path, value: str) -> RunnerTap | None:
+    if _get_option(value, "fd") is not None:
+        raise _error(script, f"has --net {value!r}, a tap passed as an fd (macvtap){UNSUPPORTED_NIC}")
+    name = _get_option(value, "tap")
+    if name is None:
+        return None
+    queues = _get_option(value, "num_queues") or "2"
+    return RunnerTap(name, queues.isdigit() and int(queues) > 2)
+
+
+@dataclass(frozen=True)
 class RunnerPlan:
     script: RunnerScript
     hypervisor: Hypervisor
@@ -320,6 +361,7 @@ class RunnerPlan:
     rm_line: int | None  # cloud-hypervisor: the `rm -f SOCKET` line to point at the new socket
     qmp_fd_word: int | None  # index of the word holding the private QMP fd (QEMU)
     notes: list[str] = field(default_factory=list)  # warnings for the log
+    taps: list[RunnerTap] = field(default_factory=list)  # created by the supervisor before the runner
 
     def render(self, instance_dir: Path, private_qmp_fd: int | None) -> str:
         words = list(self.raw_words)
@@ -439,6 +481,9 @@ def plan_qemu(script: RunnerScript, instance_dir: Path, overrides: Overrides) ->
         edit.set(users[0], ",".join([value, *(forward.hostfwd() for forward in overrides.forwards)]))
     if overrides.netdev_extra:
         _restrict_network(edit, positions, overrides.netdev_extra)
+    taps = [
+        tap for i in positions.get("-netdev", []) if (tap := _qemu_tap(script.path, edit.value(i, "-netdev")))
+    ]
     tail = edit.tail_index()
     extra = [_quote("-chardev"), "", _quote("-mon"), _quote(f"chardev={PRIVATE_QMP_ID},mode=control")]
     raw = [word for index, word in enumerate(edit.raw) if index not in drop]
@@ -453,6 +498,7 @@ def plan_qemu(script: RunnerScript, instance_dir: Path, overrides: Overrides) ->
         rm_line=None,
         qmp_fd_word=tail + 1,
         notes=notes,
+        taps=taps,
     )
 
 
@@ -514,6 +560,7 @@ def plan_cloud_hypervisor(script: RunnerScript, instance_dir: Path, overrides: O
     _rewrite_argv0(edit, overrides.instance)
     tags: list[str] = []
     api: list[int] = []
+    taps: list[RunnerTap] = []
     i = script.program_index + 1
     end = edit.tail_index()
     while i < end:
@@ -531,6 +578,8 @@ def plan_cloud_hypervisor(script: RunnerScript, instance_dir: Path, overrides: O
                 tags.append(tag)
             elif option == "--api-socket":
                 api.append(j)
+            elif option == "--net" and (tap := _ch_tap(script.path, value)) is not None:
+                taps.append(tap)
             elif option == "--memory" and overrides.memory_mib is not None:
                 if _get_option(value, "hotplug_method") is not None:
                     raise _error(script.path, "uses memory hotplug, whose size --mem cannot replace")
@@ -570,6 +619,7 @@ def plan_cloud_hypervisor(script: RunnerScript, instance_dir: Path, overrides: O
         raw_words=edit.raw,
         rm_line=rm_line,
         qmp_fd_word=None,
+        taps=taps,
     )
 
 

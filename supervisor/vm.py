@@ -35,7 +35,9 @@ from supervisor import (
     readiness,
     runtime,
     sharedirs,
+    sshkeys,
     statusport,
+    tap,
 )
 from supervisor import runner as microvm
 from supervisor.children import (
@@ -643,6 +645,9 @@ class Instance:
         runtime.ensure_base(plan.base_dir)
         runtime.clean_stale(plan.base_dir)
         self._open_share_dirs()
+        host_key = sshkeys.public_key_of(plan.ssh, self._share_dirs)  # made once per VM
+        if host_key is not None:
+            self.log.info("ssh host key", key=host_key)
         if plan.env_file is not None:
             launcher.write_env_file(plan.env_file)
         for note in plan.notes:
@@ -672,7 +677,11 @@ class Instance:
                         await everything.start(self.egress.serve_handoff, plan.egress.socket_path)
                     if plan.devshell is not None:
                         await self._refresh_devshell(plan.devshell)
-                    async with anyio.create_task_group() as shares:
+                    owner = tap.current_owner(plan.instance)
+                    async with (
+                        tap.attached(plan.taps, owner, self.watchdog, self.log),
+                        anyio.create_task_group() as shares,
+                    ):
                         await self._start_shares(shares)
                         await self._run_vm()
                         shares.cancel_scope.cancel()

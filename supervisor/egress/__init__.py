@@ -86,7 +86,7 @@ class NetworkPlan:
         """For network.plan_network: None for no NIC (mode none), else the extra -netdev user options."""
         if self.mode is NetworkMode.NONE:
             return None
-        if self.mode is NetworkMode.OPEN:
+        if self.mode in (NetworkMode.OPEN, NetworkMode.TAP):  # tap: network.plan_network's own NIC
             return []
         command = " ".join(self.handoff_argv)
         return ["restrict=on", f"guestfwd=tcp:{GUEST_PROXY_ADDRESS}:{GUEST_PROXY_PORT}-cmd:{command}"]
