@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supervisor import checks, control, guest, kvm, launcher, runner, runtime
+from supervisor import checks, control, guest, kvm, launcher, microvm_runner, runtime
 from supervisor.config import (
     Accel,
     Agent,
@@ -70,7 +70,7 @@ class Plan:
     env_file: launcher.EnvFile | None = None
     devshell: launcher.Devshell | None = None
     forwards: list[launcher.Forward] = field(default_factory=list)
-    runner: runner.RunnerPlan | None = None  # a microvm.nix runner instead of our own QEMU command
+    runner: microvm_runner.RunnerPlan | None = None  # a microvm.nix runner instead of our own QEMU command
     notes: list[str] = field(default_factory=list)  # warnings to log when the instance starts
     kvm_device: Path = kvm.DEFAULT_DEVICE  # what the supervisor checks and watches; QEMU opens /dev/kvm
     checks: tuple[checks.Check, ...] = ()  # the preflight, warnings included
@@ -296,7 +296,7 @@ def build_plan(
     kvm_rows, chosen_accel, accel_reason = checks.kvm_checks(kvm_device, config.qemu.accel, kvm_assessment)
     accel = chosen_accel or Accel.TCG  # None only in a lenient preflight, which already has the failure
 
-    runner_plan: runner.RunnerPlan | None = None
+    runner_plan: microvm_runner.RunnerPlan | None = None
     if config.runner is not None:
         if command:
             raise SupervisorError(
@@ -308,16 +308,16 @@ def build_plan(
                 "the config sets both runner.script and qemu.kernel: a microvm.nix runner brings its own "
                 "kernel; remove one of them",
             )
-        script = runner.read_script(config.runner.script, cwd)
-        hypervisor = runner.detect_hypervisor(script, config.runner.hypervisor)
+        script = microvm_runner.read_script(config.runner.script, cwd)
+        hypervisor = microvm_runner.detect_hypervisor(script, config.runner.hypervisor)
         if hypervisor is not Hypervisor.QEMU:
             assessment = kvm_assessment if kvm_assessment is not None else kvm.assess_kvm(kvm_device)
             accel, accel_reason = _runner_accel(config, assessment, notes)
-        runner_plan = runner.plan_runner(
+        runner_plan = microvm_runner.plan_runner(
             script,
             hypervisor,
             instance_dir,
-            runner.Overrides(
+            microvm_runner.Overrides(
                 instance=instance,
                 accel=accel,
                 cpu=config.qemu.cpu,
@@ -330,7 +330,9 @@ def build_plan(
             _runner_cwd(config.runner.cwd, cwd),
         )
         notes += runner_plan.notes
-        shares_config = _runner_shares(config, runner_plan, default_layout, runner.declared_sources(script))
+        shares_config = _runner_shares(
+            config, runner_plan, default_layout, microvm_runner.declared_sources(script)
+        )
     elif config.shares is None:
         shares_config = list(default_layout.values())
     else:
@@ -382,7 +384,7 @@ def build_plan(
         (instance_dir / "qmp.sock", "QMP"),
         (instance_dir / "console.sock", "the console"),
         (instance_dir / control.SOCKET_NAME, "the control socket"),
-        (instance_dir / runner.API_SOCKET, "the runner's API"),
+        (instance_dir / microvm_runner.API_SOCKET, "the runner's API"),
     ]
 
     builtin = config.qemu.kernel is None and runner_plan is None
@@ -551,7 +553,7 @@ def _runner_cwd(raw: str | None, cwd: Path) -> Path | None:
 
 def _runner_shares(
     config: Config,
-    planned: runner.RunnerPlan,
+    planned: microvm_runner.RunnerPlan,
     default_layout: Mapping[str, Share],
     declared: Mapping[str, str],
 ) -> list[Share]:

@@ -25,7 +25,7 @@ import anyio
 import structlog
 
 from supervisor import console, consolelog, control, guest, kvm_watch, launcher, pid1, readiness, runtime
-from supervisor import runner as microvm
+from supervisor import microvm_runner as microvm
 from supervisor.children import (
     Child,
     ChildSpec,

@@ -1,4 +1,4 @@
-"""microvm.nix runners: run any VM's `bin/microvm-run` as the supervisor's runner.
+"""microvm.nix runners: run any VM's `bin/microvm-run` as the VM process (the runner script).
 
 microvm.nix writes a shell script that ends in `exec [-a microvm@HOST] HYPERVISOR ARGS... ${runtime_args:-}`.
 Its sockets are relative by default (`<hostName>.sock` for QMP or cloud-hypervisor's API,
