@@ -1,8 +1,8 @@
-"""The optional C scanner (supervisor/_scan.c); everything else is declared in pyproject.toml.
+"""The optional C scanner (supervisor/console/_scan.c); everything else is declared in pyproject.toml.
 
-`optional=True`: without a C compiler the build goes on and termfilter uses its regex instead.
+`optional=True`: without a C compiler the build goes on and console/filter.py uses its regex instead.
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("supervisor._scan", ["supervisor/_scan.c"], optional=True)])
+setup(ext_modules=[Extension("supervisor.console._scan", ["supervisor/console/_scan.c"], optional=True)])

@@ -24,9 +24,7 @@ import structlog
 
 from supervisor import (
     __version__,
-    attach,
     config,
-    console,
     doctor,
     kvm_watch,
     logs,
@@ -37,6 +35,8 @@ from supervisor import (
 )
 from supervisor.checks import Status
 from supervisor.config import Accel
+from supervisor.console import attach
+from supervisor.console.terminal import get_window_size
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.notify import Notifier
 from supervisor.vm import Host, Instance, Stdio
@@ -245,7 +245,7 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
         env=os.environ,
         cwd=Path.cwd(),
         command=command or None,
-        terminal_size=console.get_window_size(stdin_fd),
+        terminal_size=get_window_size(stdin_fd),
     )
     _log_warnings(checked)
     host = Host(subreaper=args.subreaper, notifier=Notifier.from_env(os.environ), stop_signals=stop_signals)

@@ -28,7 +28,7 @@ from supervisor.config import (
     Timeouts,
     UidMapping,
 )
-from supervisor.console import ConsoleSettings, parse_escape_key
+from supervisor.console.settings import ConsoleSettings, parse_escape_key
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.launcher import default_agent_home, project_basename
 from supervisor.qemu import QemuSpec, host_tsc_khz

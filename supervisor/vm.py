@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 import structlog
 
-from supervisor import console, consolelog, control, guest, kvm_watch, launcher, pid1, readiness, runtime
+from supervisor import control, guest, kvm_watch, launcher, pid1, readiness, runtime
 from supervisor import microvm_runner as microvm
 from supervisor.children import (
     Child,
@@ -35,6 +35,9 @@ from supervisor.children import (
     run_child,
 )
 from supervisor.config import Hypervisor, SocketMode
+from supervisor.console.hub import Console, bind_console_socket
+from supervisor.console.log import ConsoleLog, open_log
+from supervisor.console.terminal import ConsolePty, get_window_size, open_console_pty
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.notify import Notifier
 from supervisor.plan import Plan
@@ -85,7 +88,7 @@ class Instance:
         self.watchdog = watchdog
         self.stdio = stdio
         self.host = host if host is not None else Host()
-        self._console: console.Console | None = None
+        self._console: Console | None = None
         self.started = time.time()
         self.stop_cause: str | None = None
         self._stop_deadline: float | None = None
@@ -101,7 +104,7 @@ class Instance:
         self._supervisor_ticks = 0
         self._created = runtime.now()  # the instance's start, kept across state rewrites
         self.report = guest.GuestReport(None, None)
-        self._console_log: consolelog.ConsoleLog | None = None
+        self._console_log: ConsoleLog | None = None
 
     # ---- state file and watchdog -------------------------------------------------------------
 
@@ -393,7 +396,7 @@ class Instance:
     # ---- the runner --------------------------------------------------------------------------
 
     def _microvm_runner_spec(
-        self, planned: microvm.RunnerPlan, pty: console.ConsolePty, private_qmp: int
+        self, planned: microvm.RunnerPlan, pty: ConsolePty, private_qmp: int
     ) -> ChildSpec:
         """A rewritten copy of the microvm.nix runner, in the runtime dir, run by its own shell."""
         plan = self.plan
@@ -413,7 +416,7 @@ class Instance:
         )
 
     def _runner_spec(
-        self, pty: console.ConsolePty, private_qmp: int, public_qmp: int | None, resize: int
+        self, pty: ConsolePty, private_qmp: int, public_qmp: int | None, resize: int
     ) -> ChildSpec:
         plan = self.plan
         if plan.runner is not None:  # its guest has no resize helper of ours to talk to
@@ -436,13 +439,13 @@ class Instance:
         plan = self.plan
         if self.outcome.error is not None:  # a share died while starting: no VM to start
             return
-        size = console.get_window_size(self.stdio.stdin)
-        pty = console.open_console_pty(size)
+        size = get_window_size(self.stdio.stdin)
+        pty = open_console_pty(size)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         resize_ours, resize_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # A microvm.nix runner's own -qmp is moved to the same path; QEMU binds that one itself.
         public = bind_vhost_user_socket(plan.qmp_socket) if plan.runner is None else None
-        listener = console.bind_console_socket(plan.console_socket)
+        listener = bind_console_socket(plan.console_socket)
         uses_qmp = plan.runner is None or plan.runner.hypervisor is Hypervisor.QEMU
         try:
             async with anyio.create_task_group() as tg:
@@ -495,7 +498,7 @@ class Instance:
 
     async def _run_console(
         self,
-        pty: console.ConsolePty,
+        pty: ConsolePty,
         size: tuple[int, int] | None,
         resize_port: socket.socket,
         listener: socket.socket,
@@ -506,7 +509,7 @@ class Instance:
             self.request_stop()
 
         resize_port.setblocking(False)
-        self._console = console.Console(
+        self._console = Console(
             pty,
             instance=self.plan.instance,
             settings=self.plan.console,
@@ -533,7 +536,7 @@ class Instance:
     def _open_console_log(self) -> None:
         settings = self.plan.console
         if settings.log_dir is not None:
-            self._console_log = consolelog.open_log(
+            self._console_log = open_log(
                 settings.log_dir, self.plan.instance, max_bytes=settings.log_max_bytes, keep=settings.log_keep
             )
             self.log.info("console log", path=str(self._console_log.path))

@@ -20,22 +20,14 @@ from pathlib import Path
 
 import anyio
 
-from supervisor import consoleproto as proto
 from supervisor import runtime
-from supervisor.console import (
-    MSG,
-    EscapeReader,
-    TerminalMode,
-    Writer,
-    describe_key,
-    get_window_size,
-    help_text,
-    read_some,
-    terminal_alive,
-)
+from supervisor.console import protocol as proto
+from supervisor.console.escape import escape_reader
+from supervisor.console.filter import OutputFilter
+from supervisor.console.modes import TerminalModes
+from supervisor.console.settings import MSG
+from supervisor.console.terminal import TerminalMode, Writer, get_window_size, read_some, terminal_alive
 from supervisor.errors import ExitCode, SupervisorError
-from supervisor.termfilter import OutputFilter
-from supervisor.termmodes import TerminalModes
 
 CONSOLE_SOCKET = "console.sock"
 
@@ -130,21 +122,13 @@ async def attach(instance: str, path: Path, *, stdin: int, stdout: int, escape: 
         parser.feed(data)
         to_terminal.write(data)
 
-    def command(key: str) -> None:
-        assert escape is not None
-        if key == ".":
-            to_terminal.write(f"\r\n[{MSG}: stopping the VM]\r\n".encode())
-            to_server.write(proto.frame(proto.Kind.STOP))
-        elif key == "d":
-            finish(f"detached from {instance}; the VM keeps running")
-        elif key == "?":
-            to_terminal.write(help_text(escape))
-        else:
-            to_terminal.write(
-                f"\r\n[{MSG}: {describe_key(escape)} {key!r} means nothing; ? for help]\r\n".encode()
-            )
+    def stop() -> None:
+        to_server.write(proto.frame(proto.Kind.STOP))
 
-    escapes = EscapeReader(escape if interactive else None, command)
+    def detach() -> None:
+        finish(f"detached from {instance}; the VM keeps running")
+
+    escapes = escape_reader(escape if interactive else None, stop=stop, detach=detach, show=to_terminal.write)
 
     async def from_server() -> None:
         frames = proto.FrameReader()
