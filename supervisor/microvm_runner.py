@@ -33,10 +33,9 @@ import anyio
 from supervisor.config import Accel, Hypervisor
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.launcher import Forward
+from supervisor.runtime import InstanceDir
 
 SCRIPT_NAME = "microvm-run"
-QMP_SOCKET = "qmp.sock"
-API_SOCKET = "api.sock"
 PRIVATE_QMP_ID = "agentvm-qmp"
 
 # QEMU options that take no argument; every other option takes exactly one.
@@ -326,7 +325,7 @@ class RunnerPlan:
         line = lines[self.script.exec_line]
         lines[self.script.exec_line] = line[: len(line) - len(line.lstrip())] + " ".join(words)
         if self.rm_line is not None:
-            lines[self.rm_line] = "rm -f " + _quote(str(instance_dir / API_SOCKET))
+            lines[self.rm_line] = "rm -f " + _quote(str(InstanceDir(instance_dir).api_socket))
         return "\n".join(lines)
 
     def argv(self, rendered_path: Path) -> list[str]:
@@ -415,12 +414,12 @@ def plan_qemu(script: RunnerScript, instance_dir: Path, overrides: Overrides) ->
     for index in qmps:
         match = re.fullmatch(r"unix:([^,]*)(,.*)?", edit.value(index, "-qmp"))
         if match:
-            edit.set(index, f"unix:{instance_dir / QMP_SOCKET}{match.group(2) or ''}")
+            edit.set(index, f"unix:{InstanceDir(instance_dir).qmp_socket}{match.group(2) or ''}")
     for index in positions.get("-chardev", []):
         value = edit.value(index, "-chardev")
         tag = fs_chardevs.get(_get_option(value, "id") or "")
         if tag is not None and value.split(",")[0] == "socket" and _get_option(value, "path") is not None:
-            edit.set(index, _set_option(value, "path", str(instance_dir / f"{tag}.sock")))
+            edit.set(index, _set_option(value, "path", str(InstanceDir(instance_dir).share_socket(tag))))
     if overrides.forwards:
         users = [i for i in positions.get("-netdev", []) if edit.value(i, "-netdev").split(",")[0] == "user"]
         if not users:
@@ -485,7 +484,7 @@ def plan_cloud_hypervisor(script: RunnerScript, instance_dir: Path, overrides: O
                 tag = _get_option(value, "tag")
                 if tag is None or _get_option(value, "socket") is None:
                     raise _error(script.path, f"has --fs {value!r} without socket= or tag=")
-                edit.set(j, _set_option(value, "socket", str(instance_dir / f"{tag}.sock")))
+                edit.set(j, _set_option(value, "socket", str(InstanceDir(instance_dir).share_socket(tag))))
                 tags.append(tag)
             elif option == "--api-socket":
                 api.append(j)
@@ -499,7 +498,7 @@ def plan_cloud_hypervisor(script: RunnerScript, instance_dir: Path, overrides: O
         i = j
     if len(api) > 1:
         raise _error(script.path, "has more than one --api-socket")
-    new_api = str(instance_dir / API_SOCKET)
+    new_api = str(InstanceDir(instance_dir).api_socket)
     rm_line = None
     if api:
         old = edit.value(api[0], "--api-socket")

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supervisor import checks, control, guest, kvm, launcher, microvm_runner, runtime
+from supervisor import checks, guest, kvm, launcher, microvm_runner, runtime
 from supervisor.config import (
     Accel,
     Agent,
@@ -77,20 +77,24 @@ class Plan:
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
 
     @property
+    def files(self) -> runtime.InstanceDir:
+        return runtime.InstanceDir(self.instance_dir)
+
+    @property
     def qmp_socket(self) -> Path:
-        return self.instance_dir / "qmp.sock"
+        return self.files.qmp_socket
 
     @property
     def console_socket(self) -> Path:
-        return self.instance_dir / "console.sock"
+        return self.files.console_socket
 
     @property
     def status_file(self) -> Path:
-        return self.instance_dir / "guest-status"
+        return self.files.status_file
 
     @property
     def control_socket(self) -> Path:
-        return self.instance_dir / control.SOCKET_NAME
+        return self.files.control_socket
 
     def qemu_spec(self, *, private_qmp_fd: int, public_qmp_fd: int, resize_fd: int | None = None) -> QemuSpec:
         """The inputs of our own QEMU command line (built-in guest or qemu.kernel, not a runner
@@ -351,7 +355,7 @@ def build_plan(
         source = _check_source(share, index)
         owner = (owner_path or _nearest_existing(source)).stat()
         ids = _resolve_ids(share, index, source, owner, euid)
-        socket_path = instance_dir / f"{share.tag}.sock"
+        socket_path = runtime.InstanceDir(instance_dir).share_socket(share.tag)
         sockets.append((socket_path, f"share '{share.tag}'"))
         shares.append(
             ShareSpec(
@@ -380,12 +384,7 @@ def build_plan(
         )
     else:
         agent_home = None
-    sockets += [
-        (instance_dir / "qmp.sock", "QMP"),
-        (instance_dir / "console.sock", "the console"),
-        (instance_dir / control.SOCKET_NAME, "the control socket"),
-        (instance_dir / microvm_runner.API_SOCKET, "the runner's API"),
-    ]
+    sockets += runtime.InstanceDir(instance_dir).named_sockets()
 
     builtin = config.qemu.kernel is None and runner_plan is None
     if not builtin and command:

@@ -169,7 +169,7 @@ class Instance:
     async def _graceful_stop_api(self, child: Child) -> None:
         """cloud-hypervisor: vm.power-button, a deadline, vmm.shutdown, a deadline, then the kill."""
         timeouts = self.plan.timeouts
-        api = self.plan.instance_dir / microvm.API_SOCKET
+        api = self.plan.files.api_socket
         steps = (("vm.power-button", timeouts.graceful_stop), ("vmm.shutdown", timeouts.quit))
         for endpoint, deadline in steps:
             try:
@@ -401,7 +401,7 @@ class Instance:
         """A rewritten copy of the microvm.nix runner, in the runtime dir, run by its own shell."""
         plan = self.plan
         qemu = planned.hypervisor is Hypervisor.QEMU
-        script = plan.instance_dir / microvm.SCRIPT_NAME
+        script = plan.files.runner_script
         script.write_text(planned.render(plan.instance_dir, private_qmp if qemu else None))
         script.chmod(0o500)
         return ChildSpec(

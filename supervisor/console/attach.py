@@ -29,53 +29,11 @@ from supervisor.console.settings import MSG
 from supervisor.console.terminal import TerminalMode, Writer, get_window_size, read_some, terminal_alive
 from supervisor.errors import ExitCode, SupervisorError
 
-CONSOLE_SOCKET = "console.sock"
-
-
-def live_instances(base: Path) -> list[str]:
-    """Ids of the instances under `base` whose supervisor is alive and serves a console."""
-    try:
-        entries = sorted(base.iterdir())
-    except OSError:
-        return []
-    found = []
-    for entry in entries:
-        state = runtime.read_state(entry)
-        if state is not None and not runtime.is_stale(state) and (entry / CONSOLE_SOCKET).exists():
-            found.append(state.instance)
-    return found
-
 
 def find_console(base: Path, name: str | None) -> tuple[str, Path]:
-    """(instance id, console.sock path) of the instance `name` names, or a SupervisorError."""
-    live = live_instances(base)
-    if not live:
-        raise SupervisorError(
-            f"no running agentvm instance of this user under {base}: start one with "
-            "'agentvm-supervise run', or pass the --runtime-dir it was started with",
-            exit_code=ExitCode.NO_INPUT,
-        )
-    if name is None:
-        if len(live) > 1:
-            raise SupervisorError(
-                f"{len(live)} instances are running ({', '.join(live)}): name one, as in "
-                f"'agentvm-supervise attach {live[0]}'",
-            )
-        matches = live
-    else:
-        matches = [instance for instance in live if instance == name] or [
-            instance for instance in live if instance.startswith(name)
-        ]
-    if not matches:
-        raise SupervisorError(
-            f"no running instance is called '{name}' under {base}; running: {', '.join(live)}",
-            exit_code=ExitCode.NO_INPUT,
-        )
-    if len(matches) > 1:
-        raise SupervisorError(
-            f"'{name}' matches {len(matches)} instances ({', '.join(matches)}): give more of the id",
-        )
-    return matches[0], base / matches[0] / CONSOLE_SOCKET
+    """(instance id, console.sock path) of the instance `name` names (runtime.find_instance)."""
+    found = runtime.find_instance(base, name, verb="attach")
+    return found.state.instance, found.files.console_socket
 
 
 @dataclass

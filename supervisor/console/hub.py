@@ -29,7 +29,6 @@ import fcntl
 import os
 import signal
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +56,7 @@ from supervisor.console.terminal import (
     set_window_size,
     terminal_alive,
 )
+from supervisor.peer import peer_of
 
 BACKLOG = 256 << 10  # output waiting for the terminal that shows it before the guest is slowed down
 CLIENT_STALL = 10.0  # seconds an attach client may take nothing, its backlog full, before it goes
@@ -362,12 +362,6 @@ class _SocketClient:
             raise proto.ProtocolError(f"unexpected {kind.name} frame from a client")
 
 
-def _peer(conn: socket.socket) -> tuple[int, int]:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _ = struct.unpack("3i", creds)
-    return pid, uid
-
-
 def bind_console_socket(path: Path) -> socket.socket:
     """Listen on console.sock, 0600 (its dir is 0700 too)."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -569,11 +563,13 @@ class Console:
     async def _serve_client(self, conn: socket.socket) -> None:
         with conn:
             conn.setblocking(False)
-            pid, uid = _peer(conn)
-            if uid not in (os.geteuid(), 0):
-                self._logger.warning("refused a console connection from another user", uid=uid, pid=pid)
+            peer = peer_of(conn)
+            if not peer.allowed:
+                self._logger.warning(
+                    "refused a console connection from another user", uid=peer.uid, pid=peer.pid
+                )
                 return
-            client = _SocketClient(self, conn, pid)
+            client = _SocketClient(self, conn, peer.pid)
             self._clients.append(client)
             self._sinks = (*self._sinks, client.out)
             try:
