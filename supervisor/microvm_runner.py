@@ -28,8 +28,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anyio
-
 from supervisor.config import Accel, Hypervisor
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.launcher import Forward
@@ -331,6 +329,13 @@ class RunnerPlan:
     def argv(self, rendered_path: Path) -> list[str]:
         return [*self.script.interpreter, str(rendered_path)]
 
+    def write(self, instance_dir: Path, private_qmp_fd: int | None) -> Path:
+        """The rewritten copy, in the instance dir (read and run by its owner only)."""
+        script = InstanceDir(instance_dir).runner_script
+        script.write_text(self.render(instance_dir, private_qmp_fd))
+        script.chmod(0o500)
+        return script
+
 
 def _rewrite_argv0(edit: _Edit, instance: str) -> None:
     if edit.script.program_index == 3:
@@ -541,34 +546,3 @@ def plan_runner(
     if duplicates:
         raise _error(script.path, f"names the virtiofs tag {duplicates[0]!r} twice")
     return dataclasses.replace(planned, cwd=cwd)
-
-
-# ---- cloud-hypervisor's API ----------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    pass
-
-
-async def ch_api_put(socket_path: Path, endpoint: str, *, timeout: float = 5.0) -> int:
-    """PUT /api/v1/ENDPOINT on cloud-hypervisor's API socket; returns the HTTP status."""
-    request = (
-        f"PUT /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n"
-        "Content-Length: 0\r\nConnection: close\r\n\r\n"
-    ).encode()
-    try:
-        with anyio.fail_after(timeout):
-            async with await anyio.connect_unix(socket_path) as stream:
-                await stream.send(request)
-                received = b""
-                while b"\r\n" not in received:
-                    try:
-                        received += await stream.receive()
-                    except anyio.EndOfStream:
-                        break
-    except (OSError, TimeoutError, anyio.BrokenResourceError) as exc:
-        raise ApiError(f"{endpoint} on {socket_path}: {exc}") from None
-    match = re.match(rb"HTTP/1\.[01] (\d{3})", received)
-    if not match:
-        raise ApiError(f"{endpoint} on {socket_path}: not an HTTP reply: {received[:80]!r}")
-    return int(match.group(1))

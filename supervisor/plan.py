@@ -77,6 +77,11 @@ class Plan:
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
 
     @property
+    def hypervisor(self) -> Hypervisor:
+        """What runs the VM: our own QEMU, or a microvm.nix runner's hypervisor."""
+        return self.runner.hypervisor if self.runner is not None else Hypervisor.QEMU
+
+    @property
     def files(self) -> runtime.InstanceDir:
         return runtime.InstanceDir(self.instance_dir)
 

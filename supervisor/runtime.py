@@ -197,6 +197,41 @@ def write_state(path: Path, state: InstanceState) -> None:
         ) from None
 
 
+class StateFile:
+    """INSTANCE/state.json kept current: the supervisor and each process group it has started."""
+
+    def __init__(self, files: InstanceDir, *, instance: str, work_dir: Path | None) -> None:
+        self._files = files
+        self._instance = instance
+        self._work_dir = str(work_dir) if work_dir else None
+        self._created = now()  # the instance's start, kept across rewrites
+        self._ticks = 0
+        self._groups: list[GroupRecord] = []
+
+    def begin(self) -> None:
+        """The first write, once the instance dir exists."""
+        self._ticks = read_start_ticks(os.getpid())
+        self._write()
+
+    def add_group(self, name: str, pgid: int, start_ticks: int) -> None:
+        self._groups.append(GroupRecord(name, pgid, start_ticks))
+        self._write()
+
+    def _write(self) -> None:
+        write_state(
+            self._files.path,
+            InstanceState(
+                instance=self._instance,
+                supervisor_pid=os.getpid(),
+                supervisor_start_ticks=self._ticks,
+                created=self._created,
+                work_dir=self._work_dir,
+                groups=tuple(self._groups),
+                pid_ns=pid_namespace(),
+            ),
+        )
+
+
 def read_state(path: Path) -> InstanceState | None:
     try:
         return msgspec.json.decode((path / STATE_FILE).read_bytes(), type=InstanceState)
