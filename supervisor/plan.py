@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supervisor import checks, guest, kvm, launcher, microvm_runner, runtime
+from supervisor import checks, guest, kvm, launcher, microvm_runner, runtime, sharedirs
 from supervisor.config import (
     Accel,
     Agent,
@@ -216,13 +216,20 @@ def _resolve_ids(share: Share, index: int, source: Path, owner: os.stat_result, 
     )
 
 
-def _check_source(share: Share, index: int) -> Path:
+def _lexical_source(share: Share, index: int) -> Path:
     source = Path(share.source).expanduser()
     if not source.is_absolute():
         raise SupervisorError(
             f"share '{share.tag}' (shares[{index}].source) is the relative path '{share.source}': "
             "give an absolute path",
         )
+    return Path(os.path.normpath(source))
+
+
+def _check_source(share: Share, index: int, lexical: Path, others: Sequence[Path]) -> Path:
+    """The share's directory as a path with no symlink in it (see sharedirs), checked to exist."""
+    guarded = [*others, *(Path(os.path.realpath(other)) for other in others)]
+    source = sharedirs.physical_source(share.tag, lexical, guarded)
     if source.exists() and not source.is_dir():
         raise SupervisorError(
             f"share '{share.tag}': {source} is not a directory: point shares[{index}].source at a directory",
@@ -234,7 +241,24 @@ def _check_source(share: Share, index: int) -> Path:
             f"shares[{index}].source (or --work-dir) to name an existing directory",
             exit_code=ExitCode.NO_INPUT,
         )
-    return source.resolve() if source.exists() else source
+    return source
+
+
+def _guest_writable_parent(source: Path, shares: Sequence[ShareSpec]) -> ShareSpec | None:
+    """The share (not read-only) whose directory holds `source`, if any: the guest could write there."""
+    return next(
+        (
+            s
+            for s in shares
+            if not s.read_only and s.source != source and sharedirs.is_within(source, s.source)
+        ),
+        None,
+    )
+
+
+def _with_owner_check(share: ShareSpec, shares: Sequence[ShareSpec]) -> ShareSpec:
+    outer = _guest_writable_parent(share.source, shares)
+    return share if outer is None else replace(share, inside_share_of_uid=outer.ids.host_uid)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -353,11 +377,12 @@ def build_plan(
     seen: set[str] = set()
     shares: list[ShareSpec] = []
     sockets: list[tuple[Path, str]] = []
+    lexical = [_lexical_source(share, index) for index, share in enumerate(shares_config)]
     for index, share in enumerate(shares_config):
         if share.tag in seen:
             raise SupervisorError(f"two shares use the tag '{share.tag}': every share needs its own tag")
         seen.add(share.tag)
-        source = _check_source(share, index)
+        source = _check_source(share, index, lexical[index], lexical[:index] + lexical[index + 1 :])
         owner = (owner_path or _nearest_existing(source)).stat()
         ids = _resolve_ids(share, index, source, owner, euid)
         socket_path = runtime.InstanceDir(instance_dir).share_socket(share.tag)
@@ -373,8 +398,10 @@ def build_plan(
                 xattrmap=share.xattrmap,
                 cache=share.cache,
                 socket_path=socket_path,
+                create=share.create,
             )
         )
+    shares = [_with_owner_check(share, shares) for share in shares]
     # The launcher's files go to the agent home only when it is what the guest mounts at agent-home.
     layout_home = default_layout.get("agent-home")
     uses_layout_home = any(share is layout_home for share in shares_config)

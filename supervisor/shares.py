@@ -7,7 +7,7 @@ the vhost-user connection before its own exit), so its death is confirmed first.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import anyio
@@ -37,6 +37,7 @@ class ShareDaemons:
         *,
         run_child: Callable[..., Coroutine[Any, Any, None]],
         env: Callable[[], dict[str, str]],
+        source_fds: Mapping[str, int],
         vm: Callable[[], Child | None],
         shutting_down: anyio.Event,
         fail: Callable[[SupervisorError], None],
@@ -45,6 +46,7 @@ class ShareDaemons:
         self._plan = plan
         self._run_child = run_child
         self._env = env
+        self._source_fds = source_fds  # tag -> the share's directory, opened link-free (sharedirs)
         self._vm = vm
         self._shutting_down = shutting_down
         self._fail = fail
@@ -94,8 +96,9 @@ class ShareDaemons:
                 fd=fd,
                 sandbox=plan.sandbox,
                 extra_args=list(plan.virtiofsd_extra_args),
+                source_fd=self._source_fds[share.tag],
             ),
-            pass_fds=(fd,) if fd is not None else (),
+            pass_fds=(self._source_fds[share.tag], *((fd,) if fd is not None else ())),
             env=self._env(),
             kill_grace=plan.timeouts.kill_grace,
         )

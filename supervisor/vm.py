@@ -26,13 +26,13 @@ import anyio
 import anyio.abc
 import structlog
 
-from supervisor import control, graceful, guest, kvm_watch, launcher, pid1, runtime
+from supervisor import control, graceful, guest, kvm_watch, launcher, pid1, runtime, sharedirs
 from supervisor.children import Child, ChildSpec, run_child
 from supervisor.config import Hypervisor
 from supervisor.console.hub import Console, bind_console_socket
 from supervisor.console.log import ConsoleLog, open_log
 from supervisor.console.terminal import ConsolePty, get_window_size, open_console_pty
-from supervisor.errors import ExitCode, SupervisorError
+from supervisor.errors import SupervisorError
 from supervisor.lifecycle import Action, Cause, Lifecycle, Phase, Request, VmEnd, exit_status
 from supervisor.notify import Notifier
 from supervisor.plan import Plan
@@ -113,6 +113,7 @@ class Instance:
             plan,
             run_child=self._run_child,
             env=self._child_env,
+            source_fds=self._share_dirs,
             vm=lambda: self.vm_process,
             shutting_down=self.shutting_down,
             fail=self.lifecycle.fail,
@@ -123,6 +124,7 @@ class Instance:
         self._console: Console | None = None
         self._console_done = anyio.Event()
         self._console_log: ConsoleLog | None = None
+        self._share_dirs: dict[str, int] = {}  # tag -> the share's open directory (see sharedirs)
 
     # ---- children ----------------------------------------------------------------------------
 
@@ -332,28 +334,31 @@ class Instance:
 
     # ---- the whole instance ------------------------------------------------------------------
 
-    def _prepare_share_dirs(self) -> None:
+    def _open_share_dirs(self) -> None:
+        """Open every share's directory (creating the missing ones) without following links."""
         for share in self.plan.shares:
-            if share.source.exists():
-                continue
-            try:
-                share.source.mkdir(mode=0o700, parents=True)
-                if os.geteuid() == 0:
-                    os.chown(share.source, share.ids.host_uid, share.ids.host_gid)
-            except OSError as exc:
-                raise SupervisorError(
-                    f"cannot create the directory {share.source} for share '{share.tag}' "
-                    f"({exc.strerror}): create it yourself or choose another path",
-                    exit_code=ExitCode.CANT_CREATE,
-                ) from None
-            self.log.info("created share directory", share=share.tag, path=str(share.source))
+            existed = share.source.exists()
+            self._share_dirs[share.tag] = sharedirs.open_source(
+                share.tag,
+                share.source,
+                create=share.create,
+                owner=(share.ids.host_uid, share.ids.host_gid),
+                expect_uid=share.inside_share_of_uid,
+            )
+            if not existed:
+                self.log.info("created share directory", share=share.tag, path=str(share.source))
+
+    def _close_share_dirs(self) -> None:
+        for fd in self._share_dirs.values():
+            os.close(fd)
+        self._share_dirs.clear()
 
     def _prepare(self) -> None:
         """Before the instance dir exists: the host side the plan asked for."""
         plan = self.plan
         runtime.ensure_base(plan.base_dir)
         runtime.clean_stale(plan.base_dir)
-        self._prepare_share_dirs()
+        self._open_share_dirs()
         if plan.env_file is not None:
             launcher.write_env_file(plan.env_file)
         for note in plan.notes:
@@ -389,6 +394,12 @@ class Instance:
             self.watchdog.release_group(child.pid)
 
     async def run(self) -> int:
+        try:
+            return await self._run_instance()
+        finally:
+            self._close_share_dirs()
+
+    async def _run_instance(self) -> int:
         plan = self.plan
         self._prepare()
         runtime.create_instance_dir(plan.base_dir, plan.instance)
