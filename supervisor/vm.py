@@ -108,6 +108,7 @@ class Instance:
         self.vm_process: Child | None = None
         self.shutting_down = anyio.Event()  # QEMU reported SHUTDOWN: the guest is powering off
         self.report = guest.GuestReport(None, None)
+        self._share_dirs: dict[str, int] = {}  # tag -> the share's open directory (see sharedirs)
         self._state = runtime.StateFile(plan.files, instance=plan.instance, work_dir=plan.work_dir)
         self._shares = ShareDaemons(
             plan,
@@ -124,7 +125,6 @@ class Instance:
         self._console: Console | None = None
         self._console_done = anyio.Event()
         self._console_log: ConsoleLog | None = None
-        self._share_dirs: dict[str, int] = {}  # tag -> the share's open directory (see sharedirs)
 
     # ---- children ----------------------------------------------------------------------------
 
