@@ -149,10 +149,10 @@ def _get_option(value: str, key: str) -> str | None:
 @dataclass(frozen=True)
 class RunnerScript:
     path: Path  # bin/microvm-run as given (not resolved: its dir is the runner package)
-    lines: list[str]
+    lines: tuple[str, ...]
     exec_line: int  # index into lines
-    words: list[Word]  # of the exec line
-    interpreter: list[str]  # from the #! line
+    words: tuple[Word, ...]  # of the exec line
+    interpreter: tuple[str, ...]  # from the #! line
 
     @property
     def runner_dir(self) -> Path | None:
@@ -211,7 +211,7 @@ def read_script(raw: str, cwd: Path) -> RunnerScript:
     if len(found) != 1:
         raise _error(path, f"has {len(found)} exec lines where microvm.nix writes exactly one")
     index, words = found[0]
-    script = RunnerScript(path, lines, index, words, interpreter)
+    script = RunnerScript(path, tuple(lines), index, tuple(words), tuple(interpreter))
     if len(words) <= script.program_index:
         raise _error(path, f"has an exec line (line {index + 1}) without a program")
     return script
@@ -306,12 +306,12 @@ class _Edit:
 class RunnerPlan:
     script: RunnerScript
     hypervisor: Hypervisor
-    share_tags: list[str]  # virtiofs tags, in the order the hypervisor names them
+    share_tags: tuple[str, ...]  # virtiofs tags, in the order the hypervisor names them
     cwd: Path | None  # None: the instance dir
-    raw_words: list[str]  # the rewritten exec line, with {qmp_fd} not yet filled in
+    raw_words: tuple[str, ...]  # the rewritten exec line, with {qmp_fd} not yet filled in
     rm_line: int | None  # cloud-hypervisor: the `rm -f SOCKET` line to point at the new socket
     qmp_fd_word: int | None  # index of the word holding the private QMP fd (QEMU)
-    notes: list[str] = field(default_factory=list)  # warnings for the log
+    notes: tuple[str, ...] = ()  # warnings for the log
 
     def render(self, instance_dir: Path, private_qmp_fd: int | None) -> str:
         words = list(self.raw_words)
@@ -444,12 +444,12 @@ def plan_qemu(script: RunnerScript, instance_dir: Path, overrides: Overrides) ->
     return RunnerPlan(
         script=script,
         hypervisor=Hypervisor.QEMU,
-        share_tags=list(fs_chardevs.values()),
+        share_tags=tuple(fs_chardevs.values()),
         cwd=None,
-        raw_words=raw,
+        raw_words=tuple(raw),
         rm_line=None,
         qmp_fd_word=tail + 1,
-        notes=notes,
+        notes=tuple(notes),
     )
 
 
@@ -527,9 +527,9 @@ def plan_cloud_hypervisor(script: RunnerScript, instance_dir: Path, overrides: O
     return RunnerPlan(
         script=script,
         hypervisor=Hypervisor.CLOUD_HYPERVISOR,
-        share_tags=tags,
+        share_tags=tuple(tags),
         cwd=None,
-        raw_words=edit.raw,
+        raw_words=tuple(edit.raw),
         rm_line=rm_line,
         qmp_fd_word=None,
     )

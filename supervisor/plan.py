@@ -45,11 +45,11 @@ class Plan:
     instance: str
     instance_dir: Path
     base_dir: Path
-    shares: list[ShareSpec]
+    shares: tuple[ShareSpec, ...]
     virtiofsd_binary: str
     socket_mode: SocketMode
     sandbox: str
-    virtiofsd_extra_args: list[str]
+    virtiofsd_extra_args: tuple[str, ...]
     qemu_binary: str
     machine: str
     accel: Accel
@@ -60,18 +60,18 @@ class Plan:
     cmdline: str
     memory_mib: int
     vcpus: int
-    qemu_extra_args: list[str]
+    qemu_extra_args: tuple[str, ...]
     builtin_guest: bool
-    command: list[str] | None
+    command: tuple[str, ...] | None
     timeouts: Timeouts
     work_dir: Path | None
     agent: Agent = Agent.CLAUDE
     agent_home: Path | None = None  # the default layout's agent home: .microvm-env and the dev shell go here
     env_file: launcher.EnvFile | None = None
     devshell: launcher.Devshell | None = None
-    forwards: list[launcher.Forward] = field(default_factory=list)
+    forwards: tuple[launcher.Forward, ...] = ()
     runner: microvm_runner.RunnerPlan | None = None  # a microvm.nix runner instead of our own QEMU command
-    notes: list[str] = field(default_factory=list)  # warnings to log when the instance starts
+    notes: tuple[str, ...] = ()  # warnings to log when the instance starts
     kvm_device: Path = kvm.DEFAULT_DEVICE  # what the supervisor checks and watches; QEMU opens /dev/kvm
     checks: tuple[checks.Check, ...] = ()  # the preflight, warnings included
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
@@ -121,7 +121,7 @@ class Plan:
             private_qmp_fd=private_qmp_fd,
             public_qmp_fd=public_qmp_fd,
             status_file=self.status_file,
-            extra_args=self.qemu_extra_args,
+            extra_args=list(self.qemu_extra_args),
             forwards=[forward.hostfwd() for forward in self.forwards],
             resize_fd=resize_fd,
         )
@@ -273,6 +273,53 @@ def _microvm_tsc_hint(machine: Machine) -> str:
     return f"tsc_early_khz={khz}" if khz else ""
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Inputs:
+    """What every guest mode plans from: the checked inputs shared by the three."""
+
+    env: Mapping[str, str]
+    cwd: Path
+    euid: int
+    console: ConsoleSettings
+    work_dir: Path | None
+    agent_home: Path | None
+    default_layout: Mapping[str, Share]  # the launcher's layout (work, agent-home, cri-storage)
+    base: Path
+    instance: str
+    forwards: tuple[launcher.Forward, ...]
+    kvm_device: Path
+    kvm_rows: tuple[checks.Check, ...]  # into the preflight after the input checks, as `doctor` lists them
+    chosen_accel: Accel | None  # None only in a lenient preflight, which already has the failure
+    accel: Accel
+    accel_reason: str
+    notes: tuple[str, ...] = ()  # warnings to log when the instance starts
+
+    @property
+    def instance_dir(self) -> Path:
+        return self.base / self.instance
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Guest:
+    """What a guest mode decides: how the VM is run and what it boots."""
+
+    builtin: bool
+    runner: microvm_runner.RunnerPlan | None
+    cmdline: str
+    kernel: Path | None
+    initrd: Path | None
+    command: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class _Shares:
+    specs: tuple[ShareSpec, ...]
+    sockets: tuple[tuple[Path, str], ...]  # every socket path in the instance dir, with what it is
+    env_file: launcher.EnvFile | None
+    devshell: launcher.Devshell | None
+    agent_home: Path | None
+
+
 def build_plan(
     config: Config,
     *,
@@ -287,170 +334,275 @@ def build_plan(
 
     The preconditions go through `preflight`: a strict one (the default: `run`) raises the first
     failing check's error; a lenient one (`doctor`) records every check, and the plan it returns
-    only serves that report.
+    only serves that report. Each guest mode is planned by a function of its own.
     """
     preflight = preflight if preflight is not None else checks.Preflight(strict=True)
-    euid = os.geteuid()
-    console_plan = console_settings(config.console, env)
-    agent = config.agent
-    work_raw, work_named_by = launcher.work_dir_source(config.work_dir, env)
-    work_dir: Path | None = None
-    if config.shares is None or config.runner is not None or work_raw is not None:
-        raw_work = Path(work_raw).expanduser() if work_raw else cwd
-        if not raw_work.is_absolute():
-            raw_work = cwd / raw_work
-        if not raw_work.is_dir():
+    inputs = _inputs(config, env=env, cwd=cwd, kvm_assessment=kvm_assessment)
+    if config.runner is not None:
+        return _plan_microvm_runner(config, inputs, command, preflight, kvm_assessment)
+    if config.qemu.kernel is not None:
+        return _plan_own_kernel(config, inputs, command, preflight)
+    return _plan_builtin_guest(config, inputs, command, terminal_size, preflight)
+
+
+def _plan_builtin_guest(
+    config: Config,
+    inputs: _Inputs,
+    command: Sequence[str] | None,
+    terminal_size: tuple[int, int] | None,
+    preflight: checks.Preflight,
+) -> Plan:
+    """Our own guest (guest/): it mounts the shares, runs the command, reports its status."""
+    shares = _plan_shares(config, inputs, _configured_shares(config, inputs))
+    first = shares.specs[0].ids
+    cmdline = guest.guest_cmdline(
+        mounts=[(share.tag, share.guest_path) for share in shares.specs],
+        command=list(command) if command else None,
+        guest_uid=first.guest_uid,
+        guest_gid=first.guest_gid,
+        term=inputs.env.get("TERM"),
+        rows=terminal_size[0] if terminal_size else None,
+        cols=terminal_size[1] if terminal_size else None,
+        extra=" ".join(filter(None, [_microvm_tsc_hint(config.qemu.machine), config.qemu.cmdline])),
+    )
+    checked = _check_environment(config, inputs, shares, preflight, builtin=True, runner=None)
+    assets = checked.assets
+    if assets is None:  # lenient preflight without a built guest: where it will be
+        assets = guest.GuestAssets(guest.cache_root(inputs.env) / f"guest-{guest.assets_hash()}")
+    planned = _Guest(
+        builtin=True,
+        runner=None,
+        cmdline=cmdline,
+        kernel=assets.kernel,
+        initrd=assets.initrd,
+        command=tuple(command) if command else None,
+    )
+    return _assemble(config, inputs, planned=planned, shares=shares, checked=checked, preflight=preflight)
+
+
+def _plan_own_kernel(
+    config: Config, inputs: _Inputs, command: Sequence[str] | None, preflight: checks.Preflight
+) -> Plan:
+    """qemu.kernel (and qemu.initrd): our QEMU command line, the guest's own userland."""
+    shares = _plan_shares(config, inputs, _configured_shares(config, inputs))
+    if command:
+        raise SupervisorError(
+            "a guest command (after --) needs the built-in guest, which knows how to run it and report "
+            "its status; with your own qemu.kernel, put the command in the guest's own configuration",
+        )
+    for what, maybe in (("qemu.kernel", config.qemu.kernel), ("qemu.initrd", config.qemu.initrd)):
+        if maybe is not None and not Path(maybe).expanduser().is_file():
             raise SupervisorError(
-                f"the work dir {raw_work} (from {work_named_by}) does not exist or is not a directory: "
-                "pass an existing directory with --work-dir, work-dir in the config, or WORK_DIR",
+                f"{what} {Path(maybe).expanduser()} does not exist: fix the path in the config",
                 exit_code=ExitCode.NO_INPUT,
             )
-        work_dir = raw_work.resolve()
+    checked = _check_environment(config, inputs, shares, preflight, builtin=False, runner=None)
+    planned = _Guest(
+        builtin=False,
+        runner=None,
+        cmdline=config.qemu.cmdline,
+        kernel=Path(str(config.qemu.kernel)).expanduser(),
+        initrd=Path(config.qemu.initrd).expanduser() if config.qemu.initrd else None,
+        command=None,
+    )
+    return _assemble(config, inputs, planned=planned, shares=shares, checked=checked, preflight=preflight)
+
+
+def _plan_microvm_runner(
+    config: Config,
+    inputs: _Inputs,
+    command: Sequence[str] | None,
+    preflight: checks.Preflight,
+    kvm_assessment: kvm.KvmAssessment | None,
+) -> Plan:
+    """A microvm.nix runner: its script, rewritten for this instance, runs its own hypervisor."""
+    assert config.runner is not None
+    if command:
+        raise SupervisorError(
+            "a guest command (after --) needs the built-in guest; a microvm.nix runner runs what its "
+            "NixOS configuration says (claude-microvm: the agent, on login)",
+        )
+    if config.qemu.kernel is not None:
+        raise SupervisorError(
+            "the config sets both runner.script and qemu.kernel: a microvm.nix runner brings its own "
+            "kernel; remove one of them",
+        )
+    script = microvm_runner.read_script(config.runner.script, inputs.cwd)
+    hypervisor = microvm_runner.detect_hypervisor(script, config.runner.hypervisor)
+    if hypervisor is not Hypervisor.QEMU:
+        assessment = kvm_assessment if kvm_assessment is not None else kvm.assess_kvm(inputs.kvm_device)
+        accel, reason, note = _runner_accel(config, assessment)
+        inputs = replace(inputs, accel=accel, accel_reason=reason, notes=(*inputs.notes, *note))
+    runner_plan = microvm_runner.plan_runner(
+        script,
+        hypervisor,
+        inputs.instance_dir,
+        microvm_runner.Overrides(
+            instance=inputs.instance,
+            accel=inputs.accel,
+            cpu=config.qemu.cpu,
+            memory_mib=config.qemu.memory_mib,
+            vcpus=config.qemu.vcpus,
+            forwards=list(inputs.forwards),
+            cmdline=config.qemu.cmdline,
+            tsc_khz=host_tsc_khz(),
+        ),
+        _runner_cwd(config.runner.cwd, inputs.cwd),
+    )
+    inputs = replace(inputs, notes=(*inputs.notes, *runner_plan.notes))
+    declared = microvm_runner.declared_sources(script)
+    shares = _plan_shares(
+        config, inputs, _runner_shares(config, runner_plan, inputs.default_layout, declared)
+    )
+    checked = _check_environment(config, inputs, shares, preflight, builtin=False, runner=runner_plan)
+    planned = _Guest(builtin=False, runner=runner_plan, cmdline="", kernel=None, initrd=None, command=None)
+    return _assemble(config, inputs, planned=planned, shares=shares, checked=checked, preflight=preflight)
+
+
+# ---- the shared parts --------------------------------------------------------------------------
+
+
+def _inputs(
+    config: Config, *, env: Mapping[str, str], cwd: Path, kvm_assessment: kvm.KvmAssessment | None
+) -> _Inputs:
+    euid = os.geteuid()
+    console_plan = console_settings(config.console, env)
+    work_dir = _work_dir(config, env, cwd)
     default_layout: dict[str, Share] = {}
     agent_home: Path | None = None
     if work_dir is not None and (config.shares is None or config.runner is not None):
         agent_home = launcher.resolve_agent_home(
-            config.agent_home, env, work_dir=work_dir, agent=agent, cwd=cwd
+            config.agent_home, env, work_dir=work_dir, agent=config.agent, cwd=cwd
         )
         default_layout = {share.tag: share for share in _default_shares(work_dir, agent_home)}
-
     base = Path(config.runtime_dir) if config.runtime_dir else runtime.default_base(env, euid)
     if not base.is_absolute():
         raise SupervisorError(f"runtime-dir '{base}' is relative: give an absolute path")
-    prefix = config.name or launcher.instance_prefix(work_dir or cwd.resolve(), agent)
-    instance = runtime.new_instance_id(prefix)
-    instance_dir = base / instance
+    prefix = config.name or launcher.instance_prefix(work_dir or cwd.resolve(), config.agent)
     forwards = launcher.parse_forwards(config.forwards)
-    notes: list[str] = []
-
     # The KVM rows are worked out now (a runner is rewritten for the accelerator) but go into the
-    # preflight below, after the input checks, in the order `doctor` lists them.
+    # preflight after the input checks, in the order `doctor` lists them.
     kvm_device = Path(config.qemu.kvm_device).expanduser()
     kvm_rows, chosen_accel, accel_reason = checks.kvm_checks(kvm_device, config.qemu.accel, kvm_assessment)
-    accel = chosen_accel or Accel.TCG  # None only in a lenient preflight, which already has the failure
+    return _Inputs(
+        env=env,
+        cwd=cwd,
+        euid=euid,
+        console=console_plan,
+        work_dir=work_dir,
+        agent_home=agent_home,
+        default_layout=default_layout,
+        base=base,
+        instance=runtime.new_instance_id(prefix),
+        forwards=tuple(forwards),
+        kvm_device=kvm_device,
+        kvm_rows=tuple(kvm_rows),
+        chosen_accel=chosen_accel,
+        accel=chosen_accel or Accel.TCG,
+        accel_reason=accel_reason,
+    )
 
-    runner_plan: microvm_runner.RunnerPlan | None = None
-    if config.runner is not None:
-        if command:
-            raise SupervisorError(
-                "a guest command (after --) needs the built-in guest; a microvm.nix runner runs what its "
-                "NixOS configuration says (claude-microvm: the agent, on login)",
-            )
-        if config.qemu.kernel is not None:
-            raise SupervisorError(
-                "the config sets both runner.script and qemu.kernel: a microvm.nix runner brings its own "
-                "kernel; remove one of them",
-            )
-        script = microvm_runner.read_script(config.runner.script, cwd)
-        hypervisor = microvm_runner.detect_hypervisor(script, config.runner.hypervisor)
-        if hypervisor is not Hypervisor.QEMU:
-            assessment = kvm_assessment if kvm_assessment is not None else kvm.assess_kvm(kvm_device)
-            accel, accel_reason = _runner_accel(config, assessment, notes)
-        runner_plan = microvm_runner.plan_runner(
-            script,
-            hypervisor,
-            instance_dir,
-            microvm_runner.Overrides(
-                instance=instance,
-                accel=accel,
-                cpu=config.qemu.cpu,
-                memory_mib=config.qemu.memory_mib,
-                vcpus=config.qemu.vcpus,
-                forwards=forwards,
-                cmdline=config.qemu.cmdline,
-                tsc_khz=host_tsc_khz(),
-            ),
-            _runner_cwd(config.runner.cwd, cwd),
+
+def _work_dir(config: Config, env: Mapping[str, str], cwd: Path) -> Path | None:
+    """The project dir: needed by the launcher's layout, a runner, or when named explicitly."""
+    work_raw, work_named_by = launcher.work_dir_source(config.work_dir, env)
+    if not (config.shares is None or config.runner is not None or work_raw is not None):
+        return None
+    raw_work = Path(work_raw).expanduser() if work_raw else cwd
+    if not raw_work.is_absolute():
+        raw_work = cwd / raw_work
+    if not raw_work.is_dir():
+        raise SupervisorError(
+            f"the work dir {raw_work} (from {work_named_by}) does not exist or is not a directory: "
+            "pass an existing directory with --work-dir, work-dir in the config, or WORK_DIR",
+            exit_code=ExitCode.NO_INPUT,
         )
-        notes += runner_plan.notes
-        shares_config = _runner_shares(
-            config, runner_plan, default_layout, microvm_runner.declared_sources(script)
-        )
-    elif config.shares is None:
-        shares_config = list(default_layout.values())
-    else:
-        shares_config = list(config.shares)
-    if not shares_config and runner_plan is None:
+    return raw_work.resolve()
+
+
+def _configured_shares(config: Config, inputs: _Inputs) -> list[Share]:
+    shares = list(inputs.default_layout.values()) if config.shares is None else list(config.shares)
+    if not shares:
         raise SupervisorError("the config lists no shares: add at least one [[shares]] entry")
+    return shares
 
-    owner_path = work_dir
+
+def _plan_shares(config: Config, inputs: _Inputs, shares_config: Sequence[Share]) -> _Shares:
+    """Each share checked and resolved (no symlink in its path, see sharedirs), with its socket."""
+    files = runtime.InstanceDir(inputs.instance_dir)
     seen: set[str] = set()
-    shares: list[ShareSpec] = []
-    sockets: list[tuple[Path, str]] = []
+    specs: list[ShareSpec] = []
     lexical = [_lexical_source(share, index) for index, share in enumerate(shares_config)]
     for index, share in enumerate(shares_config):
         if share.tag in seen:
             raise SupervisorError(f"two shares use the tag '{share.tag}': every share needs its own tag")
         seen.add(share.tag)
         source = _check_source(share, index, lexical[index], lexical[:index] + lexical[index + 1 :])
-        owner = (owner_path or _nearest_existing(source)).stat()
-        ids = _resolve_ids(share, index, source, owner, euid)
-        socket_path = runtime.InstanceDir(instance_dir).share_socket(share.tag)
-        sockets.append((socket_path, f"share '{share.tag}'"))
-        shares.append(
+        owner = (inputs.work_dir or _nearest_existing(source)).stat()
+        specs.append(
             ShareSpec(
                 tag=share.tag,
                 source=source,
                 guest_path=share.guest_path or f"/mnt/{share.tag}",
                 read_only=share.read_only,
-                ids=ids,
+                ids=_resolve_ids(share, index, source, owner, inputs.euid),
                 xattr=share.xattr,
                 xattrmap=share.xattrmap,
                 cache=share.cache,
-                socket_path=socket_path,
+                socket_path=files.share_socket(share.tag),
                 create=share.create,
             )
         )
-    shares = [_with_owner_check(share, shares) for share in shares]
-    # The launcher's files go to the agent home only when it is what the guest mounts at agent-home.
-    layout_home = default_layout.get("agent-home")
+    specs = [_with_owner_check(share, specs) for share in specs]
+    sockets = [(share.socket_path, f"share '{share.tag}'") for share in specs] + files.named_sockets()
+    env_file, devshell, agent_home = _launcher_files(config, inputs, shares_config, specs)
+    return _Shares(tuple(specs), tuple(sockets), env_file, devshell, agent_home)
+
+
+def _launcher_files(
+    config: Config, inputs: _Inputs, shares_config: Sequence[Share], specs: Sequence[ShareSpec]
+) -> tuple[launcher.EnvFile | None, launcher.Devshell | None, Path | None]:
+    """The launcher's files go to the agent home only when it is what the guest mounts at agent-home."""
+    layout_home = inputs.default_layout.get("agent-home")
     uses_layout_home = any(share is layout_home for share in shares_config)
-    home_share = next((s for s in shares if uses_layout_home and s.tag == "agent-home"), None)
-    env_file: launcher.EnvFile | None = None
-    devshell: launcher.Devshell | None = None
-    if home_share is not None and agent_home is not None and work_dir is not None:
-        owner_ids = (home_share.ids.host_uid, home_share.ids.host_gid) if euid == 0 else None
-        env_file = launcher.plan_env_file(agent_home, env, agent, owner_ids)
-        devshell = launcher.plan_devshell(
-            work_dir, agent_home, launcher.child_environment(env, {}), owner_ids
-        )
-    else:
-        agent_home = None
-    sockets += runtime.InstanceDir(instance_dir).named_sockets()
+    home_share = next((s for s in specs if uses_layout_home and s.tag == "agent-home"), None)
+    agent_home, work_dir = inputs.agent_home, inputs.work_dir
+    if home_share is None or agent_home is None or work_dir is None:
+        return None, None, None
+    owner_ids = (home_share.ids.host_uid, home_share.ids.host_gid) if inputs.euid == 0 else None
+    env_file = launcher.plan_env_file(agent_home, inputs.env, config.agent, owner_ids)
+    devshell = launcher.plan_devshell(
+        work_dir, agent_home, launcher.child_environment(inputs.env, {}), owner_ids
+    )
+    return env_file, devshell, agent_home
 
-    builtin = config.qemu.kernel is None and runner_plan is None
-    if not builtin and command:
-        raise SupervisorError(
-            "a guest command (after --) needs the built-in guest, which knows how to run it and report "
-            "its status; with your own qemu.kernel, put the command in the guest's own configuration",
-        )
-    if runner_plan is not None:
-        cmdline = ""
-    elif builtin:
-        first = shares[0].ids
-        cmdline = guest.guest_cmdline(
-            mounts=[(share.tag, share.guest_path) for share in shares],
-            command=list(command) if command else None,
-            guest_uid=first.guest_uid,
-            guest_gid=first.guest_gid,
-            term=env.get("TERM"),
-            rows=terminal_size[0] if terminal_size else None,
-            cols=terminal_size[1] if terminal_size else None,
-            extra=" ".join(filter(None, [_microvm_tsc_hint(config.qemu.machine), config.qemu.cmdline])),
-        )
-    else:
-        for what, maybe in (("qemu.kernel", config.qemu.kernel), ("qemu.initrd", config.qemu.initrd)):
-            if maybe is not None and not Path(maybe).expanduser().is_file():
-                raise SupervisorError(
-                    f"{what} {Path(maybe).expanduser()} does not exist: fix the path in the config",
-                    exit_code=ExitCode.NO_INPUT,
-                )
-        cmdline = config.qemu.cmdline
 
-    # The environment's preconditions, in the order `doctor` lists them.
-    for row in kvm_rows:
+@dataclass(frozen=True)
+class _Environment:
+    """What the preflight found: the binaries to run and the sandbox virtiofsd gets."""
+
+    shares: tuple[ShareSpec, ...]  # without a user namespace when the sandbox fell back
+    sandbox: str
+    virtiofsd_binary: str
+    qemu_binary: str
+    assets: guest.GuestAssets | None
+
+
+def _check_environment(
+    config: Config,
+    inputs: _Inputs,
+    shares: _Shares,
+    preflight: checks.Preflight,
+    *,
+    builtin: bool,
+    runner: microvm_runner.RunnerPlan | None,
+) -> _Environment:
+    """The environment's preconditions, in the order `doctor` lists them."""
+    for row in inputs.kvm_rows:
         preflight.add(row)
+    euid = inputs.euid
     sandbox = config.virtiofsd.sandbox
+    specs = shares.specs
     fallback_sandbox = "chroot" if euid == 0 else "none"  # chroot needs CAP_SYS_CHROOT
     namespaces = preflight.add(
         checks.check_namespaces(
@@ -462,97 +614,104 @@ def build_plan(
     )
     if namespaces.facts.get("fallback"):
         sandbox = fallback_sandbox
-        shares = [_without_user_namespace(share) for share in shares]
+        specs = tuple(_without_user_namespace(share) for share in specs)
     preflight.add(checks.check_pidfd())
     preflight.add(checks.check_id_maps(config.virtiofsd.extra_args, euid))
+    virtiofsd_binary, assets = _check_virtiofsd(config, inputs, specs, sandbox, preflight, builtin=builtin)
+    if runner is None:
+        row = preflight.add(checks.check_qemu(config.qemu.binary, config.qemu.machine, inputs.chosen_accel))
+        qemu_binary = str(row.facts.get("path") or config.qemu.binary)
+    else:
+        qemu_binary = runner.script.program
+        preflight.add(
+            checks.skip("qemu", f"the runner {runner.script.path} brings its own hypervisor ({qemu_binary})")
+        )
+    preflight.add(checks.check_memfd())
+    preflight.add(checks.check_runtime_dir(inputs.base))
+    preflight.add(checks.check_socket_paths(list(shares.sockets)))
+    return _Environment(specs, sandbox, virtiofsd_binary, qemu_binary, assets)
 
+
+def _check_virtiofsd(
+    config: Config,
+    inputs: _Inputs,
+    specs: Sequence[ShareSpec],
+    sandbox: str,
+    preflight: checks.Preflight,
+    *,
+    builtin: bool,
+) -> tuple[str, guest.GuestAssets | None]:
+    """The virtiofsd to run: the configured one, the built-in guest's, or one on PATH."""
     assets: guest.GuestAssets | None = None
     virtiofsd_name = config.virtiofsd.binary
     if builtin or virtiofsd_name is None:
         if virtiofsd_name is None and not builtin and shutil.which("virtiofsd"):
             virtiofsd_name = "virtiofsd"
         else:
-            row, assets = checks.check_guest(env, build=preflight.strict)
+            row, assets = checks.check_guest(inputs.env, build=preflight.strict)
             preflight.add(row)
     if virtiofsd_name is None and assets is not None:
         virtiofsd_name = str(assets.virtiofsd)
     if virtiofsd_name is None:
         preflight.add(checks.skip("virtiofsd", "the built-in guest's virtiofsd comes with the guest build"))
-        virtiofsd_binary = "virtiofsd"
-    else:
-        needed = _virtiofsd_flags_used(
-            shares,
-            socket_mode=config.virtiofsd.socket_mode,
-            sandbox=sandbox,
-            extra_args=config.virtiofsd.extra_args,
-        )
-        row = preflight.add(checks.check_virtiofsd(virtiofsd_name, needed))
-        virtiofsd_binary = str(row.facts.get("path") or virtiofsd_name)
-    if runner_plan is None:
-        row = preflight.add(checks.check_qemu(config.qemu.binary, config.qemu.machine, chosen_accel))
-        qemu_binary = str(row.facts.get("path") or config.qemu.binary)
-    else:
-        qemu_binary = runner_plan.script.program
-        preflight.add(
-            checks.skip(
-                "qemu", f"the runner {runner_plan.script.path} brings its own hypervisor ({qemu_binary})"
-            )
-        )
-    preflight.add(checks.check_memfd())
-    preflight.add(checks.check_runtime_dir(base))
-    preflight.add(checks.check_socket_paths(sockets))
-
-    cpu = config.qemu.cpu or ("host" if accel is Accel.KVM else "max")
-    kernel: Path | None
-    initrd: Path | None
-    if runner_plan is not None:
-        kernel, initrd = None, None
-    elif builtin:
-        if assets is None:  # lenient preflight without a built guest: where it will be
-            assets = guest.GuestAssets(guest.cache_root(env) / f"guest-{guest.assets_hash()}")
-        kernel, initrd = assets.kernel, assets.initrd
-    else:
-        kernel = Path(str(config.qemu.kernel)).expanduser()
-        initrd = Path(config.qemu.initrd).expanduser() if config.qemu.initrd else None
-
-    return Plan(
-        instance=instance,
-        instance_dir=instance_dir,
-        base_dir=base,
-        shares=shares,
-        virtiofsd_binary=virtiofsd_binary,
+        return "virtiofsd", assets
+    needed = _virtiofsd_flags_used(
+        specs,
         socket_mode=config.virtiofsd.socket_mode,
         sandbox=sandbox,
-        virtiofsd_extra_args=list(config.virtiofsd.extra_args),
-        qemu_binary=qemu_binary,
+        extra_args=config.virtiofsd.extra_args,
+    )
+    row = preflight.add(checks.check_virtiofsd(virtiofsd_name, needed))
+    return str(row.facts.get("path") or virtiofsd_name), assets
+
+
+def _assemble(
+    config: Config,
+    inputs: _Inputs,
+    *,
+    planned: _Guest,
+    shares: _Shares,
+    checked: _Environment,
+    preflight: checks.Preflight,
+) -> Plan:
+    return Plan(
+        instance=inputs.instance,
+        instance_dir=inputs.instance_dir,
+        base_dir=inputs.base,
+        shares=checked.shares,
+        virtiofsd_binary=checked.virtiofsd_binary,
+        socket_mode=config.virtiofsd.socket_mode,
+        sandbox=checked.sandbox,
+        virtiofsd_extra_args=tuple(config.virtiofsd.extra_args),
+        qemu_binary=checked.qemu_binary,
         machine=config.qemu.machine.value,
-        accel=accel,
-        accel_reason=accel_reason,
-        cpu=cpu,
-        kernel=kernel,
-        initrd=initrd,
-        cmdline=cmdline,
+        accel=inputs.accel,
+        accel_reason=inputs.accel_reason,
+        cpu=config.qemu.cpu or ("host" if inputs.accel is Accel.KVM else "max"),
+        kernel=planned.kernel,
+        initrd=planned.initrd,
+        cmdline=planned.cmdline,
         memory_mib=config.qemu.memory_mib or DEFAULT_MEMORY_MIB,
         vcpus=config.qemu.vcpus or DEFAULT_VCPUS,
-        qemu_extra_args=list(config.qemu.extra_args),
-        builtin_guest=builtin,
-        command=list(command) if command else None,
+        qemu_extra_args=tuple(config.qemu.extra_args),
+        builtin_guest=planned.builtin,
+        command=planned.command,
         timeouts=config.timeouts,
-        work_dir=work_dir,
-        agent=agent,
-        agent_home=agent_home,
-        env_file=env_file,
-        devshell=devshell,
-        forwards=forwards,
-        runner=runner_plan,
-        notes=notes,
-        kvm_device=kvm_device,
+        work_dir=inputs.work_dir,
+        agent=config.agent,
+        agent_home=shares.agent_home,
+        env_file=shares.env_file,
+        devshell=shares.devshell,
+        forwards=inputs.forwards,
+        runner=planned.runner,
+        notes=inputs.notes,
+        kvm_device=inputs.kvm_device,
         checks=tuple(preflight.checks),
-        console=console_plan,
+        console=inputs.console,
     )
 
 
-def _runner_accel(config: Config, assessment: kvm.KvmAssessment, notes: list[str]) -> tuple[Accel, str]:
+def _runner_accel(config: Config, assessment: kvm.KvmAssessment) -> tuple[Accel, str, tuple[str, ...]]:
     """cloud-hypervisor has no TCG to fall back to (QEMU runners choose like our own QEMU)."""
     if config.qemu.accel is Accel.TCG:
         raise SupervisorError(
@@ -560,12 +719,13 @@ def _runner_accel(config: Config, assessment: kvm.KvmAssessment, notes: list[str
             '--accel auto (or kvm), or build the VM with microvm.hypervisor = "qemu"',
             exit_code=ExitCode.UNAVAILABLE,
         )
+    notes: tuple[str, ...] = ()
     if not assessment.usable:
-        notes.append(
+        notes = (
             f"cloud-hypervisor needs KVM, and {assessment.reason}; starting it anyway (a guest kernel "
-            f"built for this host may still boot). Remedy: {assessment.remedy}"
+            f"built for this host may still boot). Remedy: {assessment.remedy}",
         )
-    return Accel.KVM, "cloud-hypervisor runs on KVM only"
+    return Accel.KVM, "cloud-hypervisor runs on KVM only", notes
 
 
 def _runner_cwd(raw: str | None, cwd: Path) -> Path | None:

@@ -267,7 +267,7 @@ def test_cloud_hypervisor_runner_is_rewritten(guest_assets: guest.GuestAssets, t
     assert _arg(words, "--platform") == [""]
     assert f"rm -f {rt}/api.sock" in rendered.split("\n")
     assert f"rm -f '{HOST}.sock'" not in rendered
-    assert checked.notes == []
+    assert checked.notes == ()
 
 
 def test_cloud_hypervisor_cannot_do_tcg_or_user_networking(
