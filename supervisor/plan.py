@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supervisor import checks, guest, kvm, launcher, microvm_runner, runtime, sharedirs
+from supervisor import checks, guest, kvm, launcher, microvm_runner, network, runtime, sharedirs
 from supervisor.config import (
     Accel,
     Agent,
@@ -70,6 +70,7 @@ class Plan:
     env_file: launcher.EnvFile | None = None
     devshell: launcher.Devshell | None = None
     forwards: tuple[launcher.Forward, ...] = ()
+    network: network.GuestNetwork | None = None  # our own QEMU's NIC (a runner brings its own)
     runner: microvm_runner.RunnerPlan | None = None  # a microvm.nix runner instead of our own QEMU command
     notes: tuple[str, ...] = ()  # warnings to log when the instance starts
     kvm_device: Path = kvm.DEFAULT_DEVICE  # what the supervisor checks and watches; QEMU opens /dev/kvm
@@ -122,7 +123,7 @@ class Plan:
             public_qmp_fd=public_qmp_fd,
             status_file=self.status_file,
             extra_args=list(self.qemu_extra_args),
-            forwards=[forward.hostfwd() for forward in self.forwards],
+            network=self.network,
             resize_fd=resize_fd,
         )
 
@@ -309,6 +310,7 @@ class _Guest:
     kernel: Path | None
     initrd: Path | None
     command: tuple[str, ...] | None
+    network: network.GuestNetwork | None  # our own QEMU's NIC (a runner brings its own)
 
 
 @dataclass(frozen=True)
@@ -354,6 +356,9 @@ def _plan_builtin_guest(
 ) -> Plan:
     """Our own guest (guest/): it mounts the shares, runs the command, reports its status."""
     shares = _plan_shares(config, inputs, _configured_shares(config, inputs))
+    guest_net = network.plan_network(inputs.forwards, builtin_guest=True)
+    net_args = guest_net.kernel_args() if guest_net is not None else []  # network.py: eth0 in the guest
+    extra = [_microvm_tsc_hint(config.qemu.machine), *net_args, config.qemu.cmdline]
     first = shares.specs[0].ids
     cmdline = guest.guest_cmdline(
         mounts=[(share.tag, share.guest_path) for share in shares.specs],
@@ -363,7 +368,7 @@ def _plan_builtin_guest(
         term=inputs.env.get("TERM"),
         rows=terminal_size[0] if terminal_size else None,
         cols=terminal_size[1] if terminal_size else None,
-        extra=" ".join(filter(None, [_microvm_tsc_hint(config.qemu.machine), config.qemu.cmdline])),
+        extra=" ".join(filter(None, extra)),
     )
     checked = _check_environment(config, inputs, shares, preflight, builtin=True, runner=None)
     assets = checked.assets
@@ -376,6 +381,7 @@ def _plan_builtin_guest(
         kernel=assets.kernel,
         initrd=assets.initrd,
         command=tuple(command) if command else None,
+        network=guest_net,
     )
     return _assemble(config, inputs, planned=planned, shares=shares, checked=checked, preflight=preflight)
 
@@ -390,6 +396,7 @@ def _plan_own_kernel(
             "a guest command (after --) needs the built-in guest, which knows how to run it and report "
             "its status; with your own qemu.kernel, put the command in the guest's own configuration",
         )
+    guest_net = network.plan_network(inputs.forwards, builtin_guest=False)
     for what, maybe in (("qemu.kernel", config.qemu.kernel), ("qemu.initrd", config.qemu.initrd)):
         if maybe is not None and not Path(maybe).expanduser().is_file():
             raise SupervisorError(
@@ -404,6 +411,7 @@ def _plan_own_kernel(
         kernel=Path(str(config.qemu.kernel)).expanduser(),
         initrd=Path(config.qemu.initrd).expanduser() if config.qemu.initrd else None,
         command=None,
+        network=guest_net,
     )
     return _assemble(config, inputs, planned=planned, shares=shares, checked=checked, preflight=preflight)
 
@@ -455,7 +463,9 @@ def _plan_microvm_runner(
         config, inputs, _runner_shares(config, runner_plan, inputs.default_layout, declared)
     )
     checked = _check_environment(config, inputs, shares, preflight, builtin=False, runner=runner_plan)
-    planned = _Guest(builtin=False, runner=runner_plan, cmdline="", kernel=None, initrd=None, command=None)
+    planned = _Guest(
+        builtin=False, runner=runner_plan, cmdline="", kernel=None, initrd=None, command=None, network=None
+    )
     return _assemble(config, inputs, planned=planned, shares=shares, checked=checked, preflight=preflight)
 
 
@@ -570,6 +580,7 @@ def _launcher_files(
     if home_share is None or agent_home is None or work_dir is None:
         return None, None, None
     owner_ids = (home_share.ids.host_uid, home_share.ids.host_gid) if inputs.euid == 0 else None
+    agent_home = home_share.source  # the link-free path of the directory the guest mounts
     env_file = launcher.plan_env_file(agent_home, inputs.env, config.agent, owner_ids)
     devshell = launcher.plan_devshell(
         work_dir, agent_home, launcher.child_environment(inputs.env, {}), owner_ids
@@ -703,6 +714,7 @@ def _assemble(
         env_file=shares.env_file,
         devshell=shares.devshell,
         forwards=inputs.forwards,
+        network=planned.network,
         runner=planned.runner,
         notes=inputs.notes,
         kvm_device=inputs.kvm_device,

@@ -71,6 +71,20 @@ def test_a_link_inside_another_share_is_not_followed_on_the_way_to_a_source(tmp_
     )
 
 
+def test_an_agent_home_the_guest_replaced_by_a_link_in_the_work_dir_is_refused(tmp_path: Path) -> None:
+    work, outside = tmp_path / "work", tmp_path / "outside"
+    work.mkdir()
+    outside.mkdir()
+    (work / ".agent").symlink_to(outside)  # AGENT_HOME=./.agent, replaced by the guest through /work
+    result = run_supervisor(
+        ["run", "--work-dir", str(work), "--agent-home", str(work / ".agent"),
+         "--runtime-dir", str(tmp_path / "rt"), "--", "true"]
+    )  # fmt: skip
+    assert result.returncode == 66, result.stderr
+    assert "share 'agent-home'" in result.stderr and "symbolic link" in result.stderr
+    assert list(outside.iterdir()) == []  # no .microvm-env written through the link either
+
+
 def test_links_of_the_users_own_outside_every_share_are_followed(tmp_path: Path) -> None:
     real = tmp_path / "data" / "src"
     real.mkdir(parents=True)
