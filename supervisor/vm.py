@@ -26,7 +26,17 @@ import anyio
 import anyio.abc
 import structlog
 
-from supervisor import control, graceful, guest, kvm_watch, launcher, pid1, runtime, sharedirs
+from supervisor import (
+    control,
+    devshell_refresh,
+    graceful,
+    guest,
+    kvm_watch,
+    launcher,
+    pid1,
+    runtime,
+    sharedirs,
+)
 from supervisor.children import Child, ChildSpec, run_child
 from supervisor.config import Hypervisor
 from supervisor.console.hub import Console, bind_console_socket
@@ -383,7 +393,7 @@ class Instance:
             everything.cancel_scope.cancel()
 
     async def _refresh_devshell(self, devshell: launcher.Devshell) -> None:
-        child = await launcher.refresh_devshell(
+        child = await devshell_refresh.refresh_devshell(
             devshell,
             run_child=self._run_child,
             env=self._child_env(),
