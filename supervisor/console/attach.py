@@ -15,7 +15,6 @@ import contextlib
 import os
 import signal
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -36,18 +35,7 @@ def find_console(base: Path, name: str | None) -> tuple[str, Path]:
     return found.state.instance, found.files.console_socket
 
 
-@dataclass
-class _Session:
-    """The client's state: why it ends, and how the terminal must be given back."""
-
-    instance: str
-    ended: anyio.Event
-    message: str = ""
-    status: int = 0
-
-
-async def attach(instance: str, path: Path, *, stdin: int, stdout: int, escape: int | None) -> int:
-    """Attach this process's terminal to the console at `path` until detached or the VM stops."""
+def _connect(instance: str, path: Path) -> socket.socket:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         conn.connect(os.fsencode(path))
@@ -59,120 +47,152 @@ async def attach(instance: str, path: Path, *, stdin: int, stdout: int, escape: 
             exit_code=ExitCode.UNAVAILABLE,
         ) from None
     conn.setblocking(False)
-    interactive = os.isatty(stdin)
-    mode = TerminalMode(stdin) if interactive else None
-    stdout_flags = os.get_blocking(stdout)
-    modes = TerminalModes()
-    # The output was filtered by the supervisor; parsing it again only follows the modes it turns
-    # on (what it would pass is not used): the filter's C fast path beats the tracker's own scan.
-    parser = OutputFilter(on_sequence=modes.sequence)
-    session = _Session(instance, anyio.Event())
+    return conn
 
-    def finish(message: str, status: int = 0) -> None:
-        if not session.ended.is_set():
-            session.message, session.status = message, status
-            session.ended.set()
 
-    to_server = Writer(conn.fileno(), lambda exc: finish(f"the console connection broke ({exc.strerror})", 1))
-    to_terminal = Writer(stdout, lambda exc: finish("", 1))
+async def attach(instance: str, path: Path, *, stdin: int, stdout: int, escape: int | None) -> int:
+    """Attach this process's terminal to the console at `path` until detached or the VM stops."""
+    client = _Client(instance, _connect(instance, path), stdin=stdin, stdout=stdout, escape=escape)
+    return await client.run()
 
-    def show(data: bytes) -> None:
-        parser.feed(data)
-        to_terminal.write(data)
 
-    def stop() -> None:
-        to_server.write(proto.frame(proto.Kind.STOP))
+class _Client:
+    """One attach: the connection, the user's terminal, and why it ends (the first reason wins)."""
 
-    def detach() -> None:
-        finish(f"detached from {instance}; the VM keeps running")
+    def __init__(
+        self, instance: str, conn: socket.socket, *, stdin: int, stdout: int, escape: int | None
+    ) -> None:
+        self.instance = instance
+        self.conn = conn
+        self.stdin = stdin
+        self.stdout = stdout
+        self.interactive = os.isatty(stdin)
+        self.mode = TerminalMode(stdin) if self.interactive else None
+        self.stdout_flags = os.get_blocking(stdout)
+        self.modes = TerminalModes()
+        # The output was filtered by the supervisor; parsing it again only follows the modes it
+        # turns on (what it would pass is not used): the filter's C fast path beats the tracker's scan.
+        self.parser = OutputFilter(on_sequence=self.modes.sequence)
+        self.ended = anyio.Event()
+        self.message = ""
+        self.status = 0
+        self.to_server = Writer(
+            conn.fileno(), lambda exc: self.finish(f"the console connection broke ({exc.strerror})", 1)
+        )
+        self.to_terminal = Writer(stdout, lambda exc: self.finish("", 1))
+        self.escapes = escape_reader(
+            escape if self.interactive else None,
+            stop=lambda: self.to_server.write(proto.frame(proto.Kind.STOP)),
+            detach=lambda: self.finish(f"detached from {instance}; the VM keeps running"),
+            show=self.to_terminal.write,
+        )
 
-    escapes = escape_reader(escape if interactive else None, stop=stop, detach=detach, show=to_terminal.write)
+    def finish(self, message: str, status: int = 0) -> None:
+        if not self.ended.is_set():
+            self.message, self.status = message, status
+            self.ended.set()
 
-    async def from_server() -> None:
+    async def run(self) -> int:
+        size = get_window_size(self.stdin) if self.interactive else None
+        hello = proto.Hello(
+            version=proto.VERSION,
+            pid=os.getpid(),
+            rows=size[0] if size else None,
+            cols=size[1] if size else None,
+        )
+        try:
+            os.set_blocking(self.stdout, False)
+            if self.mode is not None:
+                self.mode.enter_raw()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.to_server.run)
+                tg.start_soon(self.to_terminal.run)
+                tg.start_soon(self._from_server)
+                tg.start_soon(self._from_user)
+                tg.start_soon(self._on_signals)
+                if self.interactive:
+                    tg.start_soon(self._follow_resizes)
+                self.to_server.write(proto.message(proto.Kind.HELLO, hello))
+                await self.ended.wait()
+                with anyio.move_on_after(1.0):
+                    await self.to_terminal.wait_below(0)
+                tg.cancel_scope.cancel()
+        finally:
+            self._give_back_the_terminal()
+        if self.message:
+            with contextlib.suppress(OSError):
+                os.write(self.stdout, f"\r\n[{MSG}: {self.message}]\r\n".encode())
+        return self.status
+
+    def _give_back_the_terminal(self) -> None:
+        self.conn.close()
+        with contextlib.suppress(OSError):
+            os.set_blocking(self.stdout, True)
+            os.write(self.stdout, self.modes.undo())
+        if self.mode is not None:
+            self.mode.close()
+        with contextlib.suppress(OSError):
+            os.set_blocking(self.stdout, self.stdout_flags)
+
+    async def _from_server(self) -> None:
         frames = proto.FrameReader()
         while True:
             try:
-                data = conn.recv(65536)
+                data = self.conn.recv(65536)
             except BlockingIOError:
-                await anyio.wait_readable(conn)
+                await anyio.wait_readable(self.conn)
                 continue
             except OSError as exc:
-                finish(f"the console connection broke ({exc.strerror})", 1)
+                self.finish(f"the console connection broke ({exc.strerror})", 1)
                 return
             if not data:
-                finish(f"the console of {instance} closed (the VM stopped)")
+                self.finish(f"the console of {self.instance} closed (the VM stopped)")
                 return
             try:
                 for kind, payload in frames.feed(data):
-                    if kind is proto.Kind.OUTPUT:
-                        show(payload)
-                    elif kind is proto.Kind.NOTICE:
-                        notice = proto.decode(payload, proto.Notice)
-                        if notice.end:
-                            finish(notice.text)
-                            return
-                        to_terminal.write(f"\r\n[{MSG}: {notice.text}]\r\n".encode())
+                    if not self._handle(kind, payload):
+                        return
             except proto.ProtocolError as exc:
-                finish(f"the supervisor sent something this attach does not understand ({exc})", 1)
+                self.finish(f"the supervisor sent something this attach does not understand ({exc})", 1)
                 return
 
-    async def from_user() -> None:
+    def _handle(self, kind: proto.Kind, payload: bytes) -> bool:
+        """One frame from the supervisor; False when it ends the attach."""
+        if kind is proto.Kind.OUTPUT:
+            self.parser.feed(payload)
+            self.to_terminal.write(payload)
+        elif kind is proto.Kind.NOTICE:
+            notice = proto.decode(payload, proto.Notice)
+            if notice.end:
+                self.finish(notice.text)
+                return False
+            self.to_terminal.write(f"\r\n[{MSG}: {notice.text}]\r\n".encode())
+        return True
+
+    async def _from_user(self) -> None:
         while True:
             try:
-                data = await read_some(stdin)
+                data = await read_some(self.stdin)
             except OSError:
                 data = b""
             if not data:
-                if interactive and not terminal_alive(stdin):
-                    finish("", 1)
+                if self.interactive and not terminal_alive(self.stdin):
+                    self.finish("", 1)
                 return  # stdin at its end: keep showing the console
-            data = escapes.feed(data)
+            data = self.escapes.feed(data)
             if data:
-                to_server.write(proto.frame(proto.Kind.INPUT, data))
+                self.to_server.write(proto.frame(proto.Kind.INPUT, data))
 
-    async def follow_resizes() -> None:
+    async def _follow_resizes(self) -> None:
         with anyio.open_signal_receiver(signal.SIGWINCH) as signals:
             async for _ in signals:
-                size = get_window_size(stdin)
+                size = get_window_size(self.stdin)
                 if size is not None:
-                    to_server.write(proto.message(proto.Kind.RESIZE, proto.Size(rows=size[0], cols=size[1])))
+                    self.to_server.write(
+                        proto.message(proto.Kind.RESIZE, proto.Size(rows=size[0], cols=size[1]))
+                    )
 
-    async def on_signals() -> None:
+    async def _on_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGINT) as signals:
             async for signum in signals:
-                finish(f"detached on {signal.Signals(signum).name}; the VM keeps running", 128 + signum)
-
-    size = get_window_size(stdin) if interactive else None
-    hello = proto.Hello(
-        version=proto.VERSION, pid=os.getpid(), rows=size[0] if size else None, cols=size[1] if size else None
-    )
-    try:
-        os.set_blocking(stdout, False)
-        if mode is not None:
-            mode.enter_raw()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(to_server.run)
-            tg.start_soon(to_terminal.run)
-            tg.start_soon(from_server)
-            tg.start_soon(from_user)
-            tg.start_soon(on_signals)
-            if interactive:
-                tg.start_soon(follow_resizes)
-            to_server.write(proto.message(proto.Kind.HELLO, hello))
-            await session.ended.wait()
-            with anyio.move_on_after(1.0):
-                await to_terminal.wait_below(0)
-            tg.cancel_scope.cancel()
-    finally:
-        conn.close()
-        with contextlib.suppress(OSError):
-            os.set_blocking(stdout, True)
-            os.write(stdout, modes.undo())
-        if mode is not None:
-            mode.close()
-        with contextlib.suppress(OSError):
-            os.set_blocking(stdout, stdout_flags)
-    if session.message:
-        with contextlib.suppress(OSError):
-            os.write(stdout, f"\r\n[{MSG}: {session.message}]\r\n".encode())
-    return session.status
+                self.finish(f"detached on {signal.Signals(signum).name}; the VM keeps running", 128 + signum)
