@@ -346,11 +346,37 @@ def plan_qemu(script: RunnerScript, instance_dir: Path, overrides: Overrides) ->
     edit = _Edit(script)
     _rewrite_argv0(edit, overrides.instance)
     tcg = overrides.accel is Accel.TCG
-    fs_chardevs: dict[str, str] = {}  # chardev id -> tag
-    positions: dict[str, list[int]] = {}  # option -> indexes of its argument
+    positions, fs_chardevs, drop = _scan_qemu_options(edit, tcg=tcg)
+    notes = _rewrite_qemu_machine(edit, positions, overrides, tcg=tcg)
+    _rewrite_qemu_resources(edit, positions, overrides)
+    _rewrite_qemu_sockets(edit, positions, fs_chardevs, InstanceDir(instance_dir))
+    if overrides.forwards:
+        _add_qemu_forwards(edit, positions, overrides.forwards)
+    tail = edit.tail_index()
+    extra = [_quote("-chardev"), "", _quote("-mon"), _quote(f"chardev={PRIVATE_QMP_ID},mode=control")]
+    raw = [word for index, word in enumerate(edit.raw) if index not in drop]
+    tail -= sum(1 for index in drop if index < tail)
+    raw[tail:tail] = extra
+    return RunnerPlan(
+        script=script,
+        hypervisor=Hypervisor.QEMU,
+        share_tags=tuple(fs_chardevs.values()),
+        cwd=None,
+        raw_words=tuple(raw),
+        rm_line=None,
+        qmp_fd_word=tail + 1,
+        notes=tuple(notes),
+    )
+
+
+def _scan_qemu_options(edit: _Edit, *, tcg: bool) -> tuple[dict[str, list[int]], dict[str, str], list[int]]:
+    """(option -> indexes of its argument, virtiofs chardev id -> tag, indexes of words to drop)."""
+    script = edit.script
+    fs_chardevs: dict[str, str] = {}
+    positions: dict[str, list[int]] = {}
+    drop: list[int] = []
     i = script.program_index + 1
     end = edit.tail_index()
-    drop: list[int] = []
     while i < end:
         option = edit.values[i]
         if option is None or not option.startswith("-"):
@@ -368,6 +394,13 @@ def plan_qemu(script: RunnerScript, instance_dir: Path, overrides: Overrides) ->
                 raise _error(script.path, f"has a vhost-user-fs device without chardev= or tag=: {value!r}")
             fs_chardevs[chardev] = tag
         i += 2
+    return positions, fs_chardevs, drop
+
+
+def _rewrite_qemu_machine(
+    edit: _Edit, positions: dict[str, list[int]], overrides: Overrides, *, tcg: bool
+) -> list[str]:
+    """-name, the accelerator, the kernel command line and the CPU model; returns notes for the log."""
     for index in positions.get("-name", []):
         edit.set(index, overrides.instance)
     for option in ("-M", "-machine"):
@@ -405,52 +438,52 @@ def plan_qemu(script: RunnerScript, instance_dir: Path, overrides: Overrides) ->
             edit.set(index, overrides.cpu)
         elif tcg and model == "host":
             edit.set(index, "max")
+    return notes
+
+
+def _rewrite_qemu_resources(edit: _Edit, positions: dict[str, list[int]], overrides: Overrides) -> None:
+    """--mem and --vcpus."""
     if overrides.memory_mib is not None:
         _set_qemu_memory(edit, positions, overrides.memory_mib)
     if overrides.vcpus is not None:
         for index in positions.get("-smp", []):
             value = edit.value(index, "-smp")
             if not value.isdigit():
-                raise _error(script.path, f"has -smp {value!r}, which --vcpus cannot replace (only -smp N)")
+                raise _error(
+                    edit.script.path, f"has -smp {value!r}, which --vcpus cannot replace (only -smp N)"
+                )
             edit.set(index, str(overrides.vcpus))
+
+
+def _rewrite_qemu_sockets(
+    edit: _Edit, positions: dict[str, list[int]], fs_chardevs: dict[str, str], files: InstanceDir
+) -> None:
+    """The public QMP socket and each virtiofs socket move into the instance dir."""
     qmps = positions.get("-qmp", [])
     if len(qmps) > 1:
-        raise _error(script.path, "has more than one -qmp")
+        raise _error(edit.script.path, "has more than one -qmp")
     for index in qmps:
         match = re.fullmatch(r"unix:([^,]*)(,.*)?", edit.value(index, "-qmp"))
         if match:
-            edit.set(index, f"unix:{InstanceDir(instance_dir).qmp_socket}{match.group(2) or ''}")
+            edit.set(index, f"unix:{files.qmp_socket}{match.group(2) or ''}")
     for index in positions.get("-chardev", []):
         value = edit.value(index, "-chardev")
         tag = fs_chardevs.get(_get_option(value, "id") or "")
         if tag is not None and value.split(",")[0] == "socket" and _get_option(value, "path") is not None:
-            edit.set(index, _set_option(value, "path", str(InstanceDir(instance_dir).share_socket(tag))))
-    if overrides.forwards:
-        users = [i for i in positions.get("-netdev", []) if edit.value(i, "-netdev").split(",")[0] == "user"]
-        if not users:
-            raise _error(
-                script.path,
-                "has no user-mode network (-netdev user,...), which --forward needs: add microvm.interfaces "
-                '= [ { type = "user"; id = "usernet"; mac = "..."; } ] (or claude-microvm\'s '
-                "qemu.extraArgs) to the VM",
-            )
-        value = edit.value(users[0], "-netdev")
-        edit.set(users[0], ",".join([value, *(forward.hostfwd() for forward in overrides.forwards)]))
-    tail = edit.tail_index()
-    extra = [_quote("-chardev"), "", _quote("-mon"), _quote(f"chardev={PRIVATE_QMP_ID},mode=control")]
-    raw = [word for index, word in enumerate(edit.raw) if index not in drop]
-    tail -= sum(1 for index in drop if index < tail)
-    raw[tail:tail] = extra
-    return RunnerPlan(
-        script=script,
-        hypervisor=Hypervisor.QEMU,
-        share_tags=tuple(fs_chardevs.values()),
-        cwd=None,
-        raw_words=tuple(raw),
-        rm_line=None,
-        qmp_fd_word=tail + 1,
-        notes=tuple(notes),
-    )
+            edit.set(index, _set_option(value, "path", str(files.share_socket(tag))))
+
+
+def _add_qemu_forwards(edit: _Edit, positions: dict[str, list[int]], forwards: Sequence[Forward]) -> None:
+    users = [i for i in positions.get("-netdev", []) if edit.value(i, "-netdev").split(",")[0] == "user"]
+    if not users:
+        raise _error(
+            edit.script.path,
+            "has no user-mode network (-netdev user,...), which --forward needs: add microvm.interfaces "
+            '= [ { type = "user"; id = "usernet"; mac = "..."; } ] (or claude-microvm\'s '
+            "qemu.extraArgs) to the VM",
+        )
+    value = edit.value(users[0], "-netdev")
+    edit.set(users[0], ",".join([value, *(forward.hostfwd() for forward in forwards)]))
 
 
 def _set_qemu_memory(edit: _Edit, positions: dict[str, list[int]], mib: int) -> None:
