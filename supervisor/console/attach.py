@@ -25,7 +25,14 @@ from supervisor.console.escape import escape_reader
 from supervisor.console.filter import OutputFilter
 from supervisor.console.modes import TerminalModes
 from supervisor.console.settings import MSG
-from supervisor.console.terminal import TerminalMode, Writer, get_window_size, read_some, terminal_alive
+from supervisor.console.terminal import (
+    TerminalMode,
+    Writer,
+    get_window_size,
+    read_some,
+    recv_some,
+    terminal_alive,
+)
 from supervisor.errors import ExitCode, SupervisorError
 
 
@@ -138,10 +145,7 @@ class _Client:
         frames = proto.FrameReader()
         while True:
             try:
-                data = self.conn.recv(65536)
-            except BlockingIOError:
-                await anyio.wait_readable(self.conn)
-                continue
+                data = await recv_some(self.conn)
             except OSError as exc:
                 self.finish(f"the console connection broke ({exc.strerror})", 1)
                 return

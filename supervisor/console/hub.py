@@ -53,6 +53,7 @@ from supervisor.console.terminal import (
     Writer,
     get_window_size,
     read_some,
+    recv_some,
     set_window_size,
     terminal_alive,
 )
@@ -306,11 +307,7 @@ class _SocketClient:
 
     async def _next_frames(self) -> list[tuple[proto.Kind, bytes]]:
         while True:
-            try:
-                data = self._conn.recv(65536)
-            except BlockingIOError:
-                await anyio.wait_readable(self._conn)
-                continue
+            data = await recv_some(self._conn)
             if not data:
                 raise EOFError
             frames = self._frames.feed(data)

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import socket
 import stat
 import struct
 import termios
@@ -192,3 +193,12 @@ class Writer:
     def _fail(self, exc: OSError) -> None:
         self.abandon()
         self._on_error(exc)
+
+
+async def recv_some(conn: socket.socket, size: int = 64 << 10) -> bytes:
+    """What the non-blocking socket `conn` has (b"" at its end), once it has something."""
+    while True:
+        try:
+            return conn.recv(size)
+        except BlockingIOError:
+            await anyio.wait_readable(conn)
