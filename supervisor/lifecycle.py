@@ -21,7 +21,7 @@ from typing import Any
 
 from supervisor.children import describe_status, exit_code_of
 from supervisor.errors import ExitCode, SupervisorError
-from supervisor.guest import GuestReport
+from supervisor.statusport import GuestReport
 
 
 class Phase(enum.StrEnum):
@@ -209,6 +209,14 @@ def exit_status(
         return _failed(SupervisorError("the runner never started", exit_code=ExitCode.INTERNAL))
     if not builtin_guest:
         return Verdict(exit_code_of(vm.status), vm_failed=vm.status != 0)
+    problem = report.problem()
+    if problem is not None:
+        return _failed(
+            SupervisorError(
+                f"{problem}. The guest cannot be trusted: run with --verbose to see its console.",
+                exit_code=ExitCode.GUEST_FAILED,
+            )
+        )
     if report.error is not None:
         return _failed(
             SupervisorError(
@@ -224,6 +232,13 @@ def exit_status(
             exit_code_of(vm.status),
             notice=f"agentvm-supervise: QEMU (pid {vm.pid}) was {describe_status(vm.status)} before "
             "the guest reported a status; nothing is left running.",
+        )
+    overflow = report.overflow()
+    if overflow is not None:
+        return _failed(
+            SupervisorError(
+                f"{overflow}. Run with --verbose to see its console.", exit_code=ExitCode.GUEST_FAILED
+            )
         )
     said = f" QEMU said: {vm.said}." if vm.said else ""
     return _failed(

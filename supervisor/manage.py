@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from supervisor import control, runtime
+from supervisor import control, runtime, trust
 from supervisor.errors import ExitCode, SupervisorError
 
 PROG = runtime.PROG
@@ -65,6 +65,7 @@ def add_parsers(commands: Any) -> None:
 
 def run_verb(args: argparse.Namespace) -> int:
     base = _base(args.runtime_dir)
+    trust.check_base(base)
     if args.command == "list":
         return _list(base, as_json=args.json)
     found = runtime.find_instance(base, args.instance, verb=args.command)

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supervisor import checks, guest, kvm, launcher, microvm_runner, network, runtime, sharedirs
+from supervisor import checks, devallow, guest, kvm, launcher, microvm_runner, network, runtime, sharedirs
 from supervisor.config import (
     Accel,
     Agent,
@@ -30,6 +30,7 @@ from supervisor.config import (
 )
 from supervisor.console.settings import ConsoleSettings, parse_escape_key
 from supervisor.errors import ExitCode, SupervisorError
+from supervisor.facts import Facts, facts_dir
 from supervisor.launcher import default_agent_home, project_basename
 from supervisor.qemu import QemuSpec, host_tsc_khz
 from supervisor.virtiofsd import CRI_STORAGE_XATTRMAP, ShareIds, ShareSpec, virtiofsd_argv
@@ -95,14 +96,12 @@ class Plan:
         return self.files.console_socket
 
     @property
-    def status_file(self) -> Path:
-        return self.files.status_file
-
-    @property
     def control_socket(self) -> Path:
         return self.files.control_socket
 
-    def qemu_spec(self, *, private_qmp_fd: int, public_qmp_fd: int, resize_fd: int | None = None) -> QemuSpec:
+    def qemu_spec(
+        self, *, private_qmp_fd: int, public_qmp_fd: int, status_fd: int, resize_fd: int | None = None
+    ) -> QemuSpec:
         """The inputs of our own QEMU command line (built-in guest or qemu.kernel, not a runner
         script); only the fds QEMU inherits are decided at spawn time."""
         if self.kernel is None:
@@ -121,7 +120,7 @@ class Plan:
             shares=[(share.tag, share.socket_path) for share in self.shares],
             private_qmp_fd=private_qmp_fd,
             public_qmp_fd=public_qmp_fd,
-            status_file=self.status_file,
+            status_fd=status_fd,
             extra_args=list(self.qemu_extra_args),
             network=self.network,
             resize_fd=resize_fd,
@@ -320,6 +319,7 @@ class _Shares:
     env_file: launcher.EnvFile | None
     devshell: launcher.Devshell | None
     agent_home: Path | None
+    notes: tuple[str, ...]  # e.g. a dev shell refused (devallow)
 
 
 def build_plan(
@@ -565,27 +565,30 @@ def _plan_shares(config: Config, inputs: _Inputs, shares_config: Sequence[Share]
         )
     specs = [_with_owner_check(share, specs) for share in specs]
     sockets = [(share.socket_path, f"share '{share.tag}'") for share in specs] + files.named_sockets()
-    env_file, devshell, agent_home = _launcher_files(config, inputs, shares_config, specs)
-    return _Shares(tuple(specs), tuple(sockets), env_file, devshell, agent_home)
+    env_file, devshell, agent_home, notes = _launcher_files(config, inputs, shares_config, specs)
+    return _Shares(tuple(specs), tuple(sockets), env_file, devshell, agent_home, notes)
 
 
 def _launcher_files(
     config: Config, inputs: _Inputs, shares_config: Sequence[Share], specs: Sequence[ShareSpec]
-) -> tuple[launcher.EnvFile | None, launcher.Devshell | None, Path | None]:
+) -> tuple[launcher.EnvFile | None, launcher.Devshell | None, Path | None, tuple[str, ...]]:
     """The launcher's files go to the agent home only when it is what the guest mounts at agent-home."""
     layout_home = inputs.default_layout.get("agent-home")
     uses_layout_home = any(share is layout_home for share in shares_config)
     home_share = next((s for s in specs if uses_layout_home and s.tag == "agent-home"), None)
     agent_home, work_dir = inputs.agent_home, inputs.work_dir
     if home_share is None or agent_home is None or work_dir is None:
-        return None, None, None
+        return None, None, None, ()
     owner_ids = (home_share.ids.host_uid, home_share.ids.host_gid) if inputs.euid == 0 else None
     agent_home = home_share.source  # the link-free path of the directory the guest mounts
     env_file = launcher.plan_env_file(agent_home, inputs.env, config.agent, owner_ids)
     devshell = launcher.plan_devshell(
         work_dir, agent_home, launcher.child_environment(inputs.env, {}), owner_ids
     )
-    return env_file, devshell, agent_home
+    refused = devallow.refusal(work_dir, inputs.env) if devshell is not None else None
+    if refused is not None:  # the guest can edit the Nix code the host would evaluate
+        return env_file, None, agent_home, (refused,)
+    return env_file, devshell, agent_home, ()
 
 
 @dataclass(frozen=True)
@@ -609,6 +612,7 @@ def _check_environment(
     runner: microvm_runner.RunnerPlan | None,
 ) -> _Environment:
     """The environment's preconditions, in the order `doctor` lists them."""
+    known = Facts(facts_dir(inputs.env), store=preflight.strict)  # doctor reads, never writes
     for row in inputs.kvm_rows:
         preflight.add(row)
     euid = inputs.euid
@@ -621,6 +625,7 @@ def _check_environment(
             euid=euid,
             allow_fallback=config.virtiofsd.sandbox_fallback,
             fallback_sandbox=fallback_sandbox,
+            known=known,
         )
     )
     if namespaces.facts.get("fallback"):
@@ -628,9 +633,13 @@ def _check_environment(
         specs = tuple(_without_user_namespace(share) for share in specs)
     preflight.add(checks.check_pidfd())
     preflight.add(checks.check_id_maps(config.virtiofsd.extra_args, euid))
-    virtiofsd_binary, assets = _check_virtiofsd(config, inputs, specs, sandbox, preflight, builtin=builtin)
+    virtiofsd_binary, assets = _check_virtiofsd(
+        config, inputs, specs, sandbox, preflight, builtin=builtin, known=known
+    )
     if runner is None:
-        row = preflight.add(checks.check_qemu(config.qemu.binary, config.qemu.machine, inputs.chosen_accel))
+        row = preflight.add(
+            checks.check_qemu(config.qemu.binary, config.qemu.machine, inputs.chosen_accel, known=known)
+        )
         qemu_binary = str(row.facts.get("path") or config.qemu.binary)
     else:
         qemu_binary = runner.script.program
@@ -651,6 +660,7 @@ def _check_virtiofsd(
     preflight: checks.Preflight,
     *,
     builtin: bool,
+    known: Facts,
 ) -> tuple[str, guest.GuestAssets | None]:
     """The virtiofsd to run: the configured one, the built-in guest's, or one on PATH."""
     assets: guest.GuestAssets | None = None
@@ -672,7 +682,7 @@ def _check_virtiofsd(
         sandbox=sandbox,
         extra_args=config.virtiofsd.extra_args,
     )
-    row = preflight.add(checks.check_virtiofsd(virtiofsd_name, needed))
+    row = preflight.add(checks.check_virtiofsd(virtiofsd_name, needed, known=known))
     return str(row.facts.get("path") or virtiofsd_name), assets
 
 
@@ -716,7 +726,7 @@ def _assemble(
         forwards=inputs.forwards,
         network=planned.network,
         runner=planned.runner,
-        notes=inputs.notes,
+        notes=(*inputs.notes, *shares.notes),
         kvm_device=inputs.kvm_device,
         checks=tuple(preflight.checks),
         console=inputs.console,

@@ -25,6 +25,7 @@ from pathlib import Path
 import msgspec
 import structlog
 
+from supervisor import diskfull, trust
 from supervisor.children import read_start_ticks
 from supervisor.errors import ExitCode, SupervisorError
 
@@ -60,11 +61,6 @@ class InstanceDir:
     def api_socket(self) -> Path:
         """cloud-hypervisor's API socket (a microvm.nix runner's --api-socket, moved here)."""
         return self.path / "api.sock"
-
-    @property
-    def status_file(self) -> Path:
-        """Where the built-in guest's status reaches the host (a QEMU chardev file)."""
-        return self.path / "guest-status"
 
     @property
     def runner_script(self) -> Path:
@@ -174,6 +170,7 @@ def create_instance_dir(base: Path, instance: str) -> Path:
     try:
         path.mkdir(mode=0o700)
     except OSError as exc:
+        diskfull.raise_if_full(path, exc)
         raise SupervisorError(
             f"cannot create the instance dir {path} ({exc.strerror}): check that {base} is writable "
             "for this user and the disk is not full, or choose another base with --runtime-dir",
@@ -189,6 +186,9 @@ def write_state(path: Path, state: InstanceState) -> None:
         temporary.write_bytes(msgspec.json.encode(state))
         temporary.replace(path / STATE_FILE)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        diskfull.raise_if_full(path / STATE_FILE, exc)
         raise SupervisorError(
             f"cannot write {path / STATE_FILE} ({exc.strerror}): the instance dir {path} was changed "
             "while the VM was starting (its permissions, or removed, or the disk is full); keep other "
@@ -278,11 +278,14 @@ def clean_stale(base: Path) -> list[str]:
     except OSError:
         return []
     for entry in entries:
+        if not trust.instance_trusted(entry):
+            continue  # not ours alone: its state file could name anyone's processes
         state = read_state(entry)
         if state is None or not is_stale(state):
             continue  # no state yet (an instance being created) or a live supervisor
         for group in state.groups:
-            if process_alive(group.pgid, group.start_ticks):
+            ours = trust.may_signal_group(group.pgid, group.start_ticks, state.supervisor_start_ticks)
+            if ours and process_alive(group.pgid, group.start_ticks):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(group.pgid, signal.SIGKILL)
                 log.warning("killed a leftover process group", instance=state.instance, child=group.name)
@@ -325,9 +328,9 @@ def scan(base: Path) -> tuple[list[Found], list[Found]]:
     except OSError:
         return [], []
     for entry in entries:
-        state = read_state(entry)
+        state = read_state(entry) if trust.instance_trusted(entry) else None
         if state is None:
-            continue  # not an instance dir, or one being created
+            continue  # not an instance dir (or not ours alone), or one being created
         (stale if is_stale(state) else live).append(Found(entry, state))
     live.sort(key=lambda found: found.state.created)
     return live, stale
@@ -337,6 +340,7 @@ def find_instance(base: Path, name: str | None, *, verb: str) -> Found:
     """The live instance `name` names: its full id, else a prefix of exactly one live id (e.g.
     the --name it was started with); None when exactly one instance runs. `verb` is the command
     the messages suggest (attach, status, stop)."""
+    trust.check_base(base)
     live, stale = scan(base)
     ids = [found.state.instance for found in live]
     if name is None:

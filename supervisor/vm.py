@@ -30,12 +30,12 @@ from supervisor import (
     control,
     devshell_refresh,
     graceful,
-    guest,
     kvm_watch,
     launcher,
     pid1,
     runtime,
     sharedirs,
+    statusport,
 )
 from supervisor.children import Child, ChildSpec, run_child
 from supervisor.config import Hypervisor
@@ -87,6 +87,8 @@ class _VmChannels:
     qmp_theirs: socket.socket
     resize: socket.socket  # our end of the guest's resize port
     resize_theirs: socket.socket
+    status: socket.socket  # our end of the built-in guest's status port
+    status_theirs: socket.socket
     public_qmp: socket.socket | None  # a microvm.nix runner's own -qmp: QEMU binds that one itself
     console: socket.socket  # console.sock's listener
 
@@ -95,6 +97,7 @@ class _VmChannels:
         self.pty.close_slave()
         self.qmp_theirs.close()
         self.resize_theirs.close()
+        self.status_theirs.close()
         if self.public_qmp is not None:
             self.public_qmp.close()
 
@@ -102,6 +105,7 @@ class _VmChannels:
         self.pty.close()
         self.qmp.close()
         self.resize.close()
+        self.status.close()
         self.console.close()
 
 
@@ -117,7 +121,7 @@ class Instance:
         self.children: list[Child] = []
         self.vm_process: Child | None = None
         self.shutting_down = anyio.Event()  # QEMU reported SHUTDOWN: the guest is powering off
-        self.report = guest.GuestReport(None, None)
+        self.report = statusport.GuestReport()
         self._share_dirs: dict[str, int] = {}  # tag -> the share's open directory (see sharedirs)
         self._state = runtime.StateFile(plan.files, instance=plan.instance, work_dir=plan.work_dir)
         self._shares = ShareDaemons(
@@ -241,8 +245,13 @@ class Instance:
                 **common,
             )
         assert channels.public_qmp is not None
-        fds = (private_qmp, channels.public_qmp.fileno(), channels.resize_theirs.fileno())
-        spec = plan.qemu_spec(private_qmp_fd=fds[0], public_qmp_fd=fds[1], resize_fd=fds[2])
+        fds = (
+            private_qmp,
+            channels.public_qmp.fileno(),
+            channels.resize_theirs.fileno(),
+            channels.status_theirs.fileno(),
+        )
+        spec = plan.qemu_spec(private_qmp_fd=fds[0], public_qmp_fd=fds[1], resize_fd=fds[2], status_fd=fds[3])
         return ChildSpec(argv=qemu_argv(spec), pass_fds=fds, **common)
 
     def _open_channels(self) -> _VmChannels:
@@ -250,16 +259,20 @@ class Instance:
         pty = open_console_pty(size)
         qmp, qmp_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         resize, resize_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        status, status_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         plan = self.plan
         public = bind_vhost_user_socket(plan.qmp_socket) if plan.runner is None else None
         console = bind_console_socket(plan.console_socket)
-        return _VmChannels(pty, size, qmp, qmp_theirs, resize, resize_theirs, public, console)
+        return _VmChannels(
+            pty, size, qmp, qmp_theirs, resize, resize_theirs, status, status_theirs, public, console
+        )
 
     async def _run_vm(self) -> None:
         plan = self.plan
         if self.lifecycle.record.error is not None:  # a share died while starting: no VM to start
             return
         channels = self._open_channels()
+        status_port = statusport.StatusPort(channels.status)
         try:
             async with anyio.create_task_group() as tg:
                 try:
@@ -279,15 +292,29 @@ class Instance:
                 )
                 tg.start_soon(self._stop_when_requested, vm, stopper)
                 tg.start_soon(self._run_console, channels)
-                tg.start_soon(kvm_watch.report_changes, plan.kvm_device, plan.accel)
+                tg.start_soon(status_port.run)
+                tg.start_soon(self._watch_kvm_once_up, qmp)
                 await vm.exited.wait()
                 self.lifecycle.vm_exited(vm.describe_status())
                 # The guest's last words are still in the PTY; the proxy sees EOF once they are out.
                 with anyio.move_on_after(1.0):
                     await self._console_done.wait()
                 tg.cancel_scope.cancel()
+            if plan.builtin_guest:
+                self.report = status_port.report()
         finally:
+            status_port.close()
             channels.close()
+
+    async def _watch_kvm_once_up(self, qmp: QmpClient | None) -> None:
+        """Watch the KVM device once QEMU answers on QMP (at once without QMP): the watch is not
+        part of the start, and setting it up (pyudev) would compete with QEMU and virtiofsd for the
+        CPU meanwhile, and delay the teardown of a runner that exits at once (issue 17)."""
+        if qmp is not None:
+            await qmp.ready.wait()
+            if qmp.closed.is_set():
+                return
+        await kvm_watch.report_changes(self.plan.kvm_device, self.plan.accel)
 
     def _start_qmp(self, tg: anyio.abc.TaskGroup, ours: socket.socket) -> QmpClient | None:
         """QEMU's private QMP channel; READY=1 once it answers (spawned is not ready)."""
@@ -429,8 +456,6 @@ class Instance:
                     raise rest from None
                 if errors is not None:
                     self.lifecycle.fail(_first_error(errors))
-            if plan.builtin_guest:
-                self.report = guest.read_status(plan.status_file)
         finally:
             self.lifecycle.ended()
             runtime.remove_instance_dir(plan.instance_dir)

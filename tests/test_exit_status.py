@@ -16,8 +16,8 @@ import pytest
 
 from supervisor import lifecycle
 from supervisor.errors import ExitCode, SupervisorError
-from supervisor.guest import GuestReport
 from supervisor.lifecycle import Action, Cause, Lifecycle, Phase, Record, Request, VmEnd, exit_status
+from supervisor.statusport import GuestReport
 
 NO_REPORT = GuestReport(None, None)
 SHARE_DIED = SupervisorError("virtiofsd for share 'work' exited", exit_code=ExitCode.SHARE_FAILED)
@@ -56,6 +56,8 @@ ROWS = [
     Row("75", Record(), VmEnd(1, 1, ""), NO_REPORT, False, SHARE_DIED, 75, True),
     Row("76", Record(), VmEnd(1, 1, "qemu: bad option"), NO_REPORT, True, None, 76, True),
     Row("77", Record(), VmEnd(1, 0, ""), GuestReport(None, "mount /work failed"), True, None, 77, True),
+    Row("77", Record(), VmEnd(1, 0, ""), GuestReport(invalid="256"), True, None, 77, True),  # a bad status
+    Row("77", Record(), VmEnd(1, 1, ""), GuestReport(dropped=1 << 20), True, None, 77, True),  # a flood
     Row("130", Record(by_console=True), VmEnd(1, 0, ""), GuestReport(0, None), True, None, 130, False),
     Row("130", Record(by_console=True), VmEnd(1, 0, ""), NO_REPORT, False, None, 130, False),
     Row(
