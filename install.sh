@@ -6,7 +6,8 @@
 # the bench needs (./test.sh runs `python -m bench --quick`): gcc for its stub runner (above) and
 # supervisord (PyPI `supervisor`, a peer in bench/) in ./.venv-bench: its top-level package is also
 # called `supervisor`, so it cannot share a venv with ours. `--bench` installs only the latter.
-# As root it also links /usr/local/bin/agentvm-supervise. Safe to run again.
+# As root it also links /usr/local/bin/agentvm-supervise, as a user ~/.local/bin/agentvm-supervise
+# (systemd/agentvm@.service runs that one). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")"
 test_tools=0
@@ -62,6 +63,10 @@ if ! .venv/bin/python -c 'import supervisor.console._scan' 2>/dev/null; then
 fi
 if [ "$(id -u)" = 0 ]; then
   ln -sf "$PWD/.venv/bin/agentvm-supervise" /usr/local/bin/agentvm-supervise
+elif [ -n "${HOME:-}" ] && { [ -L "$HOME/.local/bin/agentvm-supervise" ] || [ ! -e "$HOME/.local/bin/agentvm-supervise" ]; }; then
+  # Where systemd/agentvm@.service's ExecStart looks (and pipx installs); never over a real file.
+  mkdir -p "$HOME/.local/bin"
+  ln -sfn "$PWD/.venv/bin/agentvm-supervise" "$HOME/.local/bin/agentvm-supervise"
 fi
 if [ "$bench" = 1 ]; then
   [ -x .venv-bench/bin/python ] || /usr/bin/python3 -m venv .venv-bench

@@ -118,6 +118,9 @@ class Qemu(_Strict, frozen=True):
     memory_mib: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] | None = None
     vcpus: Annotated[int, msgspec.Meta(ge=1, le=256)] | None = None
     extra_args: list[str] = []
+    # QEMU's seccomp filter (qemu.SANDBOX): the guest is untrusted. false only for extra-args that
+    # need QEMU to start programs (e.g. guestfwd=...-cmd:).
+    sandbox: bool = True
 
 
 class Timeouts(_Strict, frozen=True):

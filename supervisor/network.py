@@ -9,6 +9,8 @@ restricted (`restrict=on` drops every guest UDP packet but DHCP's, and DNS with 
 
 The egress work hooks in here: another `NetMode` (no NIC at all, or a restricted netdev with a
 proxy), its extra netdev options in `qemu_args`, and what the guest must know in `kernel_args`.
+QEMU runs under `-sandbox ...,spawn=deny` (qemu.SANDBOX): a `guestfwd=...-cmd:` rule would get QEMU
+killed (SIGSYS) at the guest's first connection, so a proxy is reached through a socket chardev.
 """
 
 from __future__ import annotations

@@ -15,7 +15,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supervisor import checks, devallow, guest, kvm, launcher, microvm_runner, network, runtime, sharedirs
+from supervisor import (
+    checks,
+    devallow,
+    guest,
+    kvm,
+    launcher,
+    microvm_runner,
+    network,
+    runtime,
+    sharedirs,
+    xdg,
+)
 from supervisor.config import (
     Accel,
     Agent,
@@ -77,6 +88,7 @@ class Plan:
     kvm_device: Path = kvm.DEFAULT_DEVICE  # what the supervisor checks and watches; QEMU opens /dev/kvm
     checks: tuple[checks.Check, ...] = ()  # the preflight, warnings included
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    qemu_sandbox: bool = True  # [qemu] sandbox: QEMU's seccomp filter (qemu.SANDBOX)
 
     @property
     def hypervisor(self) -> Hypervisor:
@@ -124,12 +136,12 @@ class Plan:
             extra_args=list(self.qemu_extra_args),
             network=self.network,
             resize_fd=resize_fd,
+            sandbox=self.qemu_sandbox,
         )
 
 
 def default_console_log_dir(env: Mapping[str, str]) -> Path:
-    state_home = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "/root")) / ".local" / "state")
-    return Path(state_home) / "agentvm-supervise" / "console"
+    return xdg.base("XDG_STATE_HOME", env) / xdg.APP / "console"
 
 
 def console_settings(config: ConsoleConfig, env: Mapping[str, str]) -> ConsoleSettings:
@@ -641,6 +653,7 @@ def _check_environment(
             checks.check_qemu(config.qemu.binary, config.qemu.machine, inputs.chosen_accel, known=known)
         )
         qemu_binary = str(row.facts.get("path") or config.qemu.binary)
+        preflight.add(checks.check_qemu_sandbox(qemu_binary, enabled=config.qemu.sandbox, qemu_ok=row))
     else:
         qemu_binary = runner.script.program
         preflight.add(
@@ -730,6 +743,7 @@ def _assemble(
         kvm_device=inputs.kvm_device,
         checks=tuple(preflight.checks),
         console=inputs.console,
+        qemu_sandbox=config.qemu.sandbox,
     )
 
 

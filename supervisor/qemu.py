@@ -12,6 +12,10 @@ from supervisor.network import GuestNetwork
 QBOOT_ROM = "/usr/share/qemu/qboot.rom"
 STATUS_PORT = "org.agentvm.status"
 RESIZE_PORT = "org.agentvm.resize"  # "ROWS COLS" lines for the guest's console (console.py)
+# QEMU's seccomp filter, as libvirt sets it: no obsolete syscalls, no setuid/capabilities, no
+# fork/exec (a guest that takes over QEMU cannot start programs; it also rules out the
+# guestfwd=...-cmd: form, so nothing of ours uses it), no scheduler/affinity changes.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +37,7 @@ class QemuSpec:
     extra_args: list[str]
     network: GuestNetwork | None = None  # None: no NIC
     resize_fd: int | None = None  # one end of a socketpair: the supervisor sends terminal sizes
+    sandbox: bool = True  # -sandbox SANDBOX ([qemu] sandbox)
 
 
 def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
@@ -76,6 +81,7 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
         "-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on",
         "-numa", "node,memdev=mem",
         "-display", "none", "-nodefaults", "-no-user-config", "-no-reboot",
+        *(["-sandbox", SANDBOX] if spec.sandbox else []),
         "-kernel", str(spec.kernel),
         "-append", spec.cmdline,
     ]  # fmt: skip

@@ -44,7 +44,7 @@ from supervisor.console.log import ConsoleLog, open_log
 from supervisor.console.terminal import ConsolePty, get_window_size, open_console_pty
 from supervisor.errors import SupervisorError
 from supervisor.lifecycle import Action, Cause, Lifecycle, Phase, Request, VmEnd, exit_status
-from supervisor.notify import Notifier
+from supervisor.notify import Notifier, stop_budget
 from supervisor.plan import Plan
 from supervisor.qemu import qemu_argv
 from supervisor.qmp import QmpClient
@@ -173,7 +173,8 @@ class Instance:
             self.vm_process.stop()
 
     def _notify_stopping(self, cause: str) -> None:
-        self.host.notifier.stopping(f"stopping {self.plan.instance}: {cause}")
+        budget = stop_budget(self.plan.timeouts, self.lifecycle.deadline)
+        self.host.notifier.stopping(f"stopping {self.plan.instance}: {cause}", budget=budget)
 
     async def _handle_signals(self) -> None:
         with anyio.open_signal_receiver(*pid1.STOP_SIGNALS) as signals:
