@@ -90,12 +90,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _parser() -> _Parser:
-    from supervisor import manage
-
-    parser = _Parser(prog=PROG, description="Run an AI coding agent in a throw-away microVM.")
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+def _add_run_parser(commands: Any) -> None:
     run = commands.add_parser(
         "run",
         help="boot a VM with its shares and proxy its console",
@@ -130,6 +125,15 @@ def _parser() -> _Parser:
         help="adopt and reap orphaned descendants (automatic when running as PID 1)",
     )
     run.add_argument("guest_command", nargs=argparse.REMAINDER, help="-- CMD ARGS... to run in the guest")
+
+
+def _parser() -> _Parser:
+    from supervisor import manage
+
+    parser = _Parser(prog=PROG, description="Run an AI coding agent in a throw-away microVM.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_run_parser(commands)
     doctor_cmd = commands.add_parser(
         "doctor",
         help="check every precondition of a VM start, with remedies",
