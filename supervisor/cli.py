@@ -96,12 +96,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _parser() -> _Parser:
-    from supervisor import manage
-
-    parser = _Parser(prog=PROG, description="Run an AI coding agent in a throw-away microVM.")
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+def _add_run_parser(commands: Any) -> None:
     run = commands.add_parser(
         "run",
         help="boot a VM with its shares and proxy its console",
@@ -136,6 +131,15 @@ def _parser() -> _Parser:
         help="adopt and reap orphaned descendants (automatic when running as PID 1)",
     )
     run.add_argument("guest_command", nargs=argparse.REMAINDER, help="-- CMD ARGS... to run in the guest")
+
+
+def _parser() -> _Parser:
+    from supervisor import manage
+
+    parser = _Parser(prog=PROG, description="Run an AI coding agent in a throw-away microVM.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_run_parser(commands)
     doctor_cmd = commands.add_parser(
         "doctor",
         help="check every precondition of a VM start, with remedies",
@@ -316,7 +320,8 @@ def _log_warnings(checked: plan.Plan) -> None:
 def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
     import anyio
 
-    from supervisor import config, console, launcher, logs, plan
+    from supervisor import config, launcher, logs, plan
+    from supervisor.console.terminal import get_window_size
     from supervisor.notify import Notifier, extending
     from supervisor.vm import Host, Instance, Stdio
     from supervisor.watchdog import Watchdog
@@ -346,7 +351,7 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
                 env=os.environ,
                 cwd=Path.cwd(),
                 command=command or None,
-                terminal_size=console.get_window_size(stdin_fd),
+                terminal_size=get_window_size(stdin_fd),
             )
         logs.bind_instance(checked.instance)
         _log_warnings(checked)
@@ -368,7 +373,8 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
 def _attach(args: argparse.Namespace) -> int:
     import anyio
 
-    from supervisor import attach, config, plan, runtime
+    from supervisor import config, plan, runtime
+    from supervisor.console import attach
 
     overrides: dict[str, Any] = {}
     if args.runtime_dir is not None:

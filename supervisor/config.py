@@ -148,7 +148,7 @@ class Ssh(_Strict, frozen=True):
 
 class ConsoleConfig(_Strict, frozen=True):
     escape_key: str = "ctrl-]"  # ctrl-X, ^X, one character, or "none"; checked by plan
-    filter: bool = True  # the hostile-output filter (termfilter); false passes the guest's bytes as they are
+    filter: bool = True  # the hostile-output filter (console.filter); false passes the guest's bytes as is
     replay_bytes: Annotated[int, msgspec.Meta(ge=0, le=16 << 20)] = 64 << 10
     log: bool = True
     log_dir: str | None = None  # None: $XDG_STATE_HOME/agentvm-supervise/console
