@@ -1,6 +1,3 @@
-try:
-    from supervisor.cli import main
-except KeyboardInterrupt:  # Ctrl-C while Python is still importing: nothing has started yet
-    raise SystemExit(130) from None
+from supervisor.entry import main
 
 raise SystemExit(main())

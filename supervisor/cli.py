@@ -278,11 +278,14 @@ def _attach(args: argparse.Namespace) -> int:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, held: Sequence[int] = ()) -> int:
+    """`held`: stop signals entry.py caught while this module was being imported."""
     debug = False
     # First of all: as PID 1, a signal without a handler is dropped by the kernel (see pid1.py).
     stop_signals = pid1.StopSignals().install()
     try:
+        if held:
+            raise pid1.StopRequested(held[0])
         args = _parser().parse_args(argv)
         debug = bool(getattr(args, "debug", False))
         if args.command is None:
