@@ -185,6 +185,20 @@ def test_container_is_ready_after_qmp_and_stop_takes_the_graceful_path(
     assert _host_processes_of("ctr-") == []
 
 
+def test_container_stopped_right_after_start_exits_143(runs: Podman, work: Path) -> None:
+    """Regression: a stop during Python's imports was dropped (PID 1, no handler yet) and the
+    engine SIGKILLed after its stop timeout: 137 after 15 s instead of 143 at once."""
+    name = _name()
+    try:
+        runs.run(["run", "-d", "--name", name, "--network", "none", "-v", f"{work}:/work", IMAGE,
+                  "--", "sh", "-c", "sleep 600"])  # fmt: skip
+        runs.run(["stop", "--time", "15", name], timeout=60)
+        status = runs.run(["wait", name], timeout=60).stdout.strip()
+        assert status == "143", runs.run(["logs", name]).stderr
+    finally:
+        runs.remove(name)
+
+
 def _read_until(master: int, needle: bytes, seen: bytearray, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while needle not in seen:
