@@ -152,6 +152,27 @@ def test_job_turns_the_egress_allowlist_on(path: Path) -> None:
     assert supervisor_args[supervisor_args.index("--network") + 1] == "allowlist"
 
 
+def test_fill_pod_clones_into_the_jobs_claim_without_privilege() -> None:
+    [pod] = documents(DEPLOY / "fill-work.yaml")
+    [job] = documents(DEPLOY / "agent-job.yaml")
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    [pvc] = documents(DEPLOY / "work-pvc.yaml")
+    job_claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in job["spec"]["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == job_claims == {pvc["metadata"]["name"]}
+    [clone] = pod["spec"]["containers"]
+    assert clone["securityContext"]["privileged"] is False
+    assert clone["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["spec"]["automountServiceAccountToken"] is False
+
+
 def test_clone_job_clones_into_the_work_volume() -> None:
     pod = agent_pod(DEPLOY / "agent-job-clone.yaml")
     [clone] = pod["initContainers"]
