@@ -1,3 +1,3 @@
 from supervisor.entry import main
 
-raise SystemExit(main())
+main()

@@ -8,40 +8,23 @@ traceback under --debug.
 from __future__ import annotations
 
 import argparse
-import functools
-import logging
+import contextlib
 import math
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import anyio
-import structlog
-
-from supervisor import (
-    __version__,
-    attach,
-    config,
-    console,
-    doctor,
-    kvm_watch,
-    launcher,
-    logs,
-    manage,
-    pid1,
-    plan,
-    runtime,
-)
-from supervisor.checks import Status
-from supervisor.config import Accel
+from supervisor import __version__, pid1
 from supervisor.errors import ExitCode, SupervisorError
-from supervisor.notify import Notifier
-from supervisor.vm import Host, Instance, Stdio
-from supervisor.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from supervisor import config, plan
+
+# The verbs' modules are imported in the functions that use them: `run` pays for what it needs
+# before the VM is up, and `--version` for nothing (python -X importtime; issue 17).
 
 PROG = "agentvm-supervise"
 
@@ -104,6 +87,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> _Parser:
+    from supervisor import manage
+
     parser = _Parser(prog=PROG, description="Run an AI coding agent in a throw-away microVM.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -204,6 +189,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    from supervisor import config, doctor
+
     cfg = config.load(args.config, _overrides(args))
     report = doctor.diagnose(cfg, env=os.environ, cwd=Path.cwd())
     if args.json:
@@ -215,6 +202,13 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _wait_for_kvm(cfg: config.Config, timeout: float) -> None:
+    import functools
+
+    import anyio
+
+    from supervisor import kvm_watch
+    from supervisor.config import Accel
+
     if cfg.qemu.accel is Accel.TCG:
         return  # nothing to wait for
     device = Path(cfg.qemu.kvm_device).expanduser()
@@ -222,6 +216,10 @@ def _wait_for_kvm(cfg: config.Config, timeout: float) -> None:
 
 
 def _log_warnings(checked: plan.Plan) -> None:
+    import structlog
+
+    from supervisor.checks import Status
+
     log = structlog.get_logger()
     for check in checked.checks:
         if check.status is Status.WARN:
@@ -229,6 +227,13 @@ def _log_warnings(checked: plan.Plan) -> None:
 
 
 def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
+    import anyio
+
+    from supervisor import config, console, launcher, plan
+    from supervisor.notify import Notifier
+    from supervisor.vm import Host, Instance, Stdio
+    from supervisor.watchdog import Watchdog
+
     command = list(args.guest_command)
     if command and command[0] == "--":
         command = command[1:]
@@ -237,7 +242,8 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
             f"unexpected argument '{command[0]}': put the guest command after --, as in "
             f"'{PROG} run -- make test'"
         )
-    # Before any fork: the watchdog would show the API key in its /proc/PID/environ otherwise.
+    # /proc/PID/environ of the supervisor itself would show the API key otherwise (children, the
+    # watchdog included, get an environment without it).
     launcher.scrub_proc_environ()
     cfg = config.load(args.config, _overrides(args))
     if args.wait_kvm is not None:
@@ -266,6 +272,10 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
 
 
 def _attach(args: argparse.Namespace) -> int:
+    import anyio
+
+    from supervisor import attach, config, plan, runtime
+
     overrides: dict[str, Any] = {}
     if args.runtime_dir is not None:
         overrides["runtime-dir"] = args.runtime_dir
@@ -281,6 +291,27 @@ def _attach(args: argparse.Namespace) -> int:
     )
 
 
+def entry(held: Sequence[int] = ()) -> NoReturn:
+    """The console script (through supervisor/entry.py, which passes the stop signals it `held`
+    during the imports): `main`, then straight out once the output is flushed.
+
+    Everything the supervisor started is cleaned up by then (teardown is the nesting of its task
+    groups), so the interpreter's own finalization (every module and object torn down, tens of
+    ms: issue 17) would only delay the exit status the caller is waiting for."""
+    try:
+        code: int | str | None = main(held=held)
+    except SystemExit as exc:  # argparse: --help, and its own exits
+        code = exc.code
+    if not isinstance(code, int):
+        raise SystemExit(code)
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None, *, held: Sequence[int] = ()) -> int:
     """`held`: stop signals entry.py caught while this module was being imported."""
     debug = False
@@ -289,8 +320,16 @@ def main(argv: Sequence[str] | None = None, *, held: Sequence[int] = ()) -> int:
     try:
         if held:
             raise pid1.StopRequested(held[0])
+        if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
+            # Before the parser: building it imports the verbs' modules (manage.add_parsers).
+            print(f"{PROG} {__version__}")
+            return 0
         args = _parser().parse_args(argv)
         debug = bool(getattr(args, "debug", False))
+        import logging
+
+        from supervisor import logs
+
         if args.command is None:
             _parser().print_help(sys.stderr)
             return ExitCode.USAGE
@@ -304,6 +343,8 @@ def main(argv: Sequence[str] | None = None, *, held: Sequence[int] = ()) -> int:
         fmt = {"json": True, "human": False}.get(getattr(args, "log_format", None) or "")
         logs.configure(json=fmt, level=level)
         if args.command != "run":
+            from supervisor import manage
+
             return manage.run_verb(args)
         return _run(args, stop_signals)
     except SupervisorError as exc:
@@ -320,6 +361,8 @@ def main(argv: Sequence[str] | None = None, *, held: Sequence[int] = ()) -> int:
         return ExitCode.SIGNAL_BASE + 2
     except Exception:
         if debug:
+            import traceback
+
             traceback.print_exc()
         else:
             print(

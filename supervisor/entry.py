@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import signal
 from types import FrameType
+from typing import NoReturn
 
 
-def main() -> int:
+def main() -> NoReturn:
     held: list[int] = []
 
     def hold(signum: int, frame: FrameType | None) -> None:
@@ -24,4 +25,4 @@ def main() -> int:
         signal.signal(signum, hold)
     from supervisor import cli  # the slow import, once the handlers exist
 
-    return cli.main(held=held)
+    cli.entry(held)

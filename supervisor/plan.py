@@ -30,6 +30,7 @@ from supervisor.config import (
 )
 from supervisor.console import ConsoleSettings, parse_escape_key
 from supervisor.errors import ExitCode, SupervisorError
+from supervisor.facts import Facts, facts_dir
 from supervisor.launcher import default_agent_home, project_basename
 from supervisor.qemu import QemuSpec, host_tsc_khz
 from supervisor.virtiofsd import CRI_STORAGE_XATTRMAP, ShareIds, ShareSpec, virtiofsd_argv
@@ -447,6 +448,7 @@ def build_plan(
         cmdline = config.qemu.cmdline
 
     # The environment's preconditions, in the order `doctor` lists them.
+    known = Facts(facts_dir(env), store=preflight.strict)  # doctor reads, never writes
     for row in kvm_rows:
         preflight.add(row)
     sandbox = config.virtiofsd.sandbox
@@ -457,6 +459,7 @@ def build_plan(
             euid=euid,
             allow_fallback=config.virtiofsd.sandbox_fallback,
             fallback_sandbox=fallback_sandbox,
+            known=known,
         )
     )
     if namespaces.facts.get("fallback"):
@@ -485,10 +488,12 @@ def build_plan(
             sandbox=sandbox,
             extra_args=config.virtiofsd.extra_args,
         )
-        row = preflight.add(checks.check_virtiofsd(virtiofsd_name, needed))
+        row = preflight.add(checks.check_virtiofsd(virtiofsd_name, needed, known=known))
         virtiofsd_binary = str(row.facts.get("path") or virtiofsd_name)
     if runner_plan is None:
-        row = preflight.add(checks.check_qemu(config.qemu.binary, config.qemu.machine, chosen_accel))
+        row = preflight.add(
+            checks.check_qemu(config.qemu.binary, config.qemu.machine, chosen_accel, known=known)
+        )
         qemu_binary = str(row.facts.get("path") or config.qemu.binary)
     else:
         qemu_binary = runner_plan.script.program

@@ -482,7 +482,7 @@ class Instance:
                     )
                 tg.start_soon(self._stop_when_requested, runner)
                 tg.start_soon(self._run_console, pty, size, resize_ours, listener)
-                tg.start_soon(kvm_watch.report_changes, plan.kvm_device, plan.accel)
+                tg.start_soon(self._watch_kvm_once_up, self.qmp)
                 await runner.exited.wait()
                 failed = self.outcome.error is not None
                 self._stopping("a share failed" if failed else f"the VM exited ({runner.describe_status()})")
@@ -495,6 +495,16 @@ class Instance:
             ours.close()
             resize_ours.close()
             listener.close()
+
+    async def _watch_kvm_once_up(self, qmp: QmpClient | None) -> None:
+        """Watch the KVM device once QEMU answers on QMP (at once without QMP): the watch is not
+        part of the start, and setting it up (pyudev) would compete with QEMU and virtiofsd for the
+        CPU meanwhile, and delay the teardown of a runner that exits at once (issue 17)."""
+        if qmp is not None:
+            await qmp.ready.wait()
+            if qmp.closed.is_set():
+                return
+        await kvm_watch.report_changes(self.plan.kvm_device, self.plan.accel)
 
     async def _announce_ready(self, qmp: QmpClient) -> None:
         """READY=1 once QEMU answers on QMP: spawned is not ready."""

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, TEST_CACHE, processes_with_env, supervisor_argv
+from tests.support import REPO, TEST_CACHE, is_watchdog, processes_with_env, supervisor_argv
 
 STUBS = Path(__file__).resolve().parent / "stubs"
 FAKE_QEMU = STUBS / "fake_qemu.py"
@@ -345,14 +345,11 @@ def find_target(supervisor: int, target: str) -> int | None:
     kind, _, tag = target.partition(":")
     if kind == "supervisor":
         return supervisor
-    own = _cmdline(supervisor)
     for pid in _children(supervisor):
         cmdline = _cmdline(pid)
         if kind == "watchdog":
-            with contextlib.suppress(OSError):
-                # The watchdog is the supervisor's fork with its std streams on /dev/null.
-                if cmdline == own and str(Path(f"/proc/{pid}/fd/2").readlink()) == os.devnull:
-                    return pid
+            if is_watchdog(pid):
+                return pid
         elif kind == "runner" and FAKE_QEMU.name in cmdline and " -name " in cmdline:
             return pid  # the runner itself, not the preflight's `-version` / `-machine help` probes
         elif FAKE_VIRTIOFSD.name in cmdline and f"/{tag} " in cmdline + " ":

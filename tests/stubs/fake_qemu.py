@@ -33,7 +33,7 @@ from typing import NoReturn
 PROG = "qemu-system-x86_64"
 WITH_ARGUMENT = {
     "-name", "-machine", "-cpu", "-m", "-smp", "-object", "-numa", "-display", "-kernel",
-    "-append", "-initrd", "-bios", "-chardev", "-device", "-mon", "-accel", "-serial",
+    "-append", "-initrd", "-bios", "-chardev", "-device", "-mon", "-accel", "-serial", "-netdev",
 }  # fmt: skip
 SWITCHES = {"-nodefaults", "-no-user-config", "-no-reboot", "-nographic", "-S"}
 
