@@ -326,6 +326,15 @@ def _finish_probe(
             os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         return ProbeResult(None, out.decode(errors="replace"), f"no answer within {timeout:g} s")
+    finally:
+        if proc.returncode is None:
+            # A stop signal during the preflight (StopRequested) or Ctrl-C: a probe is a child like
+            # any other, killed with its group and reaped, not left to PID 1.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
     return ProbeResult(proc.returncode, out.decode(errors="replace"))
 
 

@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -49,7 +49,11 @@ def _wait_timeout(value: str) -> float:
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """The flags laid over the config file: the same for `run` and `doctor`."""
-    parser.add_argument("--config", type=Path, help="TOML config file (see docs/config.md)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="TOML config file (docs/config.md; default: $XDG_CONFIG_HOME/agentvm-supervise/config.toml)",
+    )
     parser.add_argument(
         "--agent", choices=["claude", "gemini", "codex"], help="agent flavor: names the agent home (claude)"
     )
@@ -67,6 +71,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="[ADDR:]HOST:GUEST",
         help="forward a host port to a guest port (repeatable; ADDR defaults to 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--network",
+        choices=["open", "allowlist", "none"],
+        help="guest network: user-mode NAT, only the egress proxy (allow-list), or no device",
     )
     parser.add_argument("--runtime-dir", help="base dir for instance dirs (sockets, state)")
     parser.add_argument("--name", help="instance name prefix (default: <basename>-<agent>-vm)")
@@ -149,7 +158,65 @@ def _parser() -> _Parser:
     att.add_argument("--escape-key", help="console escape key: ctrl-X, ^X, or none (default: ctrl-])")
     att.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     manage.add_parsers(commands)
+    allow_cmd = commands.add_parser(
+        "allow",
+        help="allow the host to evaluate this project's dev shell (DIRENV_ALLOW=1) as it is now",
+        description="Record the project's Nix inputs (flake.nix, flake.lock, devenv files, every *.nix "
+        "file) as reviewed: with DIRENV_ALLOW=1 the host evaluates the dev shell only while they are "
+        "unchanged, since the guest can edit them. Review them first.",
+    )
+    allow_cmd.add_argument("--work-dir", help="the project dir (default: $WORK_DIR, else the current dir)")
+    commands.add_parser(
+        "schema",
+        help="print the JSON Schema of every --json output and of the control protocol",
+        description="Print one JSON Schema document (2020-12) describing status/list/stop/doctor "
+        "--json and the control socket's messages (docs/schema.json is this output).",
+    )
+    completion = commands.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description="Print a completion script generated from this CLI's flags, e.g. "
+        f"'{PROG} completion bash > ~/.local/share/bash-completion/completions/{PROG}'.",
+    )
+    completion.add_argument("shell", choices=["bash"], help="the shell")
     return parser
+
+
+def _config_file(args: argparse.Namespace) -> Path | None:
+    """--config FILE, else $XDG_CONFIG_HOME/agentvm-supervise/config.toml if it exists (not both:
+    a file given is the whole configuration, so a unit's config is not changed by the user's)."""
+    from supervisor import xdg
+
+    given: Path | None = args.config
+    return given if given is not None else xdg.default_config(os.environ)
+
+
+def _print_meta(args: argparse.Namespace) -> int:
+    if args.command == "schema":
+        from supervisor import outputs
+
+        sys.stdout.write(outputs.render(outputs.schema()))
+    else:
+        from supervisor import completion
+
+        sys.stdout.write(completion.bash(_parser()))
+    return ExitCode.OK
+
+
+def _allow(args: argparse.Namespace) -> int:
+    from supervisor import config, devallow
+
+    raw = args.work_dir or os.environ.get("WORK_DIR") or str(Path.cwd())
+    config.check_environment_paths(os.environ, raw)
+    work_dir = Path(raw).expanduser().resolve()
+    if not work_dir.is_dir():
+        raise SupervisorError(
+            f"the work dir {work_dir} is not a directory: pass the project dir with --work-dir"
+        )
+    allowed = devallow.allow(work_dir, os.environ)
+    names = ", ".join(allowed) or "no Nix files"
+    print(f"allowed the dev shell of {work_dir} as it is now ({names})")
+    return ExitCode.OK
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -180,7 +247,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "escape-key": getattr(args, "escape_key", None),
         "filter": getattr(args, "console_filter", None),
     }
-    sections = (("qemu", qemu), ("virtiofsd", virtiofsd), ("runner", runner), ("console", console_section))
+    network = {"mode": getattr(args, "network", None)}
+    sections = (
+        ("qemu", qemu),
+        ("virtiofsd", virtiofsd),
+        ("runner", runner),
+        ("console", console_section),
+        ("network", network),
+    )
     for section, values in sections:
         present = {key: value for key, value in values.items() if value is not None}
         if present:
@@ -188,10 +262,22 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _check_paths(cfg: config.Config) -> None:
+    """Paths from the environment (and the current dir, when it is the work dir) we pass on."""
+    from supervisor import config
+
+    cwd = None
+    if not cfg.work_dir and not os.environ.get("WORK_DIR"):
+        with contextlib.suppress(OSError):
+            cwd = str(Path.cwd())
+    config.check_environment_paths(os.environ, cwd)
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from supervisor import config, doctor
 
-    cfg = config.load(args.config, _overrides(args))
+    cfg = config.load(_config_file(args), _overrides(args))
+    _check_paths(cfg)
     report = doctor.diagnose(cfg, env=os.environ, cwd=Path.cwd())
     if args.json:
         sys.stdout.buffer.write(doctor.render_json(report))
@@ -229,8 +315,8 @@ def _log_warnings(checked: plan.Plan) -> None:
 def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
     import anyio
 
-    from supervisor import config, console, launcher, plan
-    from supervisor.notify import Notifier
+    from supervisor import config, console, launcher, logs, plan
+    from supervisor.notify import Notifier, extending
     from supervisor.vm import Host, Instance, Stdio
     from supervisor.watchdog import Watchdog
 
@@ -245,30 +331,37 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
     # /proc/PID/environ of the supervisor itself would show the API key otherwise (children, the
     # watchdog included, get an environment without it).
     launcher.scrub_proc_environ()
-    cfg = config.load(args.config, _overrides(args))
-    if args.wait_kvm is not None:
-        _wait_for_kvm(cfg, args.wait_kvm)
-    stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
-    checked = plan.build_plan(
-        cfg,
-        env=os.environ,
-        cwd=Path.cwd(),
-        command=command or None,
-        terminal_size=console.get_window_size(stdin_fd),
-    )
-    _log_warnings(checked)
-    host = Host(subreaper=args.subreaper, notifier=Notifier.from_env(os.environ), stop_signals=stop_signals)
-    # From here on a stop signal is handled by the instance (graceful stop), not by unwinding.
-    stop_signals.defer()
-    # Forked before the event loop starts: fork is only safe while there are no threads.
-    watchdog = Watchdog.start(tty_fd=stdin_fd if os.isatty(stdin_fd) else None)
+    cfg = config.load(_config_file(args), _overrides(args))
+    _check_paths(cfg)
+    notifier = Notifier.from_env(os.environ)
     try:
-        instance = Instance(checked, watchdog, Stdio(stdin_fd, stdout_fd), host)
-        return anyio.run(instance.run)
+        if args.wait_kvm is not None:
+            with extending(notifier, "waiting for the KVM device"):
+                _wait_for_kvm(cfg, args.wait_kvm)
+        stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
+        with extending(notifier, "checking the host (and building the guest the first time)"):
+            checked = plan.build_plan(
+                cfg,
+                env=os.environ,
+                cwd=Path.cwd(),
+                command=command or None,
+                terminal_size=console.get_window_size(stdin_fd),
+            )
+        logs.bind_instance(checked.instance)
+        _log_warnings(checked)
+        host = Host(subreaper=args.subreaper, notifier=notifier, stop_signals=stop_signals)
+        # From here on a stop signal is handled by the instance (graceful stop), not by unwinding.
+        stop_signals.defer()
+        # Forked before the event loop starts: fork is only safe while there are no threads.
+        watchdog = Watchdog.start(tty_fd=stdin_fd if os.isatty(stdin_fd) else None)
+        try:
+            instance = Instance(checked, watchdog, Stdio(stdin_fd, stdout_fd), host)
+            return anyio.run(instance.run)
+        finally:
+            stop_signals.defer()  # the loop left SIG_DFL behind, which PID 1 would silently ignore
+            watchdog.close()
     finally:
-        stop_signals.defer()  # the loop left SIG_DFL behind, which PID 1 would silently ignore
-        watchdog.close()
-        host.notifier.close()
+        notifier.close()
 
 
 def _attach(args: argparse.Namespace) -> int:
@@ -281,7 +374,8 @@ def _attach(args: argparse.Namespace) -> int:
         overrides["runtime-dir"] = args.runtime_dir
     if args.escape_key is not None:
         overrides["console"] = {"escape-key": args.escape_key}
-    cfg = config.load(args.config, overrides)
+    cfg = config.load(_config_file(args), overrides)
+    config.check_environment_paths(os.environ)
     settings = plan.console_settings(cfg.console, os.environ)
     base = Path(cfg.runtime_dir) if cfg.runtime_dir else runtime.default_base(os.environ, os.geteuid())
     instance, path = attach.find_console(base, args.instance)
@@ -291,15 +385,14 @@ def _attach(args: argparse.Namespace) -> int:
     )
 
 
-def entry(held: Sequence[int] = ()) -> NoReturn:
-    """The console script (through supervisor/entry.py, which passes the stop signals it `held`
-    during the imports): `main`, then straight out once the output is flushed.
+def entry(*, unblock: Iterable[int] = ()) -> NoReturn:
+    """The console script: `main`, then straight out once the output is flushed.
 
     Everything the supervisor started is cleaned up by then (teardown is the nesting of its task
     groups), so the interpreter's own finalization (every module and object torn down, tens of
     ms: issue 17) would only delay the exit status the caller is waiting for."""
     try:
-        code: int | str | None = main(held=held)
+        code: int | str | None = main(unblock=unblock)
     except SystemExit as exc:  # argparse: --help, and its own exits
         code = exc.code
     if not isinstance(code, int):
@@ -312,14 +405,13 @@ def entry(held: Sequence[int] = ()) -> NoReturn:
     os._exit(code)
 
 
-def main(argv: Sequence[str] | None = None, *, held: Sequence[int] = ()) -> int:
-    """`held`: stop signals entry.py caught while this module was being imported."""
+def main(argv: Sequence[str] | None = None, *, unblock: Iterable[int] = ()) -> int:
+    """`unblock`: stop signals the entry point held back while importing us (supervisor/entry.py)."""
     debug = False
     # First of all: as PID 1, a signal without a handler is dropped by the kernel (see pid1.py).
     stop_signals = pid1.StopSignals().install()
     try:
-        if held:
-            raise pid1.StopRequested(held[0])
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, unblock)  # one that came meanwhile lands here
         if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
             # Before the parser: building it imports the verbs' modules (manage.add_parsers).
             print(f"{PROG} {__version__}")
@@ -333,6 +425,8 @@ def main(argv: Sequence[str] | None = None, *, held: Sequence[int] = ()) -> int:
         if args.command is None:
             _parser().print_help(sys.stderr)
             return ExitCode.USAGE
+        if args.command in ("schema", "completion"):
+            return _print_meta(args)
         if args.command == "attach":
             logs.configure(level=logging.DEBUG if debug else None)
             return _attach(args)
@@ -342,9 +436,12 @@ def main(argv: Sequence[str] | None = None, *, held: Sequence[int] = ()) -> int:
         level = logging.DEBUG if debug else (logging.INFO if getattr(args, "verbose", False) else None)
         fmt = {"json": True, "human": False}.get(getattr(args, "log_format", None) or "")
         logs.configure(json=fmt, level=level)
+        if args.command == "allow":
+            return _allow(args)
         if args.command != "run":
-            from supervisor import manage
+            from supervisor import config, manage
 
+            config.check_environment_paths(os.environ)
             return manage.run_verb(args)
         return _run(args, stop_signals)
     except SupervisorError as exc:

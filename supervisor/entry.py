@@ -1,28 +1,37 @@
-"""The entry point (console script, `python -m supervisor`): stop signals are held from the start.
+"""The console script's entry point: catches a stop signal that lands while the CLI is imported.
 
-As PID 1 of a container the kernel drops any signal that has no handler (see pid1.py). Importing
-the supervisor takes ~0.3 s (anyio, structlog, msgspec; longer on a cold page cache), and a
-`podman stop` in that window used to vanish: the engine waited out its stop timeout and then
-SIGKILLed. So this module imports nothing but `signal`, records stop signals while the rest is
-imported, and hands them to cli.main, which installs the real handlers first and then acts on
-what was held (exit 128+N, nothing started).
+Importing the CLI (anyio, structlog, msgspec) takes ~0.1 s, before any signal handler of ours
+exists: a Ctrl-C then raised KeyboardInterrupt with a traceback. So the stop signals are blocked
+while it imports, and unblocked by the CLI once its handlers are in place: one that came meanwhile
+is then handled like any stop signal during the start (one line, exit 128+N). A KeyboardInterrupt
+before the block (this module imports nothing heavy) is said in one line too.
 """
 
 from __future__ import annotations
 
-import signal
-from types import FrameType
-from typing import NoReturn
+import _signal  # type: ignore[import-not-found]  # loaded by the interpreter itself: no import window
+
+# The stop signals pid1.StopSignals handles: held back from here on while the CLI imports, then
+# delivered to its handlers (cli.main unblocks them). Blocked at import: the earliest moment of ours.
+HELD = {_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP}
+_signal.pthread_sigmask(_signal.SIG_BLOCK, HELD)
+
+import sys  # noqa: E402 - after the block on purpose
+
+PROG = "agentvm-supervise"
+SIGINT_STATUS = 130  # 128 + SIGINT
 
 
-def main() -> NoReturn:
-    held: list[int] = []
+def main() -> int:
+    """Returns only for a Ctrl-C while importing: `cli.entry` exits the process itself."""
+    try:
+        from supervisor.cli import entry
 
-    def hold(signum: int, frame: FrameType | None) -> None:
-        held.append(signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, hold)
-    from supervisor import cli  # the slow import, once the handlers exist
-
-    cli.entry(held)
+        entry(unblock=HELD)
+    except KeyboardInterrupt:
+        print(
+            f"{PROG}: stopped by SIGINT while starting, before any VM process existed; nothing was "
+            "left behind.",
+            file=sys.stderr,
+        )
+        return SIGINT_STATUS

@@ -9,16 +9,20 @@ cache is reused as it is.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import hashlib
 import os
 import re
+import shlex
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from supervisor import xdg
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.launcher import child_environment
 
@@ -58,9 +62,7 @@ def assets_hash() -> str:
 def cache_root(env: Mapping[str, str]) -> Path:
     if env.get("AGENTVM_SUPERVISE_CACHE"):
         return Path(env["AGENTVM_SUPERVISE_CACHE"])
-    if env.get("XDG_CACHE_HOME"):
-        return Path(env["XDG_CACHE_HOME"]) / "agentvm-supervise"
-    return Path(env.get("HOME", "/root")) / ".cache" / "agentvm-supervise"
+    return xdg.base("XDG_CACHE_HOME", env) / xdg.APP
 
 
 def cached_assets(env: Mapping[str, str]) -> GuestAssets | None:
@@ -99,15 +101,11 @@ def ensure_assets(env: Mapping[str, str]) -> GuestAssets:
             return assets
         script = resources.files("supervisor") / "guest" / "build-assets.sh"
         with resources.as_file(script) as script_path:
-            result = subprocess.run(
-                ["bash", str(script_path), str(assets.directory)],
-                env=child_environment(os.environ, {}),  # the build needs no API key
-                check=False,
-            )
-        if result.returncode != 0:
+            status = _run_build(["bash", str(script_path), str(assets.directory)])
+        if status != 0:
             raise SupervisorError(
                 f"building the built-in guest into {assets.directory} failed (status "
-                f"{result.returncode}); its message is above. The build needs apt-get, dpkg-deb, cpio "
+                f"{status}); its message is above. The build needs apt-get, dpkg-deb, cpio "
                 "and gzip (apt-get install apt dpkg cpio gzip) and a reachable Debian mirror; "
                 "run 'apt-get update' as root if downloads failed.",
                 exit_code=ExitCode.UNAVAILABLE,
@@ -115,6 +113,24 @@ def ensure_assets(env: Mapping[str, str]) -> GuestAssets:
         return assets
     finally:
         os.close(lock)
+
+
+def _run_build(argv: list[str]) -> int:
+    """Run the build in its own process group; a stop signal meanwhile (StopRequested) kills and
+    reaps the whole group, apt-get and dpkg-deb included, like any child of ours."""
+    proc = subprocess.Popen(
+        argv,
+        env=child_environment(os.environ, {}),  # no API keys or tokens for apt-get and friends
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        return proc.wait()
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def guest_cmdline(
@@ -143,7 +159,8 @@ def guest_cmdline(
     if rows and cols:
         parts += [f"agentvm.rows={rows}", f"agentvm.cols={cols}"]
     if command:
-        encoded = base64.b64encode(shell_join(command).encode()).decode()
+        # The guest's busybox sh runs it with `sh -c`; POSIX quoting, only where needed (shorter).
+        encoded = base64.b64encode(shlex.join(command).encode()).decode()
         parts.append(f"agentvm.cmd={encoded}")
     if extra:
         parts.append(extra)
@@ -154,31 +171,3 @@ def guest_cmdline(
             f"{KERNEL_CMDLINE_MAX} bytes): put it in a script under the work dir and run that script",
         )
     return cmdline
-
-
-def shell_join(command: Sequence[str]) -> str:
-    """Quote argv for the guest's busybox sh, which runs it with `sh -c`."""
-    return " ".join("'" + arg.replace("'", "'\\''") + "'" for arg in command)
-
-
-@dataclass(frozen=True)
-class GuestReport:
-    exit_status: int | None
-    error: str | None
-
-
-def read_status(path: Path) -> GuestReport:
-    """Parse what the guest wrote to the status port: `agentvm-exit-status=N` or an error line."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return GuestReport(None, None)
-    status: int | None = None
-    error: str | None = None
-    for line in text.splitlines():
-        key, _, value = line.strip().partition("=")
-        if key == "agentvm-exit-status" and value.isdigit():
-            status = int(value)
-        elif key == "agentvm-guest-error":
-            error = value
-    return GuestReport(status, error)

@@ -12,6 +12,18 @@ from supervisor.network import GuestNetwork
 QBOOT_ROM = "/usr/share/qemu/qboot.rom"
 STATUS_PORT = "org.agentvm.status"
 RESIZE_PORT = "org.agentvm.resize"  # "ROWS COLS" lines for the guest's console (console.py)
+# QEMU's seccomp filter, as libvirt sets it: no obsolete syscalls, no setuid/capabilities, no
+# fork/exec (a guest that takes over QEMU cannot start programs), no scheduler/affinity changes.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+def sandbox_options(*, spawn: bool) -> str:
+    """SANDBOX, or with `spawn` what the egress allowlist's `guestfwd=...-cmd:` handoff needs:
+    libslirp forks, calls setsid and execs the handoff for each guest connection (egress). The
+    allow-list is no weaker for it: a QEMU taken over by the guest could connect() anywhere anyway."""
+    if not spawn:
+        return SANDBOX
+    return "on,obsolete=deny,elevateprivileges=allow,spawn=allow,resourcecontrol=deny"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,10 +41,11 @@ class QemuSpec:
     shares: list[tuple[str, Path]]  # (tag, vhost-user socket)
     private_qmp_fd: int  # one end of a socketpair: the supervisor's own QMP connection
     public_qmp_fd: int  # a listening socket the supervisor bound at RUNTIME/qmp.sock
-    status_file: Path  # the guest writes its command's exit status to a virtio-serial port
+    status_fd: int  # one end of a socketpair: the guest's status port (statusport.py)
     extra_args: list[str]
     network: GuestNetwork | None = None  # None: no NIC
     resize_fd: int | None = None  # one end of a socketpair: the supervisor sends terminal sizes
+    sandbox: str | None = SANDBOX  # -sandbox's options (sandbox_options); None: [qemu] sandbox = false
 
 
 def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
@@ -54,6 +67,12 @@ def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
     return khz if khz > 0 else None
 
 
+def qemu_escape(value: str) -> str:
+    """A value for a QEMU option list (`-chardev socket,path=VALUE`): ',' is written ',,'. Without it a
+    path like /tmp/rt,logfile=/tmp/leak adds options of its own."""
+    return value.replace(",", ",,")
+
+
 def qemu_argv(spec: QemuSpec) -> list[str]:
     bus = "pci" if spec.machine is Machine.Q35 else "device"
     machine = spec.machine.value
@@ -61,7 +80,7 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
         machine += ",acpi=on,pit=off,pic=off,isa-serial=off,rtc=on"
     argv = [
         spec.binary,
-        "-name", spec.instance,
+        "-name", qemu_escape(spec.instance),
         "-machine", f"{machine},accel={spec.accel.value}",
         "-cpu", spec.cpu,
         "-m", f"{spec.memory_mib}M",
@@ -70,6 +89,7 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
         "-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on",
         "-numa", "node,memdev=mem",
         "-display", "none", "-nodefaults", "-no-user-config", "-no-reboot",
+        *(["-sandbox", spec.sandbox] if spec.sandbox else []),
         "-kernel", str(spec.kernel),
         "-append", spec.cmdline,
     ]  # fmt: skip
@@ -83,7 +103,7 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
         "-chardev", "stdio,id=console,signal=off",
         "-device", f"virtio-serial-{bus},id=vser0",
         "-device", "virtconsole,chardev=console,bus=vser0.0",
-        "-chardev", f"file,id=status,path={spec.status_file}",
+        "-chardev", f"socket,id=status,fd={spec.status_fd}",
         "-device", f"virtserialport,chardev=status,name={STATUS_PORT},bus=vser0.0",
         "-chardev", f"socket,id=qmp-supervisor,fd={spec.private_qmp_fd}",
         "-mon", "chardev=qmp-supervisor,mode=control",
@@ -97,7 +117,7 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
         ]  # fmt: skip
     for index, (tag, socket_path) in enumerate(spec.shares):
         argv += [
-            "-chardev", f"socket,id=fs{index},path={socket_path}",
+            "-chardev", f"socket,id=fs{index},path={qemu_escape(str(socket_path))}",
             "-device", f"vhost-user-fs-{bus},chardev=fs{index},tag={tag}",
         ]  # fmt: skip
     if spec.network is not None:

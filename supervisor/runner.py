@@ -33,6 +33,7 @@ import anyio
 from supervisor.config import Accel, Hypervisor
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.launcher import Forward
+from supervisor.qemu import qemu_escape
 
 SCRIPT_NAME = "microvm-run"
 QMP_SOCKET = "qmp.sock"
@@ -123,16 +124,17 @@ def _quote(value: str) -> str:
 
 
 def _options(value: str) -> list[tuple[str, str | None]]:
-    """'a,b=c' -> [("a", None), ("b", "c")] (QEMU/cloud-hypervisor option lists)."""
+    """'a,b=c' -> [("a", None), ("b", "c")] (QEMU/cloud-hypervisor option lists); ',,' is QEMU's
+    escape for a comma inside a value (a path), kept as one ',' in the value."""
     result: list[tuple[str, str | None]] = []
-    for item in value.split(","):
-        key, sep, val = item.partition("=")
+    for item in value.replace(",,", "\0").split(","):
+        key, sep, val = item.replace("\0", ",").partition("=")
         result.append((key, val if sep else None))
     return result
 
 
 def _join_options(items: Sequence[tuple[str, str | None]]) -> str:
-    return ",".join(key if val is None else f"{key}={val}" for key, val in items)
+    return ",".join(key if val is None else f"{key}={qemu_escape(val)}" for key, val in items)
 
 
 def _set_option(value: str, key: str, new: str) -> str:
@@ -272,6 +274,9 @@ class Overrides:
     forwards: list[Forward] = field(default_factory=list)
     cmdline: str = ""  # qemu.cmdline from the config: appended to -append
     tsc_khz: int | None = None  # the host's TSC rate: what a TCG guest's TSC runs at
+    # egress allowlist (egress.NetworkPlan.netdev_extra): appended to the user netdev, which must be
+    # the runner's only network; () leaves the network as it is
+    netdev_extra: tuple[str, ...] = ()
 
 
 @dataclass
@@ -415,7 +420,7 @@ def plan_qemu(script: RunnerScript, instance_dir: Path, overrides: Overrides) ->
     for index in qmps:
         match = re.fullmatch(r"unix:([^,]*)(,.*)?", edit.value(index, "-qmp"))
         if match:
-            edit.set(index, f"unix:{instance_dir / QMP_SOCKET}{match.group(2) or ''}")
+            edit.set(index, f"unix:{qemu_escape(str(instance_dir / QMP_SOCKET))}{match.group(2) or ''}")
     for index in positions.get("-chardev", []):
         value = edit.value(index, "-chardev")
         tag = fs_chardevs.get(_get_option(value, "id") or "")
@@ -432,6 +437,8 @@ def plan_qemu(script: RunnerScript, instance_dir: Path, overrides: Overrides) ->
             )
         value = edit.value(users[0], "-netdev")
         edit.set(users[0], ",".join([value, *(forward.hostfwd() for forward in overrides.forwards)]))
+    if overrides.netdev_extra:
+        _restrict_network(edit, positions, overrides.netdev_extra)
     tail = edit.tail_index()
     extra = [_quote("-chardev"), "", _quote("-mon"), _quote(f"chardev={PRIVATE_QMP_ID},mode=control")]
     raw = [word for index, word in enumerate(edit.raw) if index not in drop]
@@ -449,6 +456,34 @@ def plan_qemu(script: RunnerScript, instance_dir: Path, overrides: Overrides) ->
     )
 
 
+def _restrict_network(edit: _Edit, positions: dict[str, list[int]], extra: Sequence[str]) -> None:
+    """Egress allowlist: the runner's one user netdev gets restrict=on and the proxy's guestfwd; any
+    other way out (a tap, a bridge, a socket netdev, -nic/-net) would go around the proxy: refused."""
+    path = edit.script.path
+    others = [option for option in ("-nic", "-net") if positions.get(option)]
+    netdevs = [(i, edit.value(i, "-netdev")) for i in positions.get("-netdev", [])]
+    others += [value.split(",")[0] for _, value in netdevs if value.split(",")[0] != "user"]
+    users = [(i, value) for i, value in netdevs if value.split(",")[0] == "user"]
+    if others or len(users) != 1:
+        found = ", ".join(others) or f"{len(users)} user netdevs"
+        raise _error(
+            path,
+            f'has network devices the egress allow-list cannot cover ({found}): network.mode = "allowlist" '
+            'needs exactly one -netdev user (microvm.interfaces = [ { type = "user"; ... } ]) and no '
+            'tap, bridge or -nic; or leave network.mode out ("open")',
+        )
+    index, value = users[0]
+    net = _get_option(value, "net")
+    if net is not None and net.split("/")[0] != "10.0.2.0":
+        raise _error(
+            path,
+            f"has -netdev user,net={net}; the egress proxy's address 10.0.2.100 needs QEMU's default "
+            "network 10.0.2.0/24: drop net= from the runner's user interface",
+        )
+    kept = _join_options([(k, v) for k, v in _options(value) if k not in ("restrict", "guestfwd")])
+    edit.set(index, ",".join([kept, *extra]))
+
+
 def _set_qemu_memory(edit: _Edit, positions: dict[str, list[int]], mib: int) -> None:
     for index in positions.get("-m", []):
         value = edit.value(index, "-m")
@@ -462,6 +497,13 @@ def _set_qemu_memory(edit: _Edit, positions: dict[str, list[int]], mib: int) -> 
 
 
 def plan_cloud_hypervisor(script: RunnerScript, instance_dir: Path, overrides: Overrides) -> RunnerPlan:
+    if "," in str(instance_dir):
+        # cloud-hypervisor's option lists have no escape for a comma in a value (QEMU's is ',,').
+        raise _error(
+            script.path,
+            f"runs cloud-hypervisor, whose options cannot hold a path with a ',', and the instance dir "
+            f"{instance_dir} has one: choose a runtime dir without ',' (--runtime-dir)",
+        )
     if overrides.forwards:
         raise _error(
             script.path,

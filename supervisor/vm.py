@@ -28,13 +28,14 @@ from supervisor import (
     console,
     consolelog,
     control,
-    guest,
+    egress,
     kvm_watch,
     launcher,
     pid1,
     readiness,
     runtime,
     sharedirs,
+    statusport,
 )
 from supervisor import runner as microvm
 from supervisor.children import (
@@ -46,8 +47,9 @@ from supervisor.children import (
     run_child,
 )
 from supervisor.config import Hypervisor, SocketMode
+from supervisor.egress.proxy import Proxy
 from supervisor.errors import ExitCode, SupervisorError
-from supervisor.notify import Notifier
+from supervisor.notify import Notifier, stop_budget
 from supervisor.plan import Plan
 from supervisor.qemu import qemu_argv
 from supervisor.qmp import QmpClient, QmpError
@@ -111,9 +113,10 @@ class Instance:
         self._state_groups: list[runtime.GroupRecord] = []
         self._supervisor_ticks = 0
         self._created = runtime.now()  # the instance's start, kept across state rewrites
-        self.report = guest.GuestReport(None, None)
+        self.report = statusport.GuestReport()
         self._console_log: consolelog.ConsoleLog | None = None
         self._share_dirs: dict[str, int] = {}  # tag -> the share's open directory (see sharedirs)
+        self.egress: Proxy | None = None  # allowlist mode: the guest's only way out
 
     # ---- state file and watchdog -------------------------------------------------------------
 
@@ -147,7 +150,8 @@ class Instance:
         """Teardown begins: remember the first cause and tell the service manager."""
         if self.stop_cause is None:
             self.stop_cause = cause
-            self.host.notifier.stopping(f"stopping {self.plan.instance}: {cause}")
+            budget = stop_budget(self.plan.timeouts, self._stop_deadline)
+            self.host.notifier.stopping(f"stopping {self.plan.instance}: {cause}", budget=budget)
 
     async def _graceful_stop(self, runner: Child) -> None:
         """system_powerdown, a deadline, QMP quit, a deadline, then the group kill in run_child."""
@@ -263,6 +267,7 @@ class Instance:
             stop_cause=self.stop_cause,
             children=[control.child_info(child) for child in self.children],
             shares=[control.share_info(share) for share in plan.shares],
+            egress=egress.egress_info(self.egress, plan.egress) if self.egress is not None else None,
         )
 
     def _is_own_child(self, pid: int) -> bool:
@@ -426,19 +431,21 @@ class Instance:
         )
 
     def _runner_spec(
-        self, pty: console.ConsolePty, private_qmp: int, public_qmp: int | None, resize: int
+        self, pty: console.ConsolePty, private_qmp: int, public_qmp: int | None, resize: int, status: int
     ) -> ChildSpec:
         plan = self.plan
         if plan.runner is not None:  # its guest has no resize helper of ours to talk to
             return self._microvm_runner_spec(plan.runner, pty, private_qmp)
         assert public_qmp is not None
         argv = qemu_argv(
-            plan.qemu_spec(private_qmp_fd=private_qmp, public_qmp_fd=public_qmp, resize_fd=resize)
+            plan.qemu_spec(
+                private_qmp_fd=private_qmp, public_qmp_fd=public_qmp, status_fd=status, resize_fd=resize
+            )
         )
         return ChildSpec(
             name="runner",
             argv=argv,
-            pass_fds=(private_qmp, public_qmp, resize),
+            pass_fds=(private_qmp, public_qmp, resize, status),
             stdin=pty.slave,
             stdout=pty.slave,
             env=self._child_env(),
@@ -453,6 +460,8 @@ class Instance:
         pty = console.open_console_pty(size)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         resize_ours, resize_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        status_ours, status_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        status_port = statusport.StatusPort(status_ours)
         # A microvm.nix runner's own -qmp is moved to the same path; QEMU binds that one itself.
         public = bind_vhost_user_socket(plan.qmp_socket) if plan.runner is None else None
         listener = console.bind_console_socket(plan.console_socket)
@@ -461,13 +470,18 @@ class Instance:
             async with anyio.create_task_group() as tg:
                 try:
                     spec = self._runner_spec(
-                        pty, theirs.fileno(), public.fileno() if public else None, resize_theirs.fileno()
+                        pty,
+                        theirs.fileno(),
+                        public.fileno() if public else None,
+                        resize_theirs.fileno(),
+                        status_theirs.fileno(),
                     )
                     runner = await tg.start(self._run_child, spec)
                 finally:
                     pty.close_slave()  # QEMU has it: its exit now reads as EOF on the master
                     theirs.close()
                     resize_theirs.close()
+                    status_theirs.close()
                     if public is not None:
                         public.close()
                 self.runner = runner
@@ -482,6 +496,7 @@ class Instance:
                     )
                 tg.start_soon(self._stop_when_requested, runner)
                 tg.start_soon(self._run_console, pty, size, resize_ours, listener)
+                tg.start_soon(status_port.run)
                 tg.start_soon(self._watch_kvm_once_up, self.qmp)
                 await runner.exited.wait()
                 failed = self.outcome.error is not None
@@ -490,7 +505,10 @@ class Instance:
                 with anyio.move_on_after(1.0):
                     await self._console_done.wait()
                 tg.cancel_scope.cancel()
+            if plan.builtin_guest:
+                self.report = status_port.report()
         finally:
+            status_port.close()
             pty.close()
             ours.close()
             resize_ours.close()
@@ -646,6 +664,12 @@ class Instance:
                         pid1.become_subreaper()
                         everything.start_soon(pid1.reap_orphans, self._is_own_child)
                     await everything.start(control.Server(plan.control_socket, self).serve)
+                    self.egress = egress.make_proxy(plan.egress)
+                    if self.egress is not None and plan.egress.socket_path is not None:
+                        self.log.info(
+                            "egress allow-list", proxy=plan.egress.proxy_url, log=str(plan.egress.log_path)
+                        )
+                        await everything.start(self.egress.serve_handoff, plan.egress.socket_path)
                     if plan.devshell is not None:
                         await self._refresh_devshell(plan.devshell)
                     async with anyio.create_task_group() as shares:
@@ -661,13 +685,13 @@ class Instance:
                     raise rest from None
                 if errors is not None:
                     self.outcome.fail(_first_error(errors))
-            if plan.builtin_guest:
-                self.report = guest.read_status(plan.status_file)
         finally:
             self._stopping("the instance ended")
             runtime.remove_instance_dir(plan.instance_dir)
             if self._console_log is not None:
                 self._console_log.close()
+            if self.egress is not None:
+                self.egress.audit.close()
         return self._exit_code()
 
     def _exit_code(self) -> int:
@@ -698,6 +722,12 @@ class Instance:
                 )
             return exit_code_of(runner.status)
         report = self.report
+        problem = report.problem()
+        if problem is not None:
+            raise SupervisorError(
+                f"{problem}. The guest cannot be trusted: run with --verbose to see its console.",
+                exit_code=ExitCode.GUEST_FAILED,
+            )
         if report.error is not None:
             raise SupervisorError(
                 f"the built-in guest failed before running the command: {report.error}. Run with "
@@ -713,6 +743,11 @@ class Instance:
                 file=sys.stderr,
             )
             return exit_code_of(runner.status)
+        overflow = report.overflow()
+        if overflow is not None:
+            raise SupervisorError(
+                f"{overflow}. Run with --verbose to see its console.", exit_code=ExitCode.GUEST_FAILED
+            )
         raise SupervisorError(
             f"QEMU (pid {runner.pid}) exited with {describe_status(runner.status)} before the guest "
             f"reported a status.{said} Check the QEMU command line with --debug.",

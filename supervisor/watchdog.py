@@ -8,7 +8,9 @@ supervisor announces the terminal's settings, the runtime dir and each process g
 pipe reaches EOF without the word "done" (the supervisor died without cleaning up), it SIGKILLs
 every announced group, removes the runtime dir and restores the terminal.
 
-The protocol: lines `VERB ARG`, written here (`_send`) and parsed in watchdog_main.parse.
+The protocol: messages `VERB ARG`, each terminated by a NUL, written here (`_send`) and parsed in
+watchdog_main.parse. A path cannot hold a NUL, while a newline once split "dir /tmp/x/precious\nx"
+into a removal of /tmp/x/precious (issue 11, D6).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class Watchdog:
 
     def _send(self, line: str) -> None:
         with contextlib.suppress(OSError):
-            os.write(self._write_fd, (line + "\n").encode("utf-8", "surrogateescape"))
+            os.write(self._write_fd, (line + "\0").encode("utf-8", "surrogateescape"))
 
     def guard_dir(self, path: Path) -> None:
         self._send(f"dir {path}")

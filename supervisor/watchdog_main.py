@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 
 
 def parse(buffer: bytes) -> tuple[list[tuple[str, str]], bytes]:
-    """The protocol, parsed in this one place: complete messages `VERB ARG\\n` as (verb, arg),
+    """The protocol, parsed in this one place: complete messages `VERB ARG\\0` as (verb, arg),
     and what is left of an incomplete last one."""
-    *lines, rest = buffer.split(b"\n")
+    *lines, rest = buffer.split(b"\0")
     messages = []
     for raw in lines:
         verb, _, arg = raw.decode("utf-8", "surrogateescape").partition(" ")

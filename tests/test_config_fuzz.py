@@ -56,6 +56,9 @@ _names = [
     "new/deeper",
     "file.txt",
     "nul\x00",
+    "nl\nx",  # a newline once reached the watchdog's line protocol (issue 11, D6)
+    "esc\x1b[31m",
+    "rt,logfile=leak",  # a comma once added options to QEMU's -chardev (D7)
     # Links as a guest could plant them (see Sandbox.prepare): never followed into a share source.
     "work/planted",
     "work/planted/new",
@@ -153,6 +156,7 @@ def documents(*, junk_fields: bool) -> st.SearchStrategy[dict[str, Any]]:
                     "memory-mib": field(st.integers(64, 4096), st.integers()),
                     "vcpus": field(st.integers(1, 4), st.integers()),
                     "extra-args": field(qemu_args, st.lists(text, max_size=3)),
+                    "sandbox": field(st.booleans(), st.one_of(text, st.integers())),
                 },
             ),
             "timeouts": st.fixed_dictionaries(
@@ -341,7 +345,10 @@ def _created_dirs_only(before: Mapping[str, Any], after: Mapping[str, Any]) -> l
         is_dir = (mode & 0o170000) == 0o040000
         # The console log of the instance (issue 3: kept after the VM, in $XDG_STATE_HOME or log-dir).
         console_log = re.fullmatch(r".+-[0-9a-f]{8}\.log(\.1)?", Path(path).name) is not None
-        if path not in before and not is_dir and Path(path).name not in LAUNCHER_FILES and not console_log:
+        # Facts about the binaries (issue 17: a second start spawns no probe), in $XDG_STATE_HOME.
+        fact = Path(path).parent.name == "facts" and Path(path).parent.parent.name == "agentvm-supervise"
+        known = Path(path).name in LAUNCHER_FILES or console_log or fact
+        if path not in before and not is_dir and not known:
             bad.append(path)
     return sorted(bad)
 
@@ -504,10 +511,11 @@ def test_nul_byte_in_any_string_field_is_a_clear_error(
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.parametrize("char", ["\x00", "\n", "\x1b", "\x7f"])
 @pytest.mark.parametrize("flag", ["--work-dir", "--runtime-dir", "--qemu", "--name"])
-def test_control_characters_in_flags_are_a_clear_error(sandbox: Sandbox, flag: str) -> None:
+def test_control_characters_in_flags_are_a_clear_error(sandbox: Sandbox, flag: str, char: str) -> None:
     sandbox.prepare()
     (sandbox.root / "config.toml").write_text(f'[qemu]\nbinary = "{FAKE_QEMU}"\n')
-    argv = ["run", "--config", str(sandbox.root / "config.toml"), flag, f"{sandbox.root}/a\x00b"]
+    argv = ["run", "--config", str(sandbox.root / "config.toml"), flag, f"{sandbox.root}/a{char}b"]
     problems = play(sandbox, argv, f"fuzz-{os.getpid()}-{time.monotonic_ns()}")
     assert not problems, "\n".join(problems)
