@@ -23,6 +23,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import termios
 import time
 import uuid
@@ -295,7 +296,7 @@ def _pod_from_job(key_dir: Path, claim: str) -> dict[str, Any]:
 
 def _supervisor_knows(flag: str) -> bool:
     help_text = subprocess.run(
-        ["python3", "-m", "supervisor", "run", "--help"],
+        [sys.executable, "-m", "supervisor", "run", "--help"],
         capture_output=True,
         text=True,
         cwd=REPO,
