@@ -23,6 +23,10 @@ done
 packages=(qemu-system-x86 python3 python3-venv python3-dev gcc libc6-dev cpio apt dpkg gzip
   ca-certificates)
 [ "$test_tools" = 1 ] && packages+=(tmux nix-bin systemd procps util-linux passwd iproute2 openssh-client)
+# The container tests (tests/test_container.py): build the Containerfile from a base made locally
+# by mmdebstrap (no registry), run it with runc (crun refuses hosts with hybrid cgroups);
+# `podman kube play` needs catatonit for its pod's infra container.
+[ "$test_tools" = 1 ] && packages+=(podman buildah runc catatonit mmdebstrap debian-archive-keyring)
 [ "$bench" = 1 ] && packages+=(bash)  # and gcc, above, for the stub runner
 missing=()
 for p in "${packages[@]}"; do
