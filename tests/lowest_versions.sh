@@ -38,6 +38,7 @@ echo "lowest_versions.sh: testing with $(tr '\n' ' ' <"$constraints")" >&2
 if [ "$#" = 0 ]; then
   set -- -q -m "not vm" -p no:cacheprovider \
     tests/test_logs.py tests/test_notify.py tests/test_qmp.py tests/test_kvm_watch.py \
-    tests/test_control.py tests/test_bad_input.py tests/test_children.py tests/test_pid1.py tests/test_xdg.py
+    tests/test_control.py tests/test_bad_input.py tests/test_children.py tests/test_pid1.py tests/test_xdg.py \
+    tests/test_tap.py tests/test_egress.py
 fi
 exec "$venv/bin/python" -m pytest "$@"
