@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import anyio
+import msgspec
 import structlog
 
 from supervisor import (
@@ -28,6 +29,7 @@ from supervisor import (
     config,
     console,
     doctor,
+    guestcmd,
     kvm_watch,
     logs,
     manage,
@@ -67,7 +69,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """The flags laid over the config file: the same for `run` and `doctor`."""
     parser.add_argument("--config", type=Path, help="TOML config file (see docs/config.md)")
     parser.add_argument(
-        "--agent", choices=["claude", "gemini", "codex"], help="agent flavor: names the agent home (claude)"
+        "--agent",
+        choices=["claude", "gemini", "codex"],
+        help="agent flavor: names the agent home (claude); given here without --runner, it also "
+        "boots that flavor's agent guest (--guest agent)",
+    )
+    parser.add_argument(
+        "--guest",
+        choices=["builtin", "agent"],
+        help="what our own QEMU boots: the busybox guest (builtin), or the agent flavor's Debian guest",
     )
     parser.add_argument(
         "--work-dir", help="project dir mounted at /work (default: $WORK_DIR, else current dir)"
@@ -163,6 +173,7 @@ def _parser() -> _Parser:
     att.add_argument("--escape-key", help="console escape key: ctrl-X, ^X, or none (default: ctrl-])")
     att.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     manage.add_parsers(commands)
+    guestcmd.add_parser(commands)
     return parser
 
 
@@ -189,6 +200,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "sandbox-fallback": args.sandbox_fallback,
     }
     result: dict[str, Any] = {key: value for key, value in top.items() if value is not None}
+    # `run --agent claude` means claude's agent guest (unless a runner is given: it names the home)
+    guest_kind = args.guest or ("agent" if args.agent and not args.runner else None)
+    if guest_kind is not None:
+        result["guest"] = guest_kind
     runner = {"script": args.runner}
     console_section = {
         "escape-key": getattr(args, "escape_key", None),
@@ -202,8 +217,16 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _doctor(args: argparse.Namespace) -> int:
+def _load_config(args: argparse.Namespace) -> config.Config:
     cfg = config.load(args.config, _overrides(args))
+    if args.guest is None and (cfg.runner is not None or cfg.qemu.kernel is not None):
+        # --agent only implied the agent guest: a config's runner or kernel keeps its own guest
+        cfg = msgspec.structs.replace(cfg, guest=config.GuestKind.BUILTIN)
+    return cfg
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
     report = doctor.diagnose(cfg, env=os.environ, cwd=Path.cwd())
     if args.json:
         sys.stdout.buffer.write(doctor.render_json(report))
@@ -236,7 +259,7 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
             f"unexpected argument '{command[0]}': put the guest command after --, as in "
             f"'{PROG} run -- make test'"
         )
-    cfg = config.load(args.config, _overrides(args))
+    cfg = _load_config(args)
     if args.wait_kvm is not None:
         _wait_for_kvm(cfg, args.wait_kvm)
     stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
@@ -297,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = logging.DEBUG if debug else (logging.INFO if getattr(args, "verbose", False) else None)
         fmt = {"json": True, "human": False}.get(getattr(args, "log_format", None) or "")
         logs.configure(json=fmt, level=level)
+        if args.command == "guest":
+            return guestcmd.run(args)
         if args.command != "run":
             return manage.run_verb(args)
         return _run(args, stop_signals)

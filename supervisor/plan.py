@@ -15,12 +15,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supervisor import checks, control, guest, kvm, launcher, runner, runtime
+from supervisor import agentguest, checks, control, guest, kvm, launcher, runner, runtime
 from supervisor.config import (
     Accel,
     Agent,
     Config,
     ConsoleConfig,
+    GuestKind,
     Hypervisor,
     Machine,
     Share,
@@ -386,6 +387,11 @@ def build_plan(
     ]
 
     builtin = config.qemu.kernel is None and runner_plan is None
+    if config.guest is GuestKind.AGENT and not builtin:
+        raise SupervisorError(
+            'guest = "agent" (or --guest agent) boots our own QEMU with the agent guest, but the config '
+            "also names a runner or a qemu.kernel: remove one of them (or pass --guest builtin)",
+        )
     if not builtin and command:
         raise SupervisorError(
             "a guest command (after --) needs the built-in guest, which knows how to run it and report "
@@ -441,6 +447,12 @@ def build_plan(
         else:
             row, assets = checks.check_guest(env, build=preflight.strict)
             preflight.add(row)
+    # the agent guest (agentguest.py): its own kernel, initramfs and root image, same host contract
+    agent_plan = (
+        agentguest.plan_guest(agent, env, config.qemu.machine, forwards=bool(forwards), preflight=preflight)
+        if config.guest is GuestKind.AGENT
+        else None
+    )
     if virtiofsd_name is None and assets is not None:
         virtiofsd_name = str(assets.virtiofsd)
     if virtiofsd_name is None:
@@ -478,6 +490,8 @@ def build_plan(
         if assets is None:  # lenient preflight without a built guest: where it will be
             assets = guest.GuestAssets(guest.cache_root(env) / f"guest-{guest.assets_hash()}")
         kernel, initrd = assets.kernel, assets.initrd
+        if agent_plan is not None:
+            kernel, initrd = agent_plan.kernel, agent_plan.initrd
     else:
         kernel = Path(str(config.qemu.kernel)).expanduser()
         initrd = Path(config.qemu.initrd).expanduser() if config.qemu.initrd else None
@@ -499,9 +513,9 @@ def build_plan(
         kernel=kernel,
         initrd=initrd,
         cmdline=cmdline,
-        memory_mib=config.qemu.memory_mib or DEFAULT_MEMORY_MIB,
-        vcpus=config.qemu.vcpus or DEFAULT_VCPUS,
-        qemu_extra_args=list(config.qemu.extra_args),
+        memory_mib=config.qemu.memory_mib or (agent_plan.memory_mib if agent_plan else DEFAULT_MEMORY_MIB),
+        vcpus=config.qemu.vcpus or (agent_plan.vcpus if agent_plan else DEFAULT_VCPUS),
+        qemu_extra_args=(agent_plan.qemu_args if agent_plan else []) + list(config.qemu.extra_args),
         builtin_guest=builtin,
         command=list(command) if command else None,
         timeouts=config.timeouts,
