@@ -19,7 +19,9 @@ for arg in "$@"; do
 done
 
 packages=(qemu-system-x86 python3 python3-venv python3-dev gcc libc6-dev cpio apt dpkg gzip
-  ca-certificates)
+  ca-certificates
+  # the agent guests (supervisor/guest/agent/build-agent.sh): a Debian root fs, packed as erofs
+  mmdebstrap erofs-utils debian-archive-keyring)
 [ "$test_tools" = 1 ] && packages+=(tmux nix-bin systemd procps util-linux passwd)
 [ "$bench" = 1 ] && packages+=(bash)  # and gcc, above, for the stub runner
 missing=()

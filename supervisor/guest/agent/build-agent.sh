@@ -28,6 +28,8 @@ KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 MODULES=(virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio_blk
 	virtio_console virtio_net failover net_failover fuse virtiofs erofs overlay button evdev)
 PACKAGES=bash,coreutils,git,openssh-client,curl,ca-certificates,less,procps,iproute2,util-linux,podman,busybox-static,nodejs
+# npm 10 runs on Debian 13's node 20 (npm 11 and later need node 22)
+NPM_VERSION=10.9.2
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 step() { echo "$PROG: [$1/$STEPS] $2" >&2; }
@@ -98,6 +100,7 @@ in_root() { # in_root CMD...: run CMD in the chroot with /proc, /sys, /dev (unmo
 	}
 	chroot "$ROOT" env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/root \
 		NODE_EXTRA_CA_CERTS=$HOST_CA npm_config_cafile=$HOST_CA CURL_CA_BUNDLE=$HOST_CA \
+		npm_config_prefix=/usr/local \
 		${http_proxy:+http_proxy=$http_proxy} ${https_proxy:+https_proxy=$https_proxy} \
 		"${NPM_ENV[@]}" "$@" || rc=$?
 	umount -R "$ROOT/proc" "$ROOT/sys" "$ROOT/dev" 2>/dev/null || umount -lR "$ROOT/proc" "$ROOT/sys" "$ROOT/dev" || true
@@ -122,11 +125,11 @@ NPM_OPTS=(--no-fund --no-audit --no-update-notifier --loglevel=http --fetch-retr
 step 2 "installing npm and node from the npm registry..."
 REGISTRY=${npm_config_registry:-https://registry.npmjs.org}
 REGISTRY=${REGISTRY%/}
-in_root bash -c 'set -e; mkdir -p /tmp/npm-boot && cd /tmp/npm-boot
-url=$(curl -fsS --retry 1 "$1/npm/latest-10" | node -e "let s=\"\";process.stdin.on(\"data\",d=>s+=d).on(\"end\",()=>console.log(JSON.parse(s).dist.tarball))")
-curl -fsS --retry 1 "$url" | tar -xz
-node package/bin/npm-cli.js install -g --no-fund --no-audit --no-update-notifier npm@10' boot "$REGISTRY" >"$WORK/npm-boot.log" 2>&1 ||
-	die "installing npm from the npm registry ($REGISTRY) failed: $NET_REMEDY." "$WORK/npm-boot.log"
+in_root bash -c 'set -eo pipefail; mkdir -p /tmp/npm-boot && cd /tmp/npm-boot
+curl -fsS --retry 1 -o npm.tgz "$1/npm/-/npm-$2.tgz"
+tar -xzf npm.tgz
+node package/bin/npm-cli.js install -g --no-fund --no-audit --no-update-notifier ./npm.tgz' boot "$REGISTRY" "$NPM_VERSION" >"$WORK/npm-boot.log" 2>&1 ||
+	die "installing npm $NPM_VERSION from the npm registry ($REGISTRY) failed: $NET_REMEDY." "$WORK/npm-boot.log"
 rm -rf "$ROOT/tmp/npm-boot"
 if [ "$NODE_SPEC" != debian ]; then
 	echo "$PROG:     $NODE_SPEC (the CLI needs a newer node than Debian's)" >&2
