@@ -65,11 +65,18 @@ OUT=$(realpath -m -- "$6")
 PARENT=$(dirname "$OUT")
 mkdir -p "$PARENT" || die "cannot create $PARENT: choose a writable cache (AGENTVM_SUPERVISE_CACHE)."
 TMP=$(mktemp -d "$PARENT/.$(basename "$OUT").build.XXXXXX") || die "cannot create a temp dir in $PARENT."
-cleanup() { rm -rf -- "$TMP"; }
+# set +e: a failing command in an EXIT trap would end it under set -e, before the rm.
+# --one-file-system: never descend into a /proc, /sys or /dev the chroot still has mounted.
+cleanup() {
+	set +e
+	[ -z "${ROOT:-}" ] || umount -lR "$ROOT/proc" "$ROOT/sys" "$ROOT/dev" 2>/dev/null
+	rm -rf --one-file-system -- "$TMP"
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
 chmod 0755 "$TMP"
-STAGE=$TMP/out ROOT=$TMP/rootfs WORK=$TMP/work
+STAGE=$TMP/out WORK=$TMP/work
+ROOT=$TMP/rootfs
 mkdir -p "$STAGE" "$WORK"
 
 MIRROR=${AGENTVM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -106,7 +113,6 @@ in_root() { # in_root CMD...: run CMD in the chroot with /proc, /sys, /dev (unmo
 	umount -R "$ROOT/proc" "$ROOT/sys" "$ROOT/dev" 2>/dev/null || umount -lR "$ROOT/proc" "$ROOT/sys" "$ROOT/dev" || true
 	return $rc
 }
-trap 'umount -lR "$ROOT/proc" "$ROOT/sys" "$ROOT/dev" 2>/dev/null; cleanup' EXIT
 cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true
 # The guest trusts what the host trusts (a TLS-inspecting proxy's CA, say): the host's bundle goes
 # into the image beside Debian's, and node and npm use it (NODE_EXTRA_CA_CERTS).
