@@ -89,16 +89,31 @@ def test_a_failed_debian_download_leaves_no_half_built_guest(guest_assets: guest
 @pytest.mark.skipif(os.geteuid() != 0, reason="building an agent guest needs root")
 @pytest.mark.skipif("claude" not in _flavors(), reason=f"{FLAVORS_ENV} leaves claude out")
 def test_a_cli_whose_native_binary_is_missing_fails_the_build(guest_assets: guest.GuestAssets) -> None:
-    # npm leaves the per-platform optional dependency out: the package installs, its stub cannot run
+    # npm leaves the per-platform optional dependency out: the package installs, its stub cannot
+    # run. An older version than the session's guest, so that there is something to build.
     env = {**CACHE_ENV, "npm_config_omit": "optional"}
-    result = run_supervisor(["guest", "build", "--agent", "claude"], env=env, timeout=BUILD_TIMEOUT)
-    built = agentguest.find_built(_cache_env(), Agent.CLAUDE)
-    if built is not None and result.returncode == 0:
-        pytest.skip("the claude guest was built already, so there was nothing to build")
+    argv = ["guest", "build", "--agent", "claude", "--cli-version", "2.1.330"]
+    result = run_supervisor(argv, env=env, timeout=BUILD_TIMEOUT)
     assert result.returncode == ExitCode.UNAVAILABLE, result.stderr
     assert "'claude --version' fails in the guest's root file system" in result.stderr
     assert "native binary is missing" in result.stderr
-    assert list(TEST_CACHE.glob(".agent-claude-*.build.*")) == []
+    assert list(TEST_CACHE.glob("*agent-claude-2.1.330-*")) == []
+
+
+def test_an_unprivileged_build_names_the_root_way(test_user: str, shared_tmp: Path) -> None:
+    uid, gid = user_ids(test_user)
+    os.chown(shared_tmp, uid, gid)
+    env = {"AGENTVM_SUPERVISE_CACHE": str(shared_tmp / "cache")}
+    result = run_supervisor(["guest", "build", "--agent", "codex"], env=env, user=test_user, cwd=shared_tmp)
+    assert result.returncode == ExitCode.UNAVAILABLE, result.stderr
+    assert "building it needs root" in result.stderr
+    assert (
+        f"sudo AGENTVM_SUPERVISE_CACHE={shared_tmp / 'cache'} agentvm-supervise guest build --agent codex"
+        in (result.stderr.replace("\n", " "))
+    )
+    assert [
+        p.name for p in (shared_tmp / "cache").iterdir() if p.name.startswith(("agent-", ".agent-codex"))
+    ] == []
 
 
 def test_doctor_reports_the_agent_guest(tmp_path: Path) -> None:

@@ -93,7 +93,10 @@ step 1 "building a Debian 13 root file system with mmdebstrap ($MIRROR; ~250 MB 
 nice mmdebstrap --mode=root --variant=minbase --format=directory \
 	--aptopt='Acquire::Retries "2"' --aptopt='APT::Install-Recommends "false"' --include="$PACKAGES" \
 	trixie "$ROOT" "deb [signed-by=$KEYRING] $MIRROR trixie main" \
-	"deb [signed-by=$KEYRING] $SECURITY trixie-security main" >"$WORK/mmdebstrap.log" 2>&1 ||
+	"deb [signed-by=$KEYRING] $SECURITY trixie-security main" 2>&1 | tee "$WORK/mmdebstrap.log" |
+	{ grep --line-buffered -E '^I: (downloading|extracting|installing|running apt-get update)' || true; } |
+	sed -u "s/^I: /$PROG:     /" >&2
+[ "${PIPESTATUS[0]}" = 0 ] ||
 	die "mmdebstrap could not build the Debian 13 root file system (a package download failed, or the \
 disk is full): $NET_REMEDY." "$WORK/mmdebstrap.log"
 
@@ -147,7 +150,8 @@ fi
 step 3 "installing $CLI_PACKAGE@$CLI_VERSION with npm (its native binary comes as an optional dependency)..."
 in_root npm install -g "${NPM_OPTS[@]}" "$CLI_PACKAGE@$CLI_VERSION" >"$WORK/npm-cli.log" 2>&1 ||
 	die "npm could not install $CLI_PACKAGE@$CLI_VERSION: $NET_REMEDY." "$WORK/npm-cli.log"
-grep -E '^npm http fetch GET 200' "$WORK/npm-cli.log" | awk '{print $NF}' | tail -n 3 | sed "s/^/$PROG:     fetched /" >&2 || true
+echo "$PROG:     fetched $(grep -c '^npm http fetch GET 200' "$WORK/npm-cli.log" || true) packages; \
+$(du -sm "$ROOT/usr/local/lib/node_modules" | cut -f1) MiB in /usr/local/lib/node_modules" >&2
 # a postinstall that did not run, or a platform package that is missing, leaves a stub that
 # installs fine and fails here
 CLI_OUT=$(in_root /usr/local/bin/"$FLAVOR" --version 2>"$WORK/version.log" </dev/null) ||

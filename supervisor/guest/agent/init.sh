@@ -59,8 +59,8 @@ report() { # the write blocks while no host end is connected: bounded
 
 shutdown() {
 	sync
-	echo o >/proc/sysrq-trigger 2>/dev/null
 	busybox poweroff -f
+	echo o >/proc/sysrq-trigger 2>/dev/null
 	while :; do sleep 3600; done
 }
 
