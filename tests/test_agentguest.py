@@ -8,7 +8,12 @@ guest is built once per session into the test cache; gemini and codex are opt-in
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +22,15 @@ from supervisor import agentguest, guest
 from supervisor.config import Agent
 from supervisor.errors import ExitCode
 from tests import fake_anthropic
-from tests.support import TEST_CACHE, leftovers, run_supervisor, user_ids, wait_until_gone
+from tests.support import (
+    TEST_CACHE,
+    base_env,
+    leftovers,
+    run_supervisor,
+    supervisor_argv,
+    user_ids,
+    wait_until_gone,
+)
 
 FLAVORS_ENV = "AGENTVM_TEST_AGENT_FLAVORS"
 CACHE_ENV = {"AGENTVM_SUPERVISE_CACHE": str(TEST_CACHE)}
@@ -172,6 +185,77 @@ def test_a_shell_in_the_agent_guest_sees_the_contract(
     info = (work / "uid").stat()
     assert (info.st_uid, info.st_gid) == (os.getuid(), os.getgid())
     _assert_nothing_left("ag-shell", tmp_path / "rt")
+
+
+@pytest.mark.vm
+def test_enable_cri_podman_stores_in_the_cri_storage_share(
+    claude_guest: agentguest.AgentGuest, tmp_path: Path
+) -> None:
+    script = 'podman info --format "{{.Store.GraphRoot}}" > /work/graphroot; docker info >/dev/null; echo $?'
+    result = run_supervisor(
+        [*_run_args(tmp_path, "ag-cri"), "--", "bash", "-c", script],
+        env={"ENABLE_CRI": "podman"},
+        timeout=BOOT_TIMEOUT,
+    )
+    assert result.returncode == 0, (result.stdout, result.stderr[-3000:])
+    assert (tmp_path / "work" / "graphroot").read_text() == "/var/lib/containers/storage\n"
+    assert (tmp_path / "home" / "cri-storage" / "storage").is_dir()  # on the host, in the share
+    _assert_nothing_left("ag-cri", tmp_path / "rt")
+
+
+def _tmux(socket: str, *args: str) -> str:
+    result = subprocess.run(
+        ["tmux", "-L", socket, "-f", "/dev/null", *args], capture_output=True, text=True, check=True
+    )
+    return result.stdout
+
+
+def _wait_screen(socket: str, pattern: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        screen = _tmux(socket, "capture-pane", "-p", "-J", "-t", "agent")
+        if re.search(pattern, screen, re.MULTILINE):
+            return screen
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{pattern!r} not on the screen within {timeout} s:\n{screen}")
+        time.sleep(0.5)
+
+
+@pytest.mark.vm
+def test_the_agent_ui_in_tmux_resizes_and_stops_from_the_console(
+    claude_guest: agentguest.AgentGuest, tmp_path: Path
+) -> None:
+    key = "sk-ant-fake-0123456789abcdefghij"
+    home = tmp_path / "home"
+    home.mkdir()
+    # claude's own first-run dialogs (theme, API key, folder trust) answered ahead, as a user would
+    settings = {
+        "hasCompletedOnboarding": True,
+        "theme": "dark",
+        "customApiKeyResponses": {"approved": [key[-20:]], "rejected": []},
+        "projects": {"/work": {"hasTrustDialogAccepted": True, "allowedTools": []}},
+    }
+    (home / ".claude.json").write_text(json.dumps(settings))
+    socket = f"agentvm-agent-tests-{os.getpid()}"
+    argv = [*supervisor_argv(), *_run_args(tmp_path, "ag-tmux")]
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in base_env({"ANTHROPIC_API_KEY": key}).items())
+    shell = f"env -i {env} {shlex.join(argv)} 2>{tmp_path}/stderr; echo EXIT=$?; stty -a | head -1; sleep 600"
+    _tmux(socket, "new-session", "-d", "-s", "agent", "-x", "100", "-y", "30", shell)
+    try:
+        # its first screen: the banner, the cwd, the input box between two rules as wide as the pane
+        screen = _wait_screen(socket, r"Claude Code v[0-9][\s\S]*^─{100}$", BOOT_TIMEOUT)
+        assert "/work" in screen
+        _tmux(socket, "resize-window", "-t", "agent", "-x", "70", "-y", "24")
+        # the agent redraws its input box's rules at the new width: 70 columns
+        _wait_screen(socket, r"^─{70}$", 120)
+        _tmux(socket, "send-keys", "-t", "agent", "C-]")
+        _tmux(socket, "send-keys", "-t", "agent", "-l", ".")
+        screen = _wait_screen(socket, r"EXIT=\d+", 120)
+        assert "EXIT=130" in screen  # stopped from the console
+        assert "rows 24; columns 70" in screen  # the pane's terminal, given back
+    finally:
+        subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True, check=False)
+    _assert_nothing_left("ag-tmux", tmp_path / "rt")
 
 
 def _agent_turn(tmp_path: Path, name: str, *, user: str | None = None) -> None:
