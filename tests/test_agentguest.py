@@ -90,13 +90,16 @@ def test_an_unreachable_registry_is_named_with_the_remedy(tmp_path: Path) -> Non
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="building an agent guest needs root")
 def test_a_failed_debian_download_leaves_no_half_built_guest(guest_assets: guest.GuestAssets) -> None:
-    # the registry works, the Debian mirror does not (a dead local port): mmdebstrap fails
+    # the registry works, the Debian mirror does not (a dead local port): mmdebstrap fails. An
+    # older version than the newest, which another test may have built.
     env = {**CACHE_ENV, "AGENTVM_DEBIAN_MIRROR": "http://127.0.0.1:9/debian"}
-    result = run_supervisor(["guest", "build", "--agent", "codex"], env=env, timeout=600)
+    argv = ["guest", "build", "--agent", "codex", "--cli-version", "0.169.0"]
+    result = run_supervisor(argv, env=env, timeout=600)
     assert result.returncode == ExitCode.UNAVAILABLE, result.stderr
-    assert "mmdebstrap could not build the Debian 13 root file system" in result.stderr
-    assert "guest build --agent codex' again" in result.stderr
-    assert sorted(p.name for p in TEST_CACHE.glob("*agent-codex-*")) == []
+    said = " ".join(result.stderr.split())  # the paragraph is folded at 100 columns
+    assert "mmdebstrap could not build the Debian 13 root file system" in said
+    assert "guest build --agent codex' again" in said
+    assert sorted(p.name for p in TEST_CACHE.glob("*agent-codex-0.169.0-*")) == []
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="building an agent guest needs root")
@@ -108,8 +111,9 @@ def test_a_cli_whose_native_binary_is_missing_fails_the_build(guest_assets: gues
     argv = ["guest", "build", "--agent", "claude", "--cli-version", "2.1.330"]
     result = run_supervisor(argv, env=env, timeout=BUILD_TIMEOUT)
     assert result.returncode == ExitCode.UNAVAILABLE, result.stderr
-    assert "'claude --version' fails in the guest's root file system" in result.stderr
-    assert "native binary is missing" in result.stderr
+    said = " ".join(result.stderr.split())  # the paragraph is folded at 100 columns
+    assert "'claude --version' fails in the guest's root file system" in said
+    assert "native binary is missing" in said
     assert list(TEST_CACHE.glob("*agent-claude-2.1.330-*")) == []
 
 

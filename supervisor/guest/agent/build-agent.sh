@@ -90,15 +90,15 @@ AGENTVM_DEBIAN_MIRROR), then run 'agentvm-supervise guest build --agent $FLAVOR'
 step 1 "building a Debian 13 root file system with mmdebstrap ($MIRROR; ~250 MB of packages)..."
 # the customize hooks run inside mmdebstrap (it mounts /proc, /sys and /dev for the chroot);
 # npm's output goes to the log and its progress lines to the terminal
-nice mmdebstrap --mode=root --variant=minbase --format=directory \
+if ! nice mmdebstrap --mode=root --variant=minbase --format=directory \
 	--aptopt='Acquire::Retries "2"' --aptopt='APT::Install-Recommends "false"' --include="$PACKAGES" \
 	trixie "$ROOT" "deb [signed-by=$KEYRING] $MIRROR trixie main" \
 	"deb [signed-by=$KEYRING] $SECURITY trixie-security main" 2>&1 | tee "$WORK/mmdebstrap.log" |
 	{ grep --line-buffered -E '^I: (downloading|extracting|installing|running apt-get update)' || true; } |
-	sed -u "s/^I: /$PROG:     /" >&2
-[ "${PIPESTATUS[0]}" = 0 ] ||
+	sed -u "s/^I: /$PROG:     /" >&2; then
 	die "mmdebstrap could not build the Debian 13 root file system (a package download failed, or the \
 disk is full): $NET_REMEDY." "$WORK/mmdebstrap.log"
+fi
 
 # the user's npm settings (npm_config_registry, _proxy, ...) reach npm in the chroot
 mapfile -t NPM_ENV < <(env | grep -E '^npm_config_[A-Za-z_]+=' || true)
