@@ -43,7 +43,9 @@ CLI_PACKAGES: Mapping[Agent, str] = {
 }
 DEBIAN_NODE_MAJOR = 20  # Debian 13's nodejs
 FILES = ("vmlinuz", "initrd.gz", "rootfs.erofs", "VERSIONS")
-SOURCES = ("build-agent.sh", "stage1.sh", "init.sh")
+# what goes into the image: a change to any of them is a new guest (guest/agent-env.sh is the
+# built-in guest's agent environment, shared)
+SOURCES = ("agent/build-agent.sh", "agent/stage1.sh", "agent/init.sh", "agent-env.sh")
 # The claude native binary alone is ~245 MB and the root overlay is tmpfs (RAM): 2 GiB leaves room
 # for the CLI, node and the agent's writes outside the shares.
 DEFAULT_MEMORY_MIB = 2048
@@ -89,7 +91,7 @@ class Release:
 
 
 def _sources() -> dict[str, bytes]:
-    folder = resources.files("supervisor") / "guest" / "agent"
+    folder = resources.files("supervisor") / "guest"
     return {name: (folder / name).read_bytes() for name in SOURCES}
 
 
@@ -327,20 +329,13 @@ def check(
     )
 
 
-def qemu_args(found: AgentGuest, machine: Machine, *, network: bool) -> list[str]:
-    """The root image as a read-only virtio disk, and user-mode networking unless the supervisor
-    adds its own NIC already (for --forward)."""
+def qemu_args(found: AgentGuest, machine: Machine) -> list[str]:
+    """The root image as a read-only virtio disk (the NIC is network.py's, as for the built-in guest)."""
     bus = "pci" if machine is Machine.Q35 else "device"
-    args = [
+    return [
         "-drive", f"file={found.image},if=none,id=agentvm-root,format=raw,readonly=on",
         "-device", f"virtio-blk-{bus},drive=agentvm-root",
     ]  # fmt: skip
-    if network:
-        args += [
-            "-netdev", "user,id=agentvm-net",
-            "-device", f"virtio-net-{bus},netdev=agentvm-net" + (",romfile=" if bus == "pci" else ""),
-        ]  # fmt: skip
-    return args
 
 
 @dataclass(frozen=True)
@@ -355,7 +350,7 @@ class GuestPlan:
 
 
 def plan_guest(
-    flavor: Agent, env: Mapping[str, str], machine: Machine, *, forwards: bool, preflight: checks.Preflight
+    flavor: Agent, env: Mapping[str, str], machine: Machine, *, preflight: checks.Preflight
 ) -> GuestPlan:
     """Check (and in a strict preflight: build on first use) the flavor's guest."""
     row, found = check(env, flavor, build_missing=preflight.strict)
@@ -365,7 +360,7 @@ def plan_guest(
     return GuestPlan(
         kernel=found.kernel,
         initrd=found.initrd,
-        qemu_args=qemu_args(found, machine, network=not forwards),
+        qemu_args=qemu_args(found, machine),
         memory_mib=DEFAULT_MEMORY_MIB,
         vcpus=DEFAULT_VCPUS,
     )

@@ -29,6 +29,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from supervisor.errors import ExitCode, SupervisorError
+from supervisor.launcher import child_environment
 
 _PR_SET_PDEATHSIG = 1
 STDERR_TAIL_LINES = 20
@@ -285,7 +286,7 @@ def probe(argv: Sequence[str], *, timeout: float = 10.0) -> ProbeResult:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "LC_ALL": "C"},  # stable, parseable help texts
+            env=child_environment(os.environ, {"LC_ALL": "C"}),  # stable, parseable help texts
             start_new_session=True,
             close_fds=True,
         )

@@ -31,6 +31,7 @@ from supervisor import (
     doctor,
     guestcmd,
     kvm_watch,
+    launcher,
     logs,
     manage,
     pid1,
@@ -259,6 +260,8 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
             f"unexpected argument '{command[0]}': put the guest command after --, as in "
             f"'{PROG} run -- make test'"
         )
+    # Before any fork: the watchdog would show the API key in its /proc/PID/environ otherwise.
+    launcher.scrub_proc_environ()
     cfg = _load_config(args)
     if args.wait_kvm is not None:
         _wait_for_kvm(cfg, args.wait_kvm)

@@ -1,8 +1,9 @@
 """The built-in guest: its assets (kernel, initramfs, virtiofsd), its command line, its status.
 
 Assets are built on first use by guest/build-assets.sh (Debian packages, downloaded and unpacked,
-nothing installed) into CACHE/guest-HASH, where HASH covers the build script and the guest's /init,
-so a change to either rebuilds and an unchanged cache is reused as it is.
+nothing installed) into CACHE/guest-HASH, where HASH covers every file in guest/ (the build script,
+the guest's /init, what the build copies in), so a change to any of them rebuilds and an unchanged
+cache is reused as it is.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from supervisor.errors import ExitCode, SupervisorError
+from supervisor.launcher import child_environment
 
 ASSET_FILES = ("vmlinuz", "initrd.gz", "virtiofsd")
 KERNEL_CMDLINE_MAX = 2047  # x86 COMMAND_LINE_SIZE is 2048 including the NUL
@@ -43,7 +45,7 @@ class GuestAssets:
 
 def _guest_sources() -> dict[str, bytes]:
     folder = resources.files("supervisor") / "guest"
-    return {name: (folder / name).read_bytes() for name in ("build-assets.sh", "init.sh")}
+    return {item.name: item.read_bytes() for item in folder.iterdir() if item.name.endswith(".sh")}
 
 
 def assets_hash() -> str:
@@ -97,7 +99,11 @@ def ensure_assets(env: Mapping[str, str]) -> GuestAssets:
             return assets
         script = resources.files("supervisor") / "guest" / "build-assets.sh"
         with resources.as_file(script) as script_path:
-            result = subprocess.run(["bash", str(script_path), str(assets.directory)], check=False)
+            result = subprocess.run(
+                ["bash", str(script_path), str(assets.directory)],
+                env=child_environment(os.environ, {}),  # the build needs no API key
+                check=False,
+            )
         if result.returncode != 0:
             raise SupervisorError(
                 f"building the built-in guest into {assets.directory} failed (status "

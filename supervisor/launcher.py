@@ -16,6 +16,7 @@ environment.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import ipaddress
 import os
@@ -85,10 +86,11 @@ def work_dir_source(config_value: str | None, env: Mapping[str, str]) -> tuple[s
 def resolve_agent_home(
     config_value: str | None, env: Mapping[str, str], *, work_dir: Path, agent: Agent, cwd: Path
 ) -> Path:
-    """--agent-home / agent-home, else $AGENT_HOME, else the default; symlinks resolved if it exists."""
+    """--agent-home / agent-home, else $AGENT_HOME, else the default. Not resolved here: the plan
+    resolves share sources without following links a guest could have planted (see sharedirs)."""
     raw = config_value or env.get("AGENT_HOME")
     path = _absolute(raw, cwd) if raw else default_agent_home(work_dir, env, agent)
-    return path.resolve() if path.exists() else path
+    return Path(os.path.normpath(path))
 
 
 def instance_prefix(work_dir: Path, agent: Agent) -> str:
@@ -98,6 +100,30 @@ def instance_prefix(work_dir: Path, agent: Agent) -> str:
 def child_environment(env: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
     """The environment every child gets: ours without the API keys and NOTIFY_SOCKET, plus `extra`."""
     return {**{k: v for k, v in env.items() if k not in PRIVATE_VARS}, **extra}
+
+
+def scrub_proc_environ(names: Iterable[str] = SECRET_VARS) -> None:
+    """Blank the values of `names` in this process's initial environment block.
+
+    /proc/PID/environ shows that block (mm->env_start..env_end), and a fork without exec (the
+    watchdog) shows it too. os.environ is a copy Python made at startup, so the keys stay usable for
+    .microvm-env; C's getenv() sees them empty from now on. Best effort: a kernel that hides the
+    addresses (they read 0 without ptrace access to oneself) leaves the block as it is.
+    """
+    wanted = {name.encode() for name in names}
+    try:
+        fields = Path("/proc/self/stat").read_bytes().rsplit(b")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])  # fields 50 and 51: env_start, env_end
+    except (OSError, IndexError, ValueError):
+        return
+    if not 0 < start < end:
+        return
+    offset = start
+    for entry in ctypes.string_at(start, end - start).split(b"\0"):
+        name, sep, value = entry.partition(b"=")
+        if sep and name in wanted and value:
+            ctypes.memset(offset + len(name) + 1, 0, len(value))
+        offset += len(entry) + 1
 
 
 # ---- port forwards ---------------------------------------------------------------------------

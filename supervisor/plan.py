@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supervisor import agentguest, checks, control, guest, kvm, launcher, runner, runtime
+from supervisor import agentguest, checks, control, guest, kvm, launcher, network, runner, runtime, sharedirs
 from supervisor.config import (
     Accel,
     Agent,
@@ -71,6 +71,7 @@ class Plan:
     env_file: launcher.EnvFile | None = None
     devshell: launcher.Devshell | None = None
     forwards: list[launcher.Forward] = field(default_factory=list)
+    network: network.GuestNetwork | None = None  # our own QEMU's NIC (a runner brings its own)
     runner: runner.RunnerPlan | None = None  # a microvm.nix runner instead of our own QEMU command
     notes: list[str] = field(default_factory=list)  # warnings to log when the instance starts
     kvm_device: Path = kvm.DEFAULT_DEVICE  # what the supervisor checks and watches; QEMU opens /dev/kvm
@@ -114,7 +115,7 @@ class Plan:
             public_qmp_fd=public_qmp_fd,
             status_file=self.status_file,
             extra_args=self.qemu_extra_args,
-            forwards=[forward.hostfwd() for forward in self.forwards],
+            network=self.network,
             resize_fd=resize_fd,
         )
 
@@ -208,13 +209,20 @@ def _resolve_ids(share: Share, index: int, source: Path, owner: os.stat_result, 
     )
 
 
-def _check_source(share: Share, index: int) -> Path:
+def _lexical_source(share: Share, index: int) -> Path:
     source = Path(share.source).expanduser()
     if not source.is_absolute():
         raise SupervisorError(
             f"share '{share.tag}' (shares[{index}].source) is the relative path '{share.source}': "
             "give an absolute path",
         )
+    return Path(os.path.normpath(source))
+
+
+def _check_source(share: Share, index: int, lexical: Path, others: Sequence[Path]) -> Path:
+    """The share's directory as a path with no symlink in it (see sharedirs), checked to exist."""
+    guarded = [*others, *(Path(os.path.realpath(other)) for other in others)]
+    source = sharedirs.physical_source(share.tag, lexical, guarded)
     if source.exists() and not source.is_dir():
         raise SupervisorError(
             f"share '{share.tag}': {source} is not a directory: point shares[{index}].source at a directory",
@@ -226,7 +234,24 @@ def _check_source(share: Share, index: int) -> Path:
             f"shares[{index}].source (or --work-dir) to name an existing directory",
             exit_code=ExitCode.NO_INPUT,
         )
-    return source.resolve() if source.exists() else source
+    return source
+
+
+def _guest_writable_parent(source: Path, shares: Sequence[ShareSpec]) -> ShareSpec | None:
+    """The share (not read-only) whose directory holds `source`, if any: the guest could write there."""
+    return next(
+        (
+            s
+            for s in shares
+            if not s.read_only and s.source != source and sharedirs.is_within(source, s.source)
+        ),
+        None,
+    )
+
+
+def _with_owner_check(share: ShareSpec, shares: Sequence[ShareSpec]) -> ShareSpec:
+    outer = _guest_writable_parent(share.source, shares)
+    return share if outer is None else replace(share, inside_share_of_uid=outer.ids.host_uid)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -343,11 +368,12 @@ def build_plan(
     seen: set[str] = set()
     shares: list[ShareSpec] = []
     sockets: list[tuple[Path, str]] = []
+    lexical = [_lexical_source(share, index) for index, share in enumerate(shares_config)]
     for index, share in enumerate(shares_config):
         if share.tag in seen:
             raise SupervisorError(f"two shares use the tag '{share.tag}': every share needs its own tag")
         seen.add(share.tag)
-        source = _check_source(share, index)
+        source = _check_source(share, index, lexical[index], lexical[:index] + lexical[index + 1 :])
         owner = (owner_path or _nearest_existing(source)).stat()
         ids = _resolve_ids(share, index, source, owner, euid)
         socket_path = instance_dir / f"{share.tag}.sock"
@@ -363,8 +389,10 @@ def build_plan(
                 xattrmap=share.xattrmap,
                 cache=share.cache,
                 socket_path=socket_path,
+                create=share.create,
             )
         )
+    shares = [_with_owner_check(share, shares) for share in shares]
     # The launcher's files go to the agent home only when it is what the guest mounts at agent-home.
     layout_home = default_layout.get("agent-home")
     uses_layout_home = any(share is layout_home for share in shares_config)
@@ -373,6 +401,7 @@ def build_plan(
     devshell: launcher.Devshell | None = None
     if home_share is not None and agent_home is not None and work_dir is not None:
         owner_ids = (home_share.ids.host_uid, home_share.ids.host_gid) if euid == 0 else None
+        agent_home = home_share.source  # the link-free path of the directory the guest mounts
         env_file = launcher.plan_env_file(agent_home, env, agent, owner_ids)
         devshell = launcher.plan_devshell(
             work_dir, agent_home, launcher.child_environment(env, {}), owner_ids
@@ -397,10 +426,13 @@ def build_plan(
             "a guest command (after --) needs the built-in guest, which knows how to run it and report "
             "its status; with your own qemu.kernel, put the command in the guest's own configuration",
         )
+    guest_net = None if runner_plan is not None else network.plan_network(forwards, builtin_guest=builtin)
+    net_args = guest_net.kernel_args() if guest_net is not None else []  # network.py: eth0 in the guest
     if runner_plan is not None:
         cmdline = ""
     elif builtin:
         first = shares[0].ids
+        extra = [_microvm_tsc_hint(config.qemu.machine), *net_args, config.qemu.cmdline]
         cmdline = guest.guest_cmdline(
             mounts=[(share.tag, share.guest_path) for share in shares],
             command=list(command) if command else None,
@@ -409,7 +441,7 @@ def build_plan(
             term=env.get("TERM"),
             rows=terminal_size[0] if terminal_size else None,
             cols=terminal_size[1] if terminal_size else None,
-            extra=" ".join(filter(None, [_microvm_tsc_hint(config.qemu.machine), config.qemu.cmdline])),
+            extra=" ".join(filter(None, extra)),
         )
     else:
         for what, maybe in (("qemu.kernel", config.qemu.kernel), ("qemu.initrd", config.qemu.initrd)):
@@ -449,7 +481,7 @@ def build_plan(
             preflight.add(row)
     # the agent guest (agentguest.py): its own kernel, initramfs and root image, same host contract
     agent_plan = (
-        agentguest.plan_guest(agent, env, config.qemu.machine, forwards=bool(forwards), preflight=preflight)
+        agentguest.plan_guest(agent, env, config.qemu.machine, preflight=preflight)
         if config.guest is GuestKind.AGENT
         else None
     )
@@ -525,6 +557,7 @@ def build_plan(
         env_file=env_file,
         devshell=devshell,
         forwards=forwards,
+        network=guest_net,
         runner=runner_plan,
         notes=notes,
         kvm_device=kvm_device,

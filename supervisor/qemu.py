@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.config import Accel, Machine
+from supervisor.network import GuestNetwork
 
 QBOOT_ROM = "/usr/share/qemu/qboot.rom"
 STATUS_PORT = "org.agentvm.status"
@@ -30,7 +31,7 @@ class QemuSpec:
     public_qmp_fd: int  # a listening socket the supervisor bound at RUNTIME/qmp.sock
     status_file: Path  # the guest writes its command's exit status to a virtio-serial port
     extra_args: list[str]
-    forwards: list[str] = field(default_factory=list)  # QEMU hostfwd= rules for a user-mode NIC
+    network: GuestNetwork | None = None  # None: no NIC
     resize_fd: int | None = None  # one end of a socketpair: the supervisor sends terminal sizes
 
 
@@ -99,11 +100,7 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
             "-chardev", f"socket,id=fs{index},path={socket_path}",
             "-device", f"vhost-user-fs-{bus},chardev=fs{index},tag={tag}",
         ]  # fmt: skip
-    if spec.forwards:
-        argv += [
-            "-netdev", ",".join(["user", "id=agentvm-net", *spec.forwards]),
-            # romfile= : no PXE option ROM (Debian ships none without ipxe-qemu, and nothing netboots)
-            "-device", f"virtio-net-{bus},netdev=agentvm-net" + (",romfile=" if bus == "pci" else ""),
-        ]  # fmt: skip
+    if spec.network is not None:
+        argv += spec.network.qemu_args(bus)
     argv += spec.extra_args
     return argv

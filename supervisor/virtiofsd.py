@@ -45,6 +45,10 @@ class ShareSpec:
     xattrmap: str | None
     cache: Cache
     socket_path: Path
+    create: bool = False  # make the source directory (0700) if it is missing
+    # Set when the source lies inside another share the guest can write: the uid the directory must
+    # belong to (the user the guest's files map to there). See sharedirs.
+    inside_share_of_uid: int | None = None
 
 
 def mapping_args(ids: ShareIds) -> list[str]:
@@ -71,13 +75,16 @@ def virtiofsd_argv(
     fd: int | None,
     sandbox: str,
     extra_args: list[str],
+    source_fd: int | None = None,
 ) -> list[str]:
+    """virtiofsd's command line; with `source_fd` it exports that open directory (see sharedirs)."""
     argv = [binary]
     if socket_mode is SocketMode.FD:
         argv.append(f"--fd={fd}")
     else:
         argv.append(f"--socket-path={share.socket_path}")
-    argv += [f"--shared-dir={share.source}", f"--sandbox={sandbox}", f"--cache={share.cache.value}"]
+    shared_dir = share.source if source_fd is None else f"/proc/self/fd/{source_fd}"
+    argv += [f"--shared-dir={shared_dir}", f"--sandbox={sandbox}", f"--cache={share.cache.value}"]
     argv += mapping_args(share.ids)
     if share.xattr:
         argv.append("--xattr")

@@ -24,7 +24,18 @@ from typing import Any
 import anyio
 import structlog
 
-from supervisor import console, consolelog, control, guest, kvm_watch, launcher, pid1, readiness, runtime
+from supervisor import (
+    console,
+    consolelog,
+    control,
+    guest,
+    kvm_watch,
+    launcher,
+    pid1,
+    readiness,
+    runtime,
+    sharedirs,
+)
 from supervisor import runner as microvm
 from supervisor.children import (
     Child,
@@ -102,6 +113,7 @@ class Instance:
         self._created = runtime.now()  # the instance's start, kept across state rewrites
         self.report = guest.GuestReport(None, None)
         self._console_log: consolelog.ConsoleLog | None = None
+        self._share_dirs: dict[str, int] = {}  # tag -> the share's open directory (see sharedirs)
 
     # ---- state file and watchdog -------------------------------------------------------------
 
@@ -346,8 +358,9 @@ class Instance:
                 fd=fd,
                 sandbox=plan.sandbox,
                 extra_args=plan.virtiofsd_extra_args,
+                source_fd=self._share_dirs[share.tag],
             ),
-            pass_fds=(fd,) if fd is not None else (),
+            pass_fds=(self._share_dirs[share.tag], *((fd,) if fd is not None else ())),
             env=self._child_env(),
             kill_grace=plan.timeouts.kill_grace,
         )
@@ -572,27 +585,36 @@ class Instance:
                 details=str(devshell.errors),
             )
 
-    def _prepare_share_dirs(self) -> None:
+    def _open_share_dirs(self) -> None:
+        """Open every share's directory (creating the missing ones) without following links."""
         for share in self.plan.shares:
-            if share.source.exists():
-                continue
-            try:
-                share.source.mkdir(mode=0o700, parents=True)
-                if os.geteuid() == 0:
-                    os.chown(share.source, share.ids.host_uid, share.ids.host_gid)
-            except OSError as exc:
-                raise SupervisorError(
-                    f"cannot create the directory {share.source} for share '{share.tag}' "
-                    f"({exc.strerror}): create it yourself or choose another path",
-                    exit_code=ExitCode.CANT_CREATE,
-                ) from None
-            self.log.info("created share directory", share=share.tag, path=str(share.source))
+            existed = share.source.exists()
+            self._share_dirs[share.tag] = sharedirs.open_source(
+                share.tag,
+                share.source,
+                create=share.create,
+                owner=(share.ids.host_uid, share.ids.host_gid),
+                expect_uid=share.inside_share_of_uid,
+            )
+            if not existed:
+                self.log.info("created share directory", share=share.tag, path=str(share.source))
+
+    def _close_share_dirs(self) -> None:
+        for fd in self._share_dirs.values():
+            os.close(fd)
+        self._share_dirs.clear()
 
     async def run(self) -> int:
+        try:
+            return await self._run_instance()
+        finally:
+            self._close_share_dirs()
+
+    async def _run_instance(self) -> int:
         plan = self.plan
         runtime.ensure_base(plan.base_dir)
         runtime.clean_stale(plan.base_dir)
-        self._prepare_share_dirs()
+        self._open_share_dirs()
         if plan.env_file is not None:
             launcher.write_env_file(plan.env_file)
         for note in plan.notes:

@@ -30,6 +30,16 @@ def guest_assets() -> guest.GuestAssets:
     return guest.ensure_assets({"AGENTVM_SUPERVISE_CACHE": str(TEST_CACHE)})
 
 
+@pytest.fixture(scope="session")
+def udp_echo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/guest_tools/udp_echo.c, linked static: a UDP server the built-in guest can run from /work
+    (its busybox has none)."""
+    out = tmp_path_factory.mktemp("guest-tools") / "udp-echo"
+    source = Path(__file__).parent / "guest_tools" / "udp_echo.c"
+    subprocess.run([os.environ.get("CC", "gcc"), "-static", "-O2", "-o", str(out), str(source)], check=True)
+    return out
+
+
 @pytest.fixture(
     scope="session",  # not per function: hypothesis's @given tests take it too
     params=[

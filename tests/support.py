@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import select
 import signal
 import subprocess
@@ -68,6 +69,16 @@ def processes_with_env(needle: bytes, *, exact: bool = False) -> list[tuple[int,
 def instance_processes(name: str) -> list[tuple[int, str]]:
     """(pid, cmdline) of every live process whose environment names an instance called `name`-*."""
     return processes_with_env(f"{INSTANCE_ENV}={name}-".encode())
+
+
+def shared_dir(pid: int) -> str | None:
+    """The directory a virtiofsd exports: it gets it as an open fd (--shared-dir=/proc/self/fd/N)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        match = re.search(r"--shared-dir=/proc/self/fd/(\d+)", cmdline)
+        return None if match is None else str(Path(f"/proc/{pid}/fd/{match.group(1)}").readlink())
+    except OSError:
+        return None
 
 
 def wait_until_gone(name: str, timeout: float = 10.0) -> list[tuple[int, str]]:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -105,16 +106,20 @@ def test_a_failed_debian_download_leaves_no_half_built_guest(guest_assets: guest
 @pytest.mark.skipif(os.geteuid() != 0, reason="building an agent guest needs root")
 @pytest.mark.skipif("claude" not in _flavors(), reason=f"{FLAVORS_ENV} leaves claude out")
 def test_a_cli_whose_native_binary_is_missing_fails_the_build(guest_assets: guest.GuestAssets) -> None:
-    # npm leaves the per-platform optional dependency out: the package installs, its stub cannot
-    # run. An older version than the session's guest, so that there is something to build.
-    env = {**CACHE_ENV, "npm_config_omit": "optional"}
+    # npm runs no postinstall and leaves the per-platform optional dependency out (claude-code
+    # #50609): the package installs, its stub cannot run. An older version than the session's
+    # guest, so that there is something to build.
+    env = {**CACHE_ENV, "npm_config_omit": "optional", "npm_config_ignore_scripts": "true"}
     argv = ["guest", "build", "--agent", "claude", "--cli-version", "2.1.330"]
     result = run_supervisor(argv, env=env, timeout=BUILD_TIMEOUT)
     assert result.returncode == ExitCode.UNAVAILABLE, result.stderr
     said = " ".join(result.stderr.split())  # the paragraph is folded at 100 columns
     assert "'claude --version' fails in the guest's root file system" in said
     assert "native binary is missing" in said
-    assert list(TEST_CACHE.glob("*agent-claude-2.1.330-*")) == []
+    left = list(TEST_CACHE.glob("*agent-claude-2.1.330-*"))
+    for path in left:  # a guest that did build must not stay for the next run to find
+        shutil.rmtree(path)
+    assert left == []
 
 
 def test_an_unprivileged_build_names_the_root_way(test_user: str, shared_tmp: Path) -> None:

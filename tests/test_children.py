@@ -198,7 +198,7 @@ async def test_a_regular_file_with_the_sockets_name_is_not_readiness(tmp_path: P
         tg.cancel_scope.cancel()
 
 
-def test_socket_module_sanity() -> None:
+def test_the_kernel_refuses_a_unix_socket_path_over_its_limit() -> None:
     # The AF_UNIX limit the runtime module enforces.
     with socket.socket(socket.AF_UNIX) as sock, pytest.raises(OSError):
         sock.bind("/tmp/" + "x" * 110)

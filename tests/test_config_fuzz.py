@@ -56,6 +56,11 @@ _names = [
     "new/deeper",
     "file.txt",
     "nul\x00",
+    # Links as a guest could plant them (see Sandbox.prepare): never followed into a share source.
+    "work/planted",
+    "work/planted/new",
+    "link",
+    "link/new",
 ]
 _texts = st.text(max_size=20).filter(lambda text: ".." not in text)
 sandbox_paths = st.one_of(
@@ -297,6 +302,8 @@ class Sandbox:
         (self.root / "file.txt").write_text("a file, not a dir\n")
         (self.root / "kernel").write_text("not a kernel: the stub QEMU never reads it\n")
         (self.root / "run").chmod(0o700)
+        (self.root / "work" / "planted").symlink_to(self.root / "data")
+        (self.root / "link").symlink_to(self.root / "home")
 
     def env(self, example: str) -> dict[str, str]:
         return {

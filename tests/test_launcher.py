@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.server
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from supervisor import config, guest, kvm, launcher, plan
+from supervisor import children, config, guest, kvm, launcher, network, plan
 from supervisor.config import Agent
 from supervisor.errors import SupervisorError
 from supervisor.qemu import QemuSpec, qemu_argv
 from tests.support import (
     TEST_CACHE,
     Launch,
+    children_of,
     instance_processes,
     leftovers,
     run_supervisor,
@@ -267,11 +272,13 @@ def _calls(log: Path) -> list[str]:
 
 
 def _instant_qemu(where: Path) -> Path:
-    """A QEMU that answers the preflight's queries like the real one, and otherwise exits at once:
-    launches whose VM does not matter (the cache step before it is what is looked at)."""
+    """A QEMU that answers the preflight's queries like the real one, and otherwise notes that it was
+    started (in instant-qemu.started) and exits: launches whose VM does not matter (the cache step
+    before it is what is looked at)."""
     path = where / "instant-qemu"
     path.write_text(
-        '#!/bin/sh\ncase "$*" in -version|*" help") exec /usr/bin/qemu-system-x86_64 "$@" ;; esac\nexit 0\n'
+        '#!/bin/sh\ncase "$*" in -version|*" help") exec /usr/bin/qemu-system-x86_64 "$@" ;; esac\n'
+        'echo started >> "$0.started"\nexit 0\n'
     )
     path.chmod(0o755)
     return path
@@ -279,12 +286,15 @@ def _instant_qemu(where: Path) -> Path:
 
 def _launch(runtime: Path, work: Path, home: Path, bin_dir: Path, env: Mapping[str, str]) -> str:
     """A launch whose VM exits at once: the cache step before it is what is looked at."""
+    qemu = _instant_qemu(bin_dir)
+    starts = qemu.with_name(qemu.name + ".started")
+    before = starts.read_text() if starts.exists() else ""
     result = run_supervisor(
         ["run", "--work-dir", str(work), "--agent-home", str(home), "--runtime-dir", str(runtime),
-         "--qemu", str(_instant_qemu(bin_dir)), "-v"],
+         "--qemu", str(qemu), "-v"],
         env={"PATH": f"{bin_dir}:{os.environ['PATH']}", **env},
     )  # fmt: skip
-    assert '"event": "started"' in result.stderr and '"child": "runner"' in result.stderr  # launch went on
+    assert starts.read_text() == before + "started\n", result.stderr  # the launch went on to start QEMU
     assert leftovers(runtime) == []
     return result.stderr
 
@@ -399,20 +409,29 @@ def test_bad_forwards_are_refused(text: str) -> None:
         launcher.parse_forward(text)
 
 
-def test_forwards_in_our_qemu_command(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("machine", "device"),
+    [(config.Machine.Q35, "virtio-net-pci,netdev=agentvm-net,romfile="),
+     (config.Machine.MICROVM, "virtio-net-device,netdev=agentvm-net")],
+)  # fmt: skip
+def test_forwards_in_our_qemu_command(tmp_path: Path, machine: config.Machine, device: str) -> None:
+    """The argv only; test_two_guests_at_once_serve_their_tcp_and_udp_forwards_and_reach_the_host
+    is the outcome."""
+    forwards = launcher.parse_forwards(["8080:80", "5353:53/udp"])
     spec = QemuSpec(
-        binary="qemu", instance="i", machine=config.Machine.Q35, accel=config.Accel.TCG, cpu="max",
+        binary="qemu", instance="i", machine=machine, accel=config.Accel.TCG, cpu="max",
         kernel=tmp_path / "k", initrd=None, cmdline="", memory_mib=512, vcpus=1, shares=[],
         private_qmp_fd=3, public_qmp_fd=4, status_file=tmp_path / "s", extra_args=[],
-        forwards=[f.hostfwd() for f in launcher.parse_forwards(["8080:80", "5353:53/udp"])],
+        network=network.plan_network(forwards, builtin_guest=True),
     )  # fmt: skip
     argv = qemu_argv(spec)
     at = argv.index("-netdev")
     assert argv[at : at + 4] == [
         "-netdev",
-        "user,id=agentvm-net,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:127.0.0.1:5353-:53",
+        "user,id=agentvm-net,net=10.0.2.0/24,host=10.0.2.2,dns=10.0.2.3,dhcpstart=10.0.2.15,"
+        "hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:127.0.0.1:5353-:53",
         "-device",
-        "virtio-net-pci,netdev=agentvm-net,romfile=",
+        device,
     ]
     with pytest.raises(SupervisorError, match="forwarded twice"):
         launcher.parse_forwards(["8080:80", "8080:81"])
@@ -421,11 +440,11 @@ def test_forwards_in_our_qemu_command(tmp_path: Path) -> None:
 # ---- real VMs ----------------------------------------------------------------------------------
 
 
-def _free_ports(count: int) -> list[int]:
+def _free_ports(count: int, kind: socket.SocketKind = socket.SOCK_STREAM) -> list[int]:
     """Ports free now and all different: each probe stays bound until all are chosen (one at a
     time, the kernel may hand out a port it just gave back)."""
     with contextlib.ExitStack() as stack:
-        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        probes = [stack.enter_context(socket.socket(socket.AF_INET, kind)) for _ in range(count)]
         for probe in probes:
             probe.bind(("127.0.0.1", 0))
         return [int(probe.getsockname()[1]) for probe in probes]
@@ -437,40 +456,70 @@ def _listening(port: int) -> bool:
         return client.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for child in children_of(pid):
+        found += [child, *_descendants(child)]
+    return found
+
+
+def _devshell_stub(bin_dir: Path, tool_dir: str) -> None:
+    """A `nix` whose dev shell exports a variable and puts a tool on PATH, as a real one would."""
+    bin_dir.mkdir()
+    (bin_dir / "nix").write_text(
+        f"#!/bin/sh\necho 'export DEVSHELL_MARK=devshell-ok'\necho 'export PATH={tool_dir}:$PATH'\n"
+    )
+    (bin_dir / "nix").chmod(0o755)
+
+
 @pytest.mark.vm
-def test_guest_gets_env_file_and_dev_shell_and_the_key_stays_out_of_argv_environ_and_logs(
+def test_guest_command_gets_env_file_and_dev_shell_and_the_key_is_in_no_host_argv_environ_or_log(
     guest_assets: guest.GuestAssets, tmp_path: Path, short_runtime: Path, launch: Launch
 ) -> None:
-    bin_dir, _, _ = _stub_tools(tmp_path)
+    """The guest sources .microvm-env and the cached dev shell itself (the command does nothing to
+    get them), for `-- CMD` and for a login shell; the key is seen by the guest command only."""
+    bin_dir = tmp_path / "bin"
+    _devshell_stub(bin_dir, "/work/devtools")
     work, runtime = tmp_path / "proj", short_runtime
-    work.mkdir()
+    (work / "devtools").mkdir(parents=True)
+    (work / "devtools" / "devtool").write_text("#!/bin/sh\necho devtool-ran\n")
+    (work / "devtools" / "devtool").chmod(0o755)
     (work / "flake.nix").write_text("{ }\n")
-    data = tmp_path / "data"
+    data, state = tmp_path / "data", tmp_path / "state"
     script = (
-        ". /home/agent/.microvm-env; . /home/agent/.microvm-devshell; "
         'printf %s "$ANTHROPIC_API_KEY" | sha256sum | cut -d" " -f1 > /work/keyhash; '
-        'echo "$DIRENV_ALLOW $ENABLE_CRI $DEVSHELL_MARK" > /work/vars; '
+        'echo "$DIRENV_ALLOW $ENABLE_CRI $DEVSHELL_MARK $(devtool)" > /work/vars; '
+        # a login shell started from nothing gets the same through /etc/profile
+        "env -i HOME=/home/agent sh -l -c 'echo \"$DEVSHELL_MARK $(devtool)\"' > /work/login-vars; "
         "echo GUEST-READY; while [ ! -e /work/go ]; do sleep 0.1; done"
     )
     sup = launch(
         ["run", "--runtime-dir", str(runtime), "-v", "--", "sh", "-c", script],
-        env={"WORK_DIR": str(work), "XDG_DATA_HOME": str(data), "DIRENV_ALLOW": "1", "ENABLE_CRI": "crio",
-             "ANTHROPIC_API_KEY": SECRET, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+        env={"WORK_DIR": str(work), "XDG_DATA_HOME": str(data), "XDG_STATE_HOME": str(state),
+             "DIRENV_ALLOW": "1", "ENABLE_CRI": "crio", "ANTHROPIC_API_KEY": SECRET,
+             "PATH": f"{bin_dir}:{os.environ['PATH']}"},
     )  # fmt: skip
     sup.read_until(b"GUEST-READY")
     [instance_dir] = runtime.iterdir()
     assert re.fullmatch(r"proj-claude-vm-[0-9a-f]{8}", instance_dir.name)
-    processes = instance_processes("proj-claude-vm")
-    assert len(processes) >= 4  # QEMU and three virtiofsd (and their sandbox children)
-    for pid, cmdline in processes:
-        assert SECRET not in cmdline
-        assert "sk-ant-TEST" not in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    descendants = _descendants(sup.proc.pid)
+    assert len(descendants) >= 5  # the watchdog, QEMU and three virtiofsd (and their sandbox children)
+    for pid in [sup.proc.pid, *descendants]:  # the supervisor blanks the key in its own environ too
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for what in ("cmdline", "environ"):
+                assert b"sk-ant-TEST" not in Path(f"/proc/{pid}/{what}").read_bytes(), (pid, what)
+    for path in instance_dir.rglob("*"):
+        if path.is_file():
+            assert b"sk-ant-TEST" not in path.read_bytes(), path
     (work / "go").touch()
     code, _, stderr = sup.finish()
     assert code == 0, stderr
     assert "sk-ant-TEST" not in stderr
+    [console_log] = (state / "agentvm-supervise" / "console").iterdir()
+    assert b"sk-ant-TEST" not in console_log.read_bytes()
     assert (work / "keyhash").read_text().strip() == hashlib.sha256(SECRET.encode()).hexdigest()
-    assert (work / "vars").read_text() == "1 crio 1\n"
+    assert (work / "vars").read_text() == "1 crio devshell-ok devtool-ran\n"
+    assert (work / "login-vars").read_text() == "devshell-ok devtool-ran\n"
     [home] = (data / "claude-microvm").iterdir()
     assert home.name == f"proj-{hashlib.sha256(str(work).encode()).hexdigest()[:12]}"
     assert stat.S_IMODE((home / ".microvm-env").stat().st_mode) == 0o600
@@ -478,39 +527,87 @@ def test_guest_gets_env_file_and_dev_shell_and_the_key_stays_out_of_argv_environ
     assert leftovers(runtime) == []
 
 
+class _HostHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = f"host answers {self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _udp_exchange(port: int, payload: bytes, attempts: int = 20) -> bytes:
+    """Send until answered: the server may still be starting, and UDP may drop the first one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(1)
+        for _ in range(attempts):
+            client.sendto(payload, ("127.0.0.1", port))
+            with contextlib.suppress(TimeoutError):
+                return client.recv(2048)
+    raise AssertionError(f"no UDP answer through 127.0.0.1:{port}")
+
+
 @pytest.mark.vm
-def test_two_launches_on_one_project_run_at_once_with_their_own_ids_and_forwards(
-    guest_assets: guest.GuestAssets, tmp_path: Path, short_runtime: Path, launch: Launch
+def test_two_guests_at_once_serve_their_tcp_and_udp_forwards_and_reach_the_host(
+    guest_assets: guest.GuestAssets, udp_echo: Path, tmp_path: Path, short_runtime: Path, launch: Launch
 ) -> None:
+    """Two launches on one project, a q35 and a microvm guest, running at once with their own ids:
+    each serves HTTP and UDP to the host through its forwards, and fetches from a host server on
+    10.0.2.2 (slirp maps it to the host's 127.0.0.1)."""
     work, runtime = tmp_path / "shared-proj", short_runtime
     work.mkdir()
-    ports = _free_ports(2)
+    shutil.copy(udp_echo, work / "udp-echo")
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HostHandler)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    host_port = host.server_address[1]
+    tcp_ports, udp_ports = _free_ports(2), _free_ports(2, socket.SOCK_DGRAM)
+    guests = (
+        ("a", "b", "q35", tcp_ports[0], udp_ports[0]),
+        ("b", "a", "microvm", tcp_ports[1], udp_ports[1]),
+    )
     sups = []
-    for mine, other, port in (("a", "b", ports[0]), ("b", "a", ports[1])):
-        # each guest waits to see the other's file: both must be running at the same time
-        script = f"touch /work/{mine}; while [ ! -e /work/{other} ]; do sleep 0.1; done; echo BOTH-UP; " + (
-            "while [ ! -e /work/go ]; do sleep 0.1; done"
-        )
-        sups.append(
-            launch(
-                ["run", "--runtime-dir", str(runtime), "--forward", f"{port}:8080", "--", "sh", "-c", script],
-                env={"HOME": str(tmp_path / "home")},
-                cwd=work,
+    try:
+        for mine, other, machine, tcp, udp in guests:
+            (work / mine).mkdir()
+            (work / mine / "index.html").write_text(f"served by guest {mine}\n")
+            script = (
+                f"httpd -p 8080 -h /work/{mine} && (/work/udp-echo 5353 {mine}: &) && "
+                f"wget -q -O /work/{mine}/from-host http://10.0.2.2:{host_port}/from-{mine}; "
+                # each guest waits to see the other's file: both must be running at the same time
+                f"touch /work/{mine}-up; while [ ! -e /work/{other}-up ]; do sleep 0.1; done; echo BOTH-UP; "
+                "while [ ! -e /work/go ]; do sleep 0.1; done"
             )
-        )
-    for sup in sups:
-        sup.read_until(b"BOTH-UP", timeout=120)
-    names = sorted(path.name for path in runtime.iterdir())
-    assert len(names) == 2 and names[0] != names[1]
-    assert all(re.fullmatch(r"shared-proj-claude-vm-[0-9a-f]{8}", name) for name in names)
-    assert all(_listening(port) for port in ports)  # each QEMU serves its own forward
-    (work / "go").touch()
-    for sup in sups:
-        code, _, stderr = sup.finish()
-        assert code == 0, stderr
+            sups.append(
+                launch(
+                    ["run", "--runtime-dir", str(runtime), "--machine", machine, "--forward", f"{tcp}:8080",
+                     "--forward", f"{udp}:5353/udp", "--", "sh", "-c", script],
+                    env={"HOME": str(tmp_path / "home")},
+                    cwd=work,
+                )
+            )  # fmt: skip
+        for sup in sups:
+            sup.read_until(b"BOTH-UP", timeout=120)
+        names = sorted(path.name for path in runtime.iterdir())
+        assert len(names) == 2 and names[0] != names[1]
+        assert all(re.fullmatch(r"shared-proj-claude-vm-[0-9a-f]{8}", name) for name in names)
+        for mine, _, machine, tcp, udp in guests:
+            with urllib.request.urlopen(f"http://127.0.0.1:{tcp}/index.html", timeout=10) as answer:
+                assert answer.read() == f"served by guest {mine}\n".encode(), machine
+            assert _udp_exchange(udp, b"ping") == f"{mine}:ping".encode(), machine
+            assert (work / mine / "from-host").read_text() == f"host answers /from-{mine}\n", machine
+        (work / "go").touch()
+        for sup in sups:
+            code, _, stderr = sup.finish()
+            assert code == 0, stderr
+    finally:
+        host.shutdown()
+        host.server_close()
     assert wait_until_gone("shared-proj-claude-vm") == []
     assert leftovers(runtime) == []
-    assert not any(_listening(port) for port in ports)
+    assert not any(_listening(port) for port in tcp_ports)
     [home] = (tmp_path / "home" / ".local" / "share" / "claude-microvm").iterdir()
     assert (home / ".microvm-env").read_text() == "DIRENV_ALLOW='0'\nENABLE_CRI=''\n"
 
@@ -550,3 +647,11 @@ def test_children_get_neither_api_keys_nor_the_notify_socket() -> None:
         "TERM": "xterm",
         "AGENTVM_INSTANCE": "i",
     }
+
+
+def test_probes_get_no_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the preflight's probes (`qemu -version`, `-device help`) ran with the whole
+    environment, API key included."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", SECRET)
+    result = children.probe(["sh", "-c", 'echo "key=${ANTHROPIC_API_KEY-unset} lc=$LC_ALL"'])
+    assert (result.status, result.output) == (0, "key=unset lc=C\n")

@@ -170,7 +170,7 @@ STUB_PKGS = """{
 }"""
 
 
-def test_mk_runner_script_is_a_drop_in_for_claude_microvms(tmp_path: Path) -> None:
+def test_mk_runner_script_execs_the_supervisor_with_a_config_it_loads(tmp_path: Path) -> None:
     expression = f"""
       import ./nix/launcher.nix {{ }} {{
         pkgs = {STUB_PKGS};
@@ -274,7 +274,7 @@ VM = """{
 }"""
 
 
-def test_nixos_module_runs_each_declared_vm_under_a_notify_unit(tmp_path: Path) -> None:
+def test_nixos_module_declares_a_notify_unit_per_vm_that_systemd_verifies(tmp_path: Path) -> None:
     services = _module_unit(tmp_path, VM)
     unit = services["agentvm-emacsvm"]
     assert unit["wantedBy"] == ["multi-user.target"]

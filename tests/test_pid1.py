@@ -211,7 +211,8 @@ def test_pid1_sigterm_takes_the_graceful_path(guest_assets: guest.GuestAssets, t
         in_new_pid_namespace(
             [*supervisor_argv(), "run", "--config", str(config), "--name", "pid1-term",
              "--work-dir", str(work), "--agent-home", str(tmp_path / "home"),
-             "--runtime-dir", str(tmp_path / "rt"), "--", "sh", "-c", "echo GUEST-READY; sleep 600"]
+             "--runtime-dir", str(tmp_path / "rt"), "--", "sh", "-c",
+             "trap 'echo hung-up > /work/graceful; exit 0' HUP; echo GUEST-READY; while :; do sleep 1; done"]
         ),
         tmp_path,
     )  # fmt: skip
@@ -225,5 +226,6 @@ def test_pid1_sigterm_takes_the_graceful_path(guest_assets: guest.GuestAssets, t
     events = [event["event"] for event in sup.events()]
     assert "stopping on signal" in events
     assert "asked the guest to power off" in events  # QMP system_powerdown came first
+    assert (work / "graceful").read_text() == "hung-up\n"  # and the guest's processes were hung up
     assert wait_until_gone("pid1-term") == []
     assert leftovers(tmp_path / "rt") == []

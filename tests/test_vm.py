@@ -16,6 +16,7 @@ from tests.support import (
     instance_processes,
     leftovers,
     run_supervisor,
+    shared_dir,
     start_supervisor,
     user_ids,
     wait_until_gone,
@@ -97,24 +98,31 @@ def test_guest_command_output_reaches_stdout_unchanged(
     assert stdout == b"line one\r\nline two\r\n"  # the guest tty's ONLCR, and nothing doubled
 
 
-def test_socket_path_mode_boots_too(guest_assets: guest.GuestAssets, tmp_path: Path) -> None:
+def test_socket_path_mode_boots_and_the_shares_work(guest_assets: guest.GuestAssets, tmp_path: Path) -> None:
     (tmp_path / "work").mkdir()
     result = run_supervisor(
         [*_run_args(tmp_path / "work", tmp_path / "home", tmp_path / "rt", "pathmode"),
-         "--socket-mode", "path", "-v", "--", "sh", "-c", "ls /work >/dev/null; exit 5"]
+         "--socket-mode", "path", "-v", "--", "sh", "-c", "echo via-path-mode > /work/f; exit 5"]
     )  # fmt: skip
     assert result.returncode == 5, result.stderr
+    assert (tmp_path / "work" / "f").read_text() == "via-path-mode\n"
     ready = [json.loads(line) for line in result.stderr.splitlines() if '"share ready"' in line]
     assert sorted(event["share"] for event in ready) == ["agent-home", "cri-storage", "work"]
     _assert_nothing_left("pathmode", tmp_path / "rt")
 
 
-def _running(tmp_path: Path, name: str, *extra: str) -> tuple[object, Path]:
+# A guest command that a graceful stop hangs up (the power button, init.sh): its trap leaves the
+# proof in /work.
+GRACEFUL = "trap 'echo hung-up > /work/graceful; exit 0' HUP; echo GUEST-READY; while :; do sleep 1; done"
+
+
+def _running(
+    tmp_path: Path, name: str, *extra: str, command: str = "echo GUEST-READY; sleep 600"
+) -> tuple[object, Path]:
     work, runtime = tmp_path / "work", tmp_path / "rt"
     work.mkdir()
     sup = start_supervisor(
-        [*_run_args(work, tmp_path / "home", runtime, name), "-v", *extra, "--",
-         "sh", "-c", "echo GUEST-READY; sleep 600"]
+        [*_run_args(work, tmp_path / "home", runtime, name), "-v", *extra, "--", "sh", "-c", command]
     )  # fmt: skip
     sup.read_until(b"GUEST-READY")
     return sup, runtime
@@ -131,7 +139,7 @@ def test_kill_9_of_a_virtiofsd_tears_everything_down_and_names_the_share(
     victims = [
         pid
         for pid in _pids("kill-share", "--shared-dir=")
-        if "/home/cri-storage" in str(Path(f"/proc/{pid}/cmdline").read_bytes())
+        if (shared_dir(pid) or "").endswith("/home/cri-storage")
     ]
     assert victims
     os.kill(min(victims), signal.SIGKILL)  # the parent of the sandboxed pair
@@ -156,7 +164,7 @@ def test_kill_9_of_the_runner_stops_every_virtiofsd(guest_assets: guest.GuestAss
 def test_sigterm_takes_the_graceful_path_then_tears_down(
     guest_assets: guest.GuestAssets, tmp_path: Path, machine: str
 ) -> None:
-    sup, runtime = _running(tmp_path, "sigterm", "--machine", machine)
+    sup, runtime = _running(tmp_path, "sigterm", "--machine", machine, command=GRACEFUL)
     sup.signal(signal.SIGTERM)  # type: ignore[attr-defined]
     code, _, stderr = sup.finish()  # type: ignore[attr-defined]
     assert code == 128 + signal.SIGTERM, stderr
@@ -164,6 +172,7 @@ def test_sigterm_takes_the_graceful_path_then_tears_down(
     # The built-in guest honours the power button: no need for the QMP quit fallback.
     assert "did not power off in time" not in stderr
     assert '"reason": "guest-shutdown"' in stderr
+    assert (tmp_path / "work" / "graceful").read_text() == "hung-up\n"  # the guest's processes had their say
     _assert_nothing_left("sigterm", runtime)
 
 

@@ -3,7 +3,8 @@
 #
 # Produces, without root and without installing anything (it only downloads .debs and unpacks them):
 #   OUT_DIR/vmlinuz     Debian 12's linux-image-6.1.0-*-cloud-amd64 kernel (LZ4, boots fast under TCG)
-#   OUT_DIR/initrd.gz   busybox initramfs: busybox-static, the virtio/virtiofs modules, /init = init.sh
+#   OUT_DIR/initrd.gz   busybox initramfs: busybox-static, the virtio/virtiofs/virtio-net modules,
+#                       /init = init.sh, /etc/agentvm/agent-env.sh = agent-env.sh
 #   OUT_DIR/virtiofsd   wrapper running Debian 13's virtiofsd 1.13 with Debian 13's glibc (OUT_DIR/trixie)
 #   OUT_DIR/VERSIONS    key=value lines: kernel, busybox, virtiofsd, glibc versions
 #
@@ -17,7 +18,7 @@ set -euo pipefail
 PROG=agentvm-supervise
 STEPS=5
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
-MODULES=(virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio_console fuse virtiofs button evdev)
+MODULES=(virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio_console fuse virtiofs virtio_net button evdev)
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 step() { echo "$PROG: [$1/$STEPS] $2" >&2; }
@@ -49,7 +50,9 @@ for pair in apt-get:apt apt-cache:apt dpkg:dpkg dpkg-deb:dpkg cpio:cpio gzip:gzi
 	need "${pair%%:*}" "${pair#*:}"
 done
 [ -r "$KEYRING" ] || die "$KEYRING not found: apt-get install debian-archive-keyring (as root), then run this again."
-[ -r "$HERE/init.sh" ] || die "$HERE/init.sh not found: build-assets.sh must stay next to init.sh."
+for f in init.sh agent-env.sh; do
+	[ -r "$HERE/$f" ] || die "$HERE/$f not found: build-assets.sh must stay next to init.sh and agent-env.sh."
+done
 [ "$(dpkg --print-architecture)" = amd64 ] || die "this builds an x86_64 guest and needs an amd64 Debian host (this is $(dpkg --print-architecture))."
 
 umask 022
@@ -242,13 +245,15 @@ add_module() { # add_module NAME: copy NAME.ko (uncompressed) and its dependenci
 	MODS_IN+=("$m")
 }
 for m in "${MODULES[@]}"; do add_module "$m"; done
-for m in virtio_console virtiofs; do
+for m in virtio_console virtiofs virtio_net; do
 	[ -e "$R/lib/modules/$m.ko" ] || is_builtin "$m" ||
 		die "$KPKG has neither a $m module nor $m built in: the guest cannot work with it."
 done
 printf '%s\n' "${MODS_IN[@]}" >"$R/lib/modules/load-order"
 
 cp "$HERE/init.sh" "$R/init"
+mkdir -p "$R/etc/agentvm"
+cp "$HERE/agent-env.sh" "$R/etc/agentvm/agent-env.sh"
 cat >"$R/etc/passwd" <<'EOF'
 root:x:0:0:root:/root:/bin/sh
 agent:x:1000:1000:agent:/home/agent:/bin/sh
@@ -262,6 +267,7 @@ printf '/bin/sh\n/bin/ash\n' >"$R/etc/shells"
 cat >"$R/etc/profile" <<'EOF'
 PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
 export PATH
+. /etc/agentvm/agent-env.sh
 EOF
 : >"$R/etc/fstab"
 chmod -R u+rwX,go+rX,go-w "$R"

@@ -10,11 +10,15 @@
 #                                           `sh -c` in /work; absent: interactive `sh -l`
 #     agentvm.term=T                        TERM for the command (default xterm-256color)
 #     agentvm.rows=R agentvm.cols=C         initial size of hvc0 (default 24x80)
+#     agentvm.net=ADDR/PREFIX,GATEWAY,DNS   the first NIC's static address on QEMU's user network
+#                                           (supervisor/network.py); absent: no network setup
 #   virtio-serial ports (found by name under /sys/class/virtio-ports):
 #     org.agentvm.status  the guest writes exactly one line, then powers off:
 #                           agentvm-exit-status=N      the command ran and exited with N
 #                           agentvm-guest-error=REASON the guest failed before running it
 #     org.agentvm.resize  optional; the host writes lines "ROWS COLS", applied to hvc0 (SIGWINCH)
+#   environment: the command (or the shell) runs as agent after /etc/agentvm/agent-env.sh, which
+#   loads $HOME/.microvm-env and, with DIRENV_ALLOW=1, the cached dev shell.
 #   console: the command runs with hvc0 as its controlling terminal (Ctrl-C reaches it). On the
 #   happy path init prints nothing; its diagnostics start with "agentvm-init: ".
 #   After the command the guest syncs and powers off (QEMU exits 0 with -no-reboot).
@@ -25,7 +29,7 @@ umask 022
 
 # build-assets.sh writes the modules it ships, each after its dependencies, to
 # /lib/modules/load-order (built-in ones are left out)
-MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio_console fuse virtiofs button evdev"
+MODULES="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_mmio virtio_console fuse virtiofs failover net_failover virtio_net button evdev"
 DEFAULT_MOUNTS=work:/work,agent-home:/home/agent,cri-storage:/var/lib/containers
 STATUS_PORT=org.agentvm.status
 RESIZE_PORT=org.agentvm.resize
@@ -137,6 +141,7 @@ have_cmd=
 term=xterm-256color
 rows=24 # a 0x0 window confuses full-screen programs: the host passes the real size
 cols=80
+net=
 read -r cmdline </proc/cmdline
 set -f # split the cmdline on whitespace, never glob it
 for arg in $cmdline; do
@@ -148,6 +153,7 @@ for arg in $cmdline; do
 	agentvm.term=*) term=${arg#*=} ;;
 	agentvm.rows=*) rows=${arg#*=} ;;
 	agentvm.cols=*) cols=${arg#*=} ;;
+	agentvm.net=*) net=${arg#*=} ;;
 	esac
 done
 set +f
@@ -157,6 +163,42 @@ is_uint "$gid" || fail "agentvm.gid=$gid is not a number"
 stty -F "$CONSOLE" sane 2>/dev/null
 if is_uint "$rows" && is_uint "$cols"; then
 	stty -F "$CONSOLE" rows "$rows" cols "$cols" 2>/dev/null
+fi
+
+# --- network -------------------------------------------------------------------------------
+# The one place the guest's network is set up. net_up ADDR/PREFIX,GATEWAY,DNS: the first NIC (eth0)
+# gets a static address on QEMU's user network: slirp's addresses are fixed by the host, so DHCP
+# would only cost a round trip (and AF_PACKET, which this kernel has as a module, for udhcpc).
+# What the agent's environment needs from the network (a proxy, say) goes to /run/agentvm/net.env,
+# which /etc/agentvm/agent-env.sh sources last.
+net_up() {
+	_addr=${1%%,*}
+	_rest=${1#*,}
+	_gw=${_rest%%,*}
+	_dns=${_rest#*,}
+	_dev=
+	_tries=40 # 2 s: virtio_net probes its device while insmod runs, so it is normally there at once
+	while :; do
+		for _d in /sys/class/net/*; do
+			[ "${_d##*/}" = lo ] || [ ! -e "$_d" ] || {
+				_dev=${_d##*/}
+				break
+			}
+		done
+		[ -z "$_dev" ] || break
+		[ "$_tries" -gt 0 ] || fail "agentvm.net is set but the guest has no network interface (no virtio-net device?)"
+		_tries=$((_tries - 1))
+		sleep 0.05
+	done
+	err=$(ip addr add "$_addr" dev "$_dev" 2>&1) || fail "ip addr add $_addr dev $_dev failed: ${err##*: }"
+	err=$(ip link set "$_dev" up 2>&1) || fail "ip link set $_dev up failed: ${err##*: }"
+	err=$(ip route add default via "$_gw" dev "$_dev" 2>&1) || fail "ip route add default via $_gw failed: ${err##*: }"
+	printf 'nameserver %s\n' "$_dns" >/etc/resolv.conf
+	printf '127.0.0.1 localhost\n%s agentvm\n' "${_addr%/*}" >/etc/hosts
+	mkdir -p /run/agentvm
+}
+if [ -n "$net" ]; then
+	net_up "$net"
 fi
 
 # --- the agent user --------------------------------------------------------------------------
@@ -218,6 +260,9 @@ fi
 if [ -n "$have_cmd" ]; then
 	cmd=$(printf %s "$cmd_b64" | base64 -d 2>/dev/null) || fail "agentvm.cmd is not valid base64"
 	[ -n "$cmd" ] || fail "agentvm.cmd is empty"
+	# the environment a login shell gets from /etc/profile
+	cmd=". /etc/agentvm/agent-env.sh
+$cmd"
 else
 	cmd='exec sh -l'
 fi

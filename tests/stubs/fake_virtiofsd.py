@@ -46,7 +46,8 @@ def _fail(message: str) -> NoReturn:
 
 
 def _behaviour(shared_dir: str) -> str:
-    tag = os.path.basename(shared_dir.rstrip("/"))
+    # The supervisor passes the opened directory (/proc/self/fd/N): its name is the link's target's.
+    tag = os.path.basename(os.path.realpath(shared_dir).rstrip("/"))
     for item in os.environ.get("STUB_VIRTIOFSD", "").split(","):
         name, _, value = item.partition("=")
         if name == tag:

@@ -58,7 +58,7 @@ for pair in mmdebstrap:mmdebstrap mkfs.erofs:erofs-utils apt-get:apt dpkg-deb:dp
 	need "${pair%%:*}" "${pair#*:}"
 done
 [ -r "$KEYRING" ] || die "$KEYRING not found: apt-get install debian-archive-keyring (as root)."
-for f in stage1.sh init.sh; do [ -r "$HERE/$f" ] || die "$HERE/$f not found: build-agent.sh must stay next to it."; done
+for f in stage1.sh init.sh ../agent-env.sh; do [ -r "$HERE/$f" ] || die "$HERE/$f not found: build-agent.sh must stay next to it."; done
 
 umask 022
 OUT=$(realpath -m -- "$6")
@@ -164,6 +164,8 @@ echo "$PROG:     $FLAVOR --version: $CLI_OUT" >&2
 # --- 3. the guest's own files --------------------------------------------------------------------
 step 4 "configuring the guest (user agent, init, podman)..."
 install -D -m 0755 "$HERE/init.sh" "$ROOT/usr/lib/agentvm/init"
+# the agent's environment as the built-in guest sets it up (.microvm-env, dev shell, net.env)
+install -D -m 0644 "$HERE/../agent-env.sh" "$ROOT/etc/agentvm/agent-env.sh"
 printf '%s\n' "$FLAVOR" >"$ROOT/usr/lib/agentvm/flavor"
 chroot "$ROOT" useradd --uid 1000 --user-group --no-create-home --home-dir /home/agent --shell /bin/bash agent
 mkdir -p "$ROOT/work" "$ROOT/home/agent" "$ROOT/var/lib/containers"

@@ -6,11 +6,11 @@
 # agentvm.mounts/uid/gid/cmd/term/rows/cols, one status line on org.agentvm.status, resize lines
 # on org.agentvm.resize, power-off when the command ends. What differs, as claude-microvm's guest:
 #   - no agentvm.cmd: the flavor's agent (/usr/lib/agentvm/flavor: claude, gemini or codex) runs;
-#   - the command runs in bash as "agent" in /work with HOME=/home/agent, after sourcing
-#     $HOME/.microvm-env (API key, DIRENV_ALLOW, ENABLE_CRI) and, with DIRENV_ALLOW=1, the cached
-#     dev shell $HOME/.microvm-devshell;
-#   - networking: QEMU's user-mode NAT, eth0 10.0.2.15/24 via 10.0.2.2, DNS 10.0.2.3 (set up in
-#     network_up, the one place an egress policy hooks into);
+#   - the command runs in bash as "agent" in /work with HOME=/home/agent, after the built-in
+#     guest's /etc/agentvm/agent-env.sh (guest/agent-env.sh: $HOME/.microvm-env, the cached dev
+#     shell with DIRENV_ALLOW=1, /run/agentvm/net.env);
+#   - networking: agentvm.net=ADDR/PREFIX,GATEWAY,DNS (network.py) as the built-in guest reads it,
+#     set up in network_up;
 #   - ENABLE_CRI=podman (or docker: the same podman) starts podman's API service as root with
 #     its storage in the cri-storage share (/var/lib/containers); the agent talks to it through
 #     /run/podman/podman.sock (CONTAINER_HOST, DOCKER_HOST).
@@ -72,17 +72,24 @@ fail() {
 
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
-network_up() { # user-mode NAT (QEMU's slirp): static address, its gateway and DNS
-	local dev
-	ip link set lo up
-	for dev in /sys/class/net/*; do
-		dev=${dev##*/}
-		[ "$dev" != lo ] || continue
-		ip link set "$dev" up && ip addr add 10.0.2.15/24 dev "$dev" &&
-			ip route add default via 10.0.2.2 dev "$dev" || diag "configuring $dev failed: the guest has no network"
-		return 0
+network_up() { # network_up ADDR/PREFIX,GATEWAY,DNS: the first NIC, static, on QEMU's user network
+	local addr=${1%%,*} rest=${1#*,} gw dns dev= tries=40 d err
+	gw=${rest%%,*} dns=${rest#*,}
+	while [ -z "$dev" ]; do
+		for d in /sys/class/net/*; do
+			[ "${d##*/}" = lo ] || dev=${d##*/}
+		done
+		[ -n "$dev" ] && break
+		[ "$tries" -gt 0 ] || fail "agentvm.net is set but the guest has no network interface (no virtio-net device?)"
+		tries=$((tries - 1))
+		sleep 0.05
 	done
-	diag "no network interface: the guest has no network"
+	err=$(ip addr add "$addr" dev "$dev" 2>&1) || fail "ip addr add $addr dev $dev failed: ${err##*: }"
+	err=$(ip link set "$dev" up 2>&1) || fail "ip link set $dev up failed: ${err##*: }"
+	err=$(ip route add default via "$gw" dev "$dev" 2>&1) || fail "ip route add default via $gw failed: ${err##*: }"
+	printf 'nameserver %s\n' "$dns" >/etc/resolv.conf
+	printf '127.0.0.1 localhost\n%s agentvm\n' "${addr%/*}" >/etc/hosts
+	mkdir -p /run/agentvm
 }
 
 # --- console, pseudo file systems ----------------------------------------------------------
@@ -104,7 +111,7 @@ ln -sf /proc/self/fd /dev/fd
 hostname agentvm
 
 # --- kernel cmdline ------------------------------------------------------------------------
-mounts=$DEFAULT_MOUNTS uid=1000 gid=1000 cmd_b64= have_cmd= term=xterm-256color rows=24 cols=80
+mounts=$DEFAULT_MOUNTS uid=1000 gid=1000 cmd_b64= have_cmd= term=xterm-256color rows=24 cols=80 net=
 read -r cmdline </proc/cmdline
 set -f
 for arg in $cmdline; do
@@ -116,6 +123,7 @@ for arg in $cmdline; do
 	agentvm.term=*) term=${arg#*=} ;;
 	agentvm.rows=*) rows=${arg#*=} ;;
 	agentvm.cols=*) cols=${arg#*=} ;;
+	agentvm.net=*) net=${arg#*=} ;;
 	esac
 done
 set +f
@@ -139,7 +147,8 @@ for m in "${entries[@]}"; do
 done
 chown "$uid:$gid" /home/agent /work 2>/dev/null
 
-network_up
+ip link set lo up
+if [ -n "$net" ]; then network_up "$net"; fi
 
 # --- terminal resize, power button ---------------------------------------------------------
 resize_loop() {
@@ -187,8 +196,7 @@ else
 fi
 # the agent's shell: the env file (exported), the dev shell with DIRENV_ALLOW=1, then the command
 # shellcheck disable=SC2016 # expanded by the agent's bash
-prelude='set -a; [ -r "$HOME/.microvm-env" ] && . "$HOME/.microvm-env"; set +a
-if [ "${DIRENV_ALLOW:-0}" = 1 ] && [ -r "$HOME/.microvm-devshell" ]; then . "$HOME/.microvm-devshell" || true; fi
+prelude='. /etc/agentvm/agent-env.sh
 if [ -S /run/podman/podman.sock ]; then export CONTAINER_HOST=unix:///run/podman/podman.sock DOCKER_HOST=unix:///run/podman/podman.sock; fi
 cd /work 2>/dev/null || cd "$HOME"
 '
