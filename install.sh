@@ -2,17 +2,18 @@
 # Installs agentvm-supervise and what it needs on Debian 12 (or newer): QEMU and the tools the
 # built-in guest is built with, from Debian's packages; the Python package in ./.venv, made with
 # Debian's python3 so every user of the machine can run it, with the console filter's C scanner
-# (supervisor/_scan.c; gcc and Python's headers build it). `--test` adds the test tools.
+# (supervisor/_scan.c; gcc and Python's headers build it). `--test` adds the test tools and what
+# the bench needs (./test.sh runs `python -m bench --quick`): gcc for its stub runner (above) and
+# supervisord (PyPI `supervisor`, a peer in bench/) in ./.venv-bench: its top-level package is also
+# called `supervisor`, so it cannot share a venv with ours. `--bench` installs only the latter.
 # As root it also links /usr/local/bin/agentvm-supervise. Safe to run again.
-# `--bench` also puts supervisord (PyPI `supervisor`, a peer in bench/) in ./.venv-bench: its
-# top-level package is also called `supervisor`, so it cannot share a venv with ours.
 set -euo pipefail
 cd "$(dirname "$0")"
 test_tools=0
 bench=0
 for arg in "$@"; do
   case "$arg" in
-    --test) test_tools=1 ;;
+    --test) test_tools=1 bench=1 ;;
     --bench) bench=1 ;;
     *) echo "install.sh: unknown option $arg (use --test and/or --bench)" >&2; exit 64 ;;
   esac
@@ -48,7 +49,10 @@ extra=""
 # warnings about editable installs that say nothing about this one.
 pip_log=$(mktemp)
 trap 'rm -f "$pip_log"' EXIT
-if ! .venv/bin/pip install -q --disable-pip-version-check -e ".${extra}" >"$pip_log" 2>&1; then
+# editable_mode=compat: a plain path in a .pth; the default mode installs an import hook that
+# costs every start of the venv's python ~40 ms (re, pathlib, importlib.util), a third of `run`'s.
+if ! .venv/bin/pip install -q --disable-pip-version-check --config-settings editable_mode=compat \
+  -e ".${extra}" >"$pip_log" 2>&1; then
   cat "$pip_log" >&2
   echo "install.sh: pip could not install agentvm-supervise (its output is above)" >&2
   exit 1
@@ -63,6 +67,8 @@ if [ "$(id -u)" = 0 ]; then
 fi
 if [ "$bench" = 1 ]; then
   [ -x .venv-bench/bin/python ] || /usr/bin/python3 -m venv .venv-bench
-  .venv-bench/bin/pip install -q --disable-pip-version-check "supervisor>=4.2" >&2
+  if ! .venv-bench/bin/python -c 'import supervisor.supervisord' 2>/dev/null; then
+    .venv-bench/bin/pip install -q --disable-pip-version-check "supervisor>=4.2" >&2
+  fi
 fi
 echo "install.sh: agentvm-supervise installed ($PWD/.venv/bin/agentvm-supervise)" >&2

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import itertools
 import os
 import platform
 import signal
@@ -28,7 +29,9 @@ from bench.core import Bench
 RESULTS = Path(__file__).resolve().parent / "results"
 LAUNCHERS = {
     "agentvm": "agentvm-supervise (--fd, default)",
+    "agentvm-cold": "agentvm-supervise, first start (preflight probes run)",
     "agentvm-path": "agentvm-supervise (--socket-path + inotify)",
+    "agentvm-before": "agentvm-supervise of --baseline (same config)",
     "bash": "seed bash launcher ([ -S ] every 100 ms)",
     "supervisord": "supervisord + RUNNING-event listener",
 }
@@ -68,13 +71,15 @@ class Idle(msgspec.Struct):
     threads: int
 
 
-class Scale(msgspec.Struct):
+class Scale(msgspec.Struct, kw_only=True):
     instances: int
+    launcher: str = "agentvm"
     start_all_ms: float  # first exec -> the last runner exec'd
     start_median_ms: float  # per instance: launch -> its runner's exec
     teardown_all_ms: float  # SIGUSR1 to every runner -> every supervisor exited
     instance_dirs: int
     sockets: int
+    distinct: bool  # one dir per instance, each with the same socket names (so none shared)
     statuses: list[int]
     left: list[str]
 
@@ -83,6 +88,7 @@ class Results(msgspec.Struct):
     machine: Machine
     version: int = 1
     start_ms: dict[str, Stat] = {}
+    start_cpu_ms: dict[str, Stat] = {}  # the launcher process's own CPU time by the runner's exec
     teardown_ms: dict[str, Stat] = {}  # runner exit -> its processes reaped, no socket left
     exit_ms: dict[str, Stat] = {}  # runner exit -> the launcher's own exit
     left_behind: dict[str, list[str]] = {}
@@ -114,6 +120,14 @@ def _machine() -> Machine:
     )
 
 
+class Failed(Exception):
+    """A launcher failed or left something behind: the bench's only failure (figures never are)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -121,21 +135,35 @@ def _say(text: str) -> None:
 # ---- the sections ----------------------------------------------------------------------------------
 
 
-def start_and_teardown(bench: Bench, results: Results, runs: int, launchers: list[str]) -> None:
+def _own(name: str) -> bool:
+    return name.startswith("agentvm")
+
+
+def start_and_teardown(
+    bench: Bench, results: Results, runs: int, launchers: list[str], problems: list[str]
+) -> None:
     starts: dict[str, list[float]] = {name: [] for name in launchers}
+    cpus: dict[str, list[float]] = {name: [] for name in launchers}
     teardowns: dict[str, list[float]] = {name: [] for name in launchers}
     exits: dict[str, list[float]] = {name: [] for name in launchers}
     floors: dict[str, list[float]] = {tag: [] for tag in (*core.TAGS, "max")}
     kills: list[float] = []
     pythons: list[float] = []
+    for name in launchers:  # one unmeasured start each: page cache, and the facts a user's 2nd start has
+        core.launch_once(bench, name)
     for round_ in range(runs):
         # Rotate the order each round: load from the other developers hits every launcher alike.
         order = launchers[round_ % len(launchers) :] + launchers[: round_ % len(launchers)]
         for name in order:
             sample = core.launch_once(bench, name)
             if sample.status != 0:
-                raise RuntimeError(f"bench: {name} exited with status {sample.status}")
+                problems.append(f"{name} exited with status {sample.status}")
+                continue
+            # Ours must leave nothing; the peers leave files by design (reported), never processes.
+            if sample.left and (_own(name) or sample.left_processes):
+                problems.append(f"{name} left behind: {', '.join(sample.left)}")
             starts[name].append(sample.start_ms)
+            cpus[name].append(sample.start_cpu_ms)
             teardowns[name].append(sample.teardown_ms)
             exits[name].append(sample.exit_ms)
             if name not in results.left_behind:
@@ -146,8 +174,11 @@ def start_and_teardown(bench: Bench, results: Results, runs: int, launchers: lis
         floors["max"].append(max(floor.ready_ms.values()))
         kills.append(floor.kill_ms)
         pythons.append(core.python_startup_ms(bench))
+        if problems:
+            raise Failed(problems)
         _say(f"  round {round_ + 1}/{runs}: " + ", ".join(f"{n} {starts[n][-1]:.0f} ms" for n in launchers))
-    results.start_ms = {name: Stat.of(values) for name, values in starts.items()}
+    results.start_ms = {name: Stat.of(values) for name, values in starts.items() if values}
+    results.start_cpu_ms = {name: Stat.of(values) for name, values in cpus.items() if values}
     results.teardown_ms = {name: Stat.of(values) for name, values in teardowns.items()}
     results.exit_ms = {name: Stat.of(values) for name, values in exits.items()}
     results.floor_ready_ms = {tag: Stat.of(values) for tag, values in floors.items()}
@@ -156,12 +187,8 @@ def start_and_teardown(bench: Bench, results: Results, runs: int, launchers: lis
 
 
 def _watchdog_of(pid: int) -> int | None:
-    own = core.cmdline(pid)
-    for child in core.children(pid):
-        with contextlib.suppress(OSError):
-            if core.cmdline(child) == own and str(Path(f"/proc/{child}/fd/2").readlink()) == os.devnull:
-                return child
-    return None
+    """The supervisor's watchdog: the child running supervisor/watchdog_main.py."""
+    return next((child for child in core.children(pid) if "/watchdog_main.py " in core.cmdline(child)), None)
 
 
 def _connected(run: core.Run) -> bool:
@@ -232,12 +259,15 @@ def _all_started(pairs: list[tuple[core.Run, subprocess.Popen[bytes]]]) -> bool:
     return all(run.marks().connected_ns or proc.poll() is not None for run, proc in pairs)
 
 
-def scale(bench: Bench, results: Results, sizes: list[int]) -> None:
-    for size in sizes:
-        base = bench.root / f"scale-{size}"
+def scale(bench: Bench, results: Results, sizes: list[int], problems: list[str]) -> None:
+    variants = [("agentvm", bench.supervise)] + (
+        [("agentvm-before", bench.baseline)] if bench.baseline else []
+    )
+    for size, (launcher, supervise) in itertools.product(sizes, variants):
+        base = bench.root / f"scale-{size}-{launcher}"
         base.mkdir(mode=0o700)
         runs = [bench.new_run(f"scale{size}", hold=True) for _ in range(size)]
-        argvs = [bench.agentvm_argv(run, runtime=base) for run in runs]
+        argvs = [bench.agentvm_argv(run, runtime=base, supervise=supervise) for run in runs]
         started = time.monotonic_ns()
         procs = [bench.spawn(argv, run) for argv, run in zip(argvs, runs, strict=True)]
         try:
@@ -246,6 +276,8 @@ def scale(bench: Bench, results: Results, sizes: list[int]) -> None:
             execs = [(run.marks().exec_ns - started) / 1e6 for run in runs]
             dirs = [path for path in base.iterdir() if path.is_dir()]
             sockets = [path for path in base.rglob("*.sock")]
+            names = {frozenset(p.name for p in path.glob("*.sock")) for path in dirs}
+            distinct = len(dirs) == size and len(names) == 1 and bool(next(iter(names)))
             released = time.monotonic_ns()
             for run in runs:
                 with contextlib.suppress(ProcessLookupError):
@@ -262,17 +294,26 @@ def scale(bench: Bench, results: Results, sizes: list[int]) -> None:
         results.scale.append(
             Scale(
                 instances=size,
+                launcher=launcher,
                 start_all_ms=max(execs),
                 start_median_ms=statistics.median(execs),
                 teardown_all_ms=(ended - released) / 1e6,
                 instance_dirs=len(dirs),
                 sockets=len(sockets),
+                distinct=distinct,
                 statuses=statuses,
                 left=left,
             )
         )
         torn = (ended - released) / 1e6
-        _say(f"  {size} instances: all started in {max(execs):.0f} ms, torn down in {torn:.0f} ms")
+        if any(statuses) or left or not results.scale[-1].distinct:
+            problems.append(
+                f"scale {size}: statuses {sorted(set(statuses))}, "
+                f"distinct dirs {results.scale[-1].distinct}, "
+                f"left behind: {', '.join(left) or 'nothing'}"
+            )
+            raise Failed(problems)
+        _say(f"  {size} x {launcher}: all started in {max(execs):.0f} ms, torn down in {torn:.0f} ms")
 
 
 def real_guest(bench: Bench, results: Results, runs: int) -> None:
@@ -296,9 +337,16 @@ def _ratios(results: Results) -> dict[str, float]:
     start, teardown = results.start_ms, results.teardown_ms
     if "agentvm" in start:
         base = start["agentvm"].median
-        for name in ("bash", "supervisord", "agentvm-path"):
+        for name in ("bash", "supervisord", "agentvm-path", "agentvm-cold", "agentvm-before"):
             if name in start:
                 ratios[f"start {name} / agentvm"] = start[name].median / base
+        cpu = results.start_cpu_ms
+        if "agentvm" in cpu and "agentvm-before" in cpu:
+            ratios["start cpu agentvm-before / agentvm"] = (
+                cpu["agentvm-before"].median / cpu["agentvm"].median
+            )
+        if "bash" in start and "agentvm-cold" in start:
+            ratios["start bash / agentvm-cold"] = start["bash"].median / start["agentvm-cold"].median
         if results.floor_ready_ms:
             ratios["start agentvm - floor (ms)"] = base - results.floor_ready_ms["max"].median
         if results.python_startup_ms:
@@ -306,6 +354,10 @@ def _ratios(results: Results) -> dict[str, float]:
         for name in ("bash", "supervisord"):
             if name in teardown:
                 ratios[f"teardown {name} / agentvm"] = teardown[name].median / teardown["agentvm"].median
+    by_size = {(item.instances, item.launcher): item.start_all_ms for item in results.scale}
+    for (size, launcher), ms in by_size.items():
+        if launcher == "agentvm-before" and (size, "agentvm") in by_size:
+            ratios[f"scale {size} all started: agentvm-before / agentvm"] = ms / by_size[(size, "agentvm")]
     if results.guest_ms:
         ratios["guest agentvm / by hand"] = (
             results.guest_ms["agentvm"].median / results.guest_ms["by-hand"].median
@@ -316,6 +368,7 @@ def _ratios(results: Results) -> dict[str, float]:
 def report(results: Results, earlier: Results | None) -> str:
     m = results.machine
     lines = [
+        core.PREFLIGHT_NOTE,
         f"agentvm-supervise bench, {m.date}, {m.hostname}: {m.cores} cores ({m.cpu}), Linux {m.kernel}, "
         f"Python {m.python}",
         f"load average before {m.load_before[0]:.2f}, after {m.load_after[0]:.2f} (other work on the machine "
@@ -332,7 +385,10 @@ def report(results: Results, earlier: Results | None) -> str:
 
     if results.start_ms:
         runs = len(next(iter(results.start_ms.values())).samples)
-        lines.append(f"\nstart: launcher exec -> runner exec, 3 real virtiofsd, median of {runs} (p95)")
+        lines.append(
+            f"\nstart: launcher exec -> runner exec, 3 real virtiofsd, median of {runs} (p95); "
+            "the launcher process's own CPU time by then"
+        )
         for tag in (*core.TAGS, "max"):
             stat = results.floor_ready_ms[tag]
             row(
@@ -343,10 +399,12 @@ def report(results: Results, earlier: Results | None) -> str:
         assert results.python_startup_ms is not None
         row("python + imports (agentvm-supervise --version)", f"{results.python_startup_ms.median:.1f} ms")
         for name, stat in results.start_ms.items():
+            cpu = results.start_cpu_ms.get(name)
             row(
                 LAUNCHERS[name],
                 f"{stat.median:.1f} ms",
-                f"({stat.p95:.1f}) {was(earlier.start_ms if earlier else None, name)}",
+                f"({stat.p95:.1f}) cpu {cpu.median if cpu else 0:.1f} ms "
+                f"{was(earlier.start_ms if earlier else None, name)}",
             )
         lines.append(
             "\nteardown: runner exit -> all its processes reaped, no socket left: median (p95); "
@@ -375,14 +433,15 @@ def report(results: Results, earlier: Results | None) -> str:
     if results.scale:
         lines.append("\nscale: N agentvm-supervise at once (stub runners, real virtiofsd), one runtime dir")
         for item in results.scale:
-            ok = item.instance_dirs == item.instances and item.sockets == 4 * item.instances
+            ok = item.distinct
             row(
-                f"{item.instances} instances",
+                f"{item.instances} instances" + ("" if item.launcher == "agentvm" else f" ({item.launcher})"),
                 f"{item.start_all_ms:.0f} ms",
                 f"all started (median {item.start_median_ms:.0f}, "
                 f"{item.start_all_ms / item.instances:.1f} ms per instance); "
                 f"torn down {item.teardown_all_ms:.0f} ms; "
-                f"{'distinct dirs and sockets' if ok else 'COLLISION'}; "
+                f"{'distinct dirs' if ok else 'COLLISION'}, {item.sockets // max(1, item.instances)} "
+                "sockets each; "
                 f"statuses {sorted(set(item.statuses))}; left: {len(item.left) or 'nothing'}",
             )
     if results.guest_ms:
@@ -397,8 +456,48 @@ def report(results: Results, earlier: Results | None) -> str:
     return "\n".join(lines)
 
 
+def sections_run(
+    bench: Bench,
+    *,
+    results: Results,
+    args: argparse.Namespace,
+    sections: set[str],
+    launchers: list[str],
+    problems: list[str],
+) -> None:
+    if "start" in sections:
+        _say("start and teardown ...")
+        start_and_teardown(bench, results, args.runs, launchers, problems)
+    if "idle" in sections:
+        _say(f"idle ({args.idle_seconds:g} s) ...")
+        idle(
+            bench,
+            results,
+            args.idle_seconds,
+            [n for n in launchers if n not in ("agentvm-path", "agentvm-cold")],
+        )
+    if "scale" in sections:
+        _say("scale ...")
+        scale(bench, results, [int(n) for n in args.scale.split(",")], problems)
+    if "guest" in sections:
+        _say("real guest ...")
+        real_guest(bench, results, args.guest_runs)
+
+
+def _failed(problems: list[str]) -> int:
+    for problem in problems:
+        _say(f"bench: FAILED: {problem}")
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few rounds of start/teardown and a small scale run, in seconds (./test.sh runs this): "
+        "fails if a launcher fails or leaves something behind; figures are printed, not judged",
+    )
     parser.add_argument("--runs", type=int, default=7, help="start/teardown rounds (default 7)")
     parser.add_argument("--guest-runs", type=int, default=5, help="real-guest boots each way (default 5)")
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="idle window (default 30)")
@@ -408,32 +507,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--compare", type=Path, help="an earlier results JSON to show next to this run")
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also run another checkout's agentvm-supervise (CHECKOUT/.venv/bin) in the same rounds",
+    )
+    parser.add_argument(
         "--out", type=Path, default=RESULTS, help="where the JSON goes (default bench/results)"
     )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.runs, args.scale, args.only = 3, "4", "start,scale"
     sections = set(args.only.split(","))
     earlier = msgspec.json.decode(args.compare.read_bytes(), type=Results) if args.compare else None
     results = Results(machine=_machine())
     begun = time.monotonic()
+    problems: list[str] = []
     with Bench.create() as bench:
-        launchers = [name for name in LAUNCHERS if name != "supervisord" or bench.supervisord]
+        if args.baseline is not None:
+            bench.baseline = [str(args.baseline.resolve() / ".venv" / "bin" / "agentvm-supervise")]
+        launchers = [
+            name
+            for name in LAUNCHERS
+            if (name != "supervisord" or bench.supervisord) and (name != "agentvm-before" or bench.baseline)
+        ]
         if not bench.supervisord:
-            _say("bench: supervisord not found; install the bench extra: ./install.sh --bench")
-        if "start" in sections:
-            _say("start and teardown ...")
-            start_and_teardown(bench, results, args.runs, launchers)
-        if "idle" in sections:
-            _say(f"idle ({args.idle_seconds:g} s) ...")
-            idle(bench, results, args.idle_seconds, [n for n in launchers if n != "agentvm-path"])
-        if "scale" in sections:
-            _say("scale ...")
-            scale(bench, results, [int(n) for n in args.scale.split(",")])
-        if "guest" in sections:
-            _say("real guest ...")
-            real_guest(bench, results, args.guest_runs)
+            _say("bench: supervisord is not installed, its rows are left out (./install.sh --test has it)")
+        _say(core.PREFLIGHT_NOTE)
+        try:
+            sections_run(
+                bench, results=results, args=args, sections=sections, launchers=launchers, problems=problems
+            )
+        except Failed as failed:
+            return _failed(failed.problems)
+        except RuntimeError as exc:  # a launcher that never started its runner, a scale run that hung
+            return _failed([*problems, str(exc)])
     results.machine.load_after = list(os.getloadavg())
     results.ratios = _ratios(results)
     print(report(results, earlier))
+    if args.quick:
+        took = time.monotonic() - begun
+        _say(f"\nbench --quick: every launcher started and left nothing behind ({took:.0f} s)")
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out / f"bench-{stamp}.json"

@@ -26,6 +26,11 @@ REPO = HERE.parent
 TAGS = ("work", "home", "data")
 RUN_ENV = "AGENTVM_BENCH_RUN"  # in every process a run starts: how leftovers are found
 CACHE = Path(os.environ.get("AGENTVM_SUPERVISE_CACHE", "/var/tmp/agentvm-supervise-test-cache"))
+REAL_QEMU = "/usr/bin/qemu-system-x86_64"  # answers the preflight's probes for the stub runner
+PREFLIGHT_NOTE = (
+    f"preflight: as users get it (the stub runner answers QEMU's probes by exec'ing the real QEMU, "
+    f"{REAL_QEMU}, so they cost what they cost a user)"
+)
 
 
 def virtiofsd_flags(source: Path) -> list[str]:
@@ -124,7 +129,13 @@ class Run:
             "AGENTVM_SUPERVISE_CACHE": str(CACHE),
             "BENCH_MARKS": str(self.marks_path),
             "BENCH_HOLD": "1" if self.hold else "0",
+            "BENCH_QEMU": REAL_QEMU,
             RUN_ENV: self.name,
+            # Where agentvm-supervise keeps what the preflight learnt (facts.py): shared by the
+            # runs (a user's second start), or the run's own for a first start.
+            "XDG_STATE_HOME": str(
+                (self.dir if self.name.startswith("agentvm-cold") else self.bench.root) / "state"
+            ),
         }
 
     def sockets(self) -> list[Path]:
@@ -145,6 +156,7 @@ class Bench:
     kernel: Path
     shares: list[Path]
     counter: int = 0
+    baseline: list[str] | None = None  # --baseline: another checkout's agentvm-supervise
 
     @classmethod
     @contextlib.contextmanager
@@ -181,7 +193,13 @@ class Bench:
 
     # ---- the launchers: argv for one run ------------------------------------------------------
 
-    def agentvm_argv(self, run: Run, socket_mode: str = "fd", runtime: Path | None = None) -> list[str]:
+    def agentvm_argv(
+        self,
+        run: Run,
+        socket_mode: str = "fd",
+        runtime: Path | None = None,
+        supervise: list[str] | None = None,
+    ) -> list[str]:
         lines = [f'runtime-dir = "{runtime or run.runtime}"', 'name = "bench"']
         for tag, source in zip(TAGS, self.shares, strict=True):
             lines += ["[[shares]]", f'tag = "{tag}"', f'source = "{source}"']
@@ -189,7 +207,7 @@ class Bench:
         lines += ["[virtiofsd]", f'binary = "{self.virtiofsd}"', f'socket-mode = "{socket_mode}"']
         config = run.dir / "agentvm.toml"
         config.write_text("\n".join(lines) + "\n")
-        return [*self.supervise, "run", "--config", str(config)]
+        return [*(supervise or self.supervise), "run", "--config", str(config)]
 
     def bash_argv(self, run: Run) -> list[str]:
         return [
@@ -226,8 +244,11 @@ class Bench:
         ]  # fmt: skip
 
     def argv(self, launcher: str, run: Run) -> list[str]:
-        if launcher == "agentvm":
+        if launcher in ("agentvm", "agentvm-cold"):
             return self.agentvm_argv(run)
+        if launcher == "agentvm-before":
+            assert self.baseline is not None
+            return self.agentvm_argv(run, supervise=self.baseline)
         if launcher == "agentvm-path":
             return self.agentvm_argv(run, socket_mode="path")
         if launcher == "bash":
@@ -257,10 +278,12 @@ class Bench:
 @dataclass
 class LaunchSample:
     start_ms: float  # launcher exec -> runner exec
+    start_cpu_ms: float  # CPU time of the launcher's own process (all its threads) by then
     teardown_ms: float  # runner exit -> every process the launcher started reaped, no socket left
     exit_ms: float  # runner exit -> the launcher's own exit
     status: int
-    left: list[str]
+    left: list[str]  # processes, then files under the runtime dir
+    left_processes: int = 0
 
 
 def descendants(pid: int) -> list[int]:
@@ -286,6 +309,9 @@ def launch_once(bench: Bench, launcher: str, timeout: float = 120.0) -> LaunchSa
         if not marks.exec_ns:
             detail = (run.dir / "stderr").read_text(errors="replace")[-800:]
             raise RuntimeError(f"{launcher}: the runner never ran (status {proc.wait()}): {detail}")
+        # On a shared machine wall times wander with the load; the CPU the launcher itself spent
+        # to get the runner started (not its children's) is a steadier figure of its own work.
+        start_cpu_ms = proc_stats(proc.pid).cpu_ns / 1e6
         tree = [pid for pid in descendants(proc.pid) if pid != marks.pid]
         os.kill(marks.pid, signal.SIGUSR1)
         clean = 0
@@ -305,14 +331,17 @@ def launch_once(bench: Bench, launcher: str, timeout: float = 120.0) -> LaunchSa
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     marks = run.marks()
+    processes = run_processes(run.name)
     left = run.leftovers()
     _kill_leftovers(run)
     return LaunchSample(
         start_ms=(marks.exec_ns - started) / 1e6,
+        start_cpu_ms=start_cpu_ms,
         teardown_ms=((clean or ended) - marks.exit_ns) / 1e6,
         exit_ms=(ended - marks.exit_ns) / 1e6,
         status=status,
         left=left,
+        left_processes=len(processes),
     )
 
 

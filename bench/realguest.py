@@ -111,8 +111,16 @@ def by_hand(bench: Bench, index: int) -> float:
             shares.append(_start(argv, pass_fds=(listener.fileno(),)))
             listener.close()
         public = bind_vhost_user_socket(checked.qmp_socket)
-        argv = qemu_argv(checked.qemu_spec(private_qmp_fd=theirs.fileno(), public_qmp_fd=public.fileno()))
-        qemu = _start(argv, pass_fds=(theirs.fileno(), public.fileno()), tty=slave)
+        # The guest's status port: read by nobody here (the guest powering off is all we wait for).
+        status_ours, status_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        spec = checked.qemu_spec(
+            private_qmp_fd=theirs.fileno(), public_qmp_fd=public.fileno(), status_fd=status_theirs.fileno()
+        )
+        qemu = _start(
+            qemu_argv(spec), pass_fds=(theirs.fileno(), public.fileno(), status_theirs.fileno()), tty=slave
+        )
+        status_theirs.close()
+        status_ours.close()
         os.close(slave)
         slave = -1
         theirs.close()

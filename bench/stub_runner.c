@@ -3,6 +3,10 @@
  * or holds until SIGUSR1/SIGTERM, and records when it exits. C, so that its own start costs
  * microseconds and the figures are the launchers'.
  *
+ * The preflight's queries (`-version`, `-machine help`, `-device help`, ...) are answered by the
+ * real QEMU (BENCH_QEMU, default /usr/bin/qemu-system-x86_64), exec'd in place: they cost what
+ * they cost a user, and they leave no marks.
+ *
  * Environment: BENCH_MARKS  file the lines "pid N", "exec NS", "connected NS", "exit NS" are
  *                           appended to (NS: CLOCK_MONOTONIC, as Python's time.monotonic_ns)
  *              BENCH_HOLD   "1": wait for SIGUSR1 or SIGTERM before exiting
@@ -34,6 +38,14 @@ static void mark(const char *what, long long value) {
 
 int main(int argc, char **argv) {
     long long started = now_ns();
+    if ((argc == 2 && strcmp(argv[1], "-version") == 0) || (argc == 3 && strcmp(argv[2], "help") == 0)) {
+        const char *qemu = getenv("BENCH_QEMU");
+        if (!qemu || !*qemu) qemu = "/usr/bin/qemu-system-x86_64";
+        argv[0] = (char *)qemu;
+        execv(qemu, argv);
+        perror("stub runner: exec of the real QEMU for a probe failed");
+        return 127;
+    }
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGUSR1);

@@ -21,7 +21,7 @@ from pathlib import Path
 import anyio
 
 from supervisor import consoleproto as proto
-from supervisor import runtime
+from supervisor import runtime, trust
 from supervisor.console import (
     MSG,
     EscapeReader,
@@ -48,7 +48,7 @@ def live_instances(base: Path) -> list[str]:
         return []
     found = []
     for entry in entries:
-        state = runtime.read_state(entry)
+        state = runtime.read_state(entry) if trust.instance_trusted(entry) else None
         if state is not None and not runtime.is_stale(state) and (entry / CONSOLE_SOCKET).exists():
             found.append(state.instance)
     return found
@@ -56,6 +56,7 @@ def live_instances(base: Path) -> list[str]:
 
 def find_console(base: Path, name: str | None) -> tuple[str, Path]:
     """(instance id, console.sock path) of the instance `name` names, or a SupervisorError."""
+    trust.check_base(base)
     live = live_instances(base)
     if not live:
         raise SupervisorError(

@@ -25,6 +25,7 @@ import msgspec
 from supervisor import children, guest, kvm, runtime
 from supervisor.config import Accel, Machine
 from supervisor.errors import ExitCode, SupervisorError
+from supervisor.facts import Facts
 
 MIN_VIRTIOFSD = (1, 10)
 CLONE_NEWNS = 0x00020000
@@ -153,12 +154,12 @@ def virtiofsd_flags(help_text: str) -> set[str]:
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", help_text))
 
 
-def check_virtiofsd(name: str, needed: Iterable[tuple[str, str]]) -> Check:
+def check_virtiofsd(name: str, needed: Iterable[tuple[str, str]], *, known: Facts | None = None) -> Check:
     """`needed`: (flag, who needs it) pairs, taken from the command lines this plan will run."""
     path, problem, remedy = resolve_binary(name, "the virtiofsd binary", VIRTIOFSD_REMEDY)
     if path is None:
         return fail("virtiofsd", problem, remedy)
-    version_probe = children.probe([path, "--version"])
+    version_probe, help_probe = (known or Facts(None, store=False)).probe(path, [["--version"], ["--help"]])
     if version_probe.status != 0:
         return fail(
             "virtiofsd",
@@ -167,7 +168,6 @@ def check_virtiofsd(name: str, needed: Iterable[tuple[str, str]]) -> Check:
             {"path": path},
         )
     version = _version(version_probe.output)
-    help_probe = children.probe([path, "--help"])
     supported = virtiofsd_flags(help_probe.output) if help_probe.status == 0 else set()
     users: dict[str, list[str]] = {}
     for flag, user in needed:
@@ -201,20 +201,21 @@ def check_virtiofsd(name: str, needed: Iterable[tuple[str, str]]) -> Check:
 QEMU_REMEDY = "install QEMU (apt-get install qemu-system-x86) or set qemu.binary / --qemu"
 
 
-def check_qemu(name: str, machine: Machine, accel: Accel | None) -> Check:
+QEMU_LISTS = ("-machine", "-device", "-object", "-accel")
+
+
+def check_qemu(name: str, machine: Machine, accel: Accel | None, *, known: Facts | None = None) -> Check:
     path, problem, remedy = resolve_binary(name, "the QEMU binary", QEMU_REMEDY)
     if path is None:
         return fail("qemu", problem, remedy)
-    version_probe = children.probe([path, "-version"])
+    queries = [["-version"], *([what, "help"] for what in QEMU_LISTS)]
+    version_probe, *lists = (known or Facts(None, store=False)).probe(path, queries)
     if version_probe.status != 0:
         return fail(
             "qemu", f"{path} -version failed: {_probe_failure(version_probe)}", QEMU_REMEDY, {"path": path}
         )
     version = _dotted(_version(version_probe.output))
-    answers = {
-        what: children.probe([path, what, "help"]).output
-        for what in ("-machine", "-device", "-object", "-accel")
-    }
+    answers = {what: result.output for what, result in zip(QEMU_LISTS, lists, strict=True)}
     machines = set(re.findall(r"^(\S+)\s", answers["-machine"], re.MULTILINE))
     devices = set(re.findall(r'^name "([^"]+)"', answers["-device"], re.MULTILINE))
     objects = set(answers["-object"].split())
@@ -316,7 +317,9 @@ def namespace_flags(euid: int) -> int:
     return flags if euid == 0 else flags | CLONE_NEWUSER
 
 
-def check_namespaces(*, needed: bool, euid: int, allow_fallback: bool, fallback_sandbox: str) -> Check:
+def check_namespaces(
+    *, needed: bool, euid: int, allow_fallback: bool, fallback_sandbox: str, known: Facts | None = None
+) -> Check:
     """Can virtiofsd's namespace sandbox be set up? Probed for real, as virtiofsd does it, in a child."""
     kind = "mount, pid and net namespaces" if euid == 0 else "user, mount, pid and net namespaces"
     if not needed:
@@ -328,8 +331,11 @@ def check_namespaces(*, needed: bool, euid: int, allow_fallback: bool, fallback_
             "/proc/sys/kernel/apparmor_restrict_unprivileged_userns"
         ),
     }
-    step, err = children.probe_unshare([namespace_flags(euid)])
+    known = known or Facts(None, store=False)
+    worked, key = known.namespaces_known_to_work(namespace_flags(euid))
+    step, err = (-1, 0) if worked else children.probe_unshare([namespace_flags(euid)])
     if step < 0:
+        known.remember(None if worked else key)
         return ok("namespaces", f"virtiofsd's sandbox can create {kind} here (probed with unshare)", facts)
     why = f"{errno.errorcode.get(err, str(err))}: {os.strerror(err)}" if err else "the probe died"
     remedies = []

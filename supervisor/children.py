@@ -216,10 +216,10 @@ async def run_child(
         start_ticks = 0  # already gone and reaped by nobody yet: the pidfd still tells its exit
     child = Child(spec=spec, pid=proc.pid, start_ticks=start_ticks, started_at=time.monotonic())
     log = log.bind(pid=proc.pid)
-    log.info("started", argv=" ".join(spec.argv))
     try:
         if on_start is not None:
-            on_start(child)
+            on_start(child)  # first: the watchdog learns the group before anything else runs
+        log.info("started", argv=" ".join(spec.argv))
         async with anyio.create_task_group() as pumps:
             pumps.start_soon(_pump_stderr, child, read_fd, log)
             task_status.started(child)
@@ -280,25 +280,61 @@ def probe(argv: Sequence[str], *, timeout: float = 10.0) -> ProbeResult:
 
     Synchronous on purpose: probes run before the event loop and before any child exists.
     """
+    return probe_many([argv], timeout=timeout)[0]
+
+
+def probe_many(argvs: Sequence[Sequence[str]], *, timeout: float = 10.0) -> list[ProbeResult]:
+    """`probe` for several queries at once: all started, then each read to its end (the others
+    run meanwhile; one that fills its pipe waits for its turn). One deadline for them all."""
+    started: list[subprocess.Popen[bytes] | ProbeResult] = []
     try:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=child_environment(os.environ, {"LC_ALL": "C"}),  # stable, parseable help texts
-            start_new_session=True,
-            close_fds=True,
-        )
-    except OSError as exc:
-        return ProbeResult(None, "", exc.strerror or str(exc))
+        for argv in argvs:
+            try:
+                started.append(
+                    subprocess.Popen(
+                        list(argv),
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        env=child_environment(os.environ, {"LC_ALL": "C"}),  # stable, parseable help texts
+                        start_new_session=True,
+                        close_fds=True,
+                    )
+                )
+            except OSError as exc:
+                started.append(ProbeResult(None, "", exc.strerror or str(exc)))
+        deadline = time.monotonic() + timeout
+        return [_finish_probe(proc, deadline, timeout) for proc in started]
+    finally:  # an exception (a stop signal) while they run: none is left running or unreaped
+        for proc in started:
+            if isinstance(proc, subprocess.Popen) and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+
+
+def _finish_probe(
+    proc: subprocess.Popen[bytes] | ProbeResult, deadline: float, timeout: float
+) -> ProbeResult:
+    if isinstance(proc, ProbeResult):
+        return proc
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        # A little time even past the deadline: a probe that has finished only needs reading.
+        out, _ = proc.communicate(timeout=max(0.05, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         return ProbeResult(None, out.decode(errors="replace"), f"no answer within {timeout:g} s")
+    finally:
+        if proc.returncode is None:
+            # A stop signal during the preflight (StopRequested) or Ctrl-C: a probe is a child like
+            # any other, killed with its group and reaped, not left to PID 1.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
     return ProbeResult(proc.returncode, out.decode(errors="replace"))
 
 

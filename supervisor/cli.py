@@ -8,42 +8,23 @@ traceback under --debug.
 from __future__ import annotations
 
 import argparse
-import functools
-import logging
+import contextlib
 import math
 import os
 import signal
 import sys
-import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import anyio
-import msgspec
-import structlog
-
-from supervisor import (
-    __version__,
-    attach,
-    config,
-    console,
-    doctor,
-    guestcmd,
-    kvm_watch,
-    launcher,
-    logs,
-    manage,
-    pid1,
-    plan,
-    runtime,
-)
-from supervisor.checks import Status
-from supervisor.config import Accel
+from supervisor import __version__, pid1
 from supervisor.errors import ExitCode, SupervisorError
-from supervisor.notify import Notifier
-from supervisor.vm import Host, Instance, Stdio
-from supervisor.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from supervisor import config, plan
+
+# The verbs' modules are imported in the functions that use them: `run` pays for what it needs
+# before the VM is up, and `--version` for nothing (python -X importtime; issue 17).
 
 PROG = "agentvm-supervise"
 
@@ -114,6 +95,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> _Parser:
+    from supervisor import guestcmd, manage
+
     parser = _Parser(prog=PROG, description="Run an AI coding agent in a throw-away microVM.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -175,7 +158,31 @@ def _parser() -> _Parser:
     att.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     manage.add_parsers(commands)
     guestcmd.add_parser(commands)
+    allow_cmd = commands.add_parser(
+        "allow",
+        help="allow the host to evaluate this project's dev shell (DIRENV_ALLOW=1) as it is now",
+        description="Record the project's Nix inputs (flake.nix, flake.lock, devenv files, every *.nix "
+        "file) as reviewed: with DIRENV_ALLOW=1 the host evaluates the dev shell only while they are "
+        "unchanged, since the guest can edit them. Review them first.",
+    )
+    allow_cmd.add_argument("--work-dir", help="the project dir (default: $WORK_DIR, else the current dir)")
     return parser
+
+
+def _allow(args: argparse.Namespace) -> int:
+    from supervisor import config, devallow
+
+    raw = args.work_dir or os.environ.get("WORK_DIR") or str(Path.cwd())
+    config.check_environment_paths(os.environ, raw)
+    work_dir = Path(raw).expanduser().resolve()
+    if not work_dir.is_dir():
+        raise SupervisorError(
+            f"the work dir {work_dir} is not a directory: pass the project dir with --work-dir"
+        )
+    allowed = devallow.allow(work_dir, os.environ)
+    names = ", ".join(allowed) or "no Nix files"
+    print(f"allowed the dev shell of {work_dir} as it is now ({names})")
+    return ExitCode.OK
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -218,7 +225,22 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _check_paths(cfg: config.Config) -> None:
+    """Paths from the environment (and the current dir, when it is the work dir) we pass on."""
+    from supervisor import config
+
+    cwd = None
+    if not cfg.work_dir and not os.environ.get("WORK_DIR"):
+        with contextlib.suppress(OSError):
+            cwd = str(Path.cwd())
+    config.check_environment_paths(os.environ, cwd)
+
+
 def _load_config(args: argparse.Namespace) -> config.Config:
+    import msgspec
+
+    from supervisor import config
+
     cfg = config.load(args.config, _overrides(args))
     if args.guest is None and (cfg.runner is not None or cfg.qemu.kernel is not None):
         # --agent only implied the agent guest: a config's runner or kernel keeps its own guest
@@ -227,7 +249,10 @@ def _load_config(args: argparse.Namespace) -> config.Config:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    from supervisor import doctor
+
     cfg = _load_config(args)
+    _check_paths(cfg)
     report = doctor.diagnose(cfg, env=os.environ, cwd=Path.cwd())
     if args.json:
         sys.stdout.buffer.write(doctor.render_json(report))
@@ -238,6 +263,13 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _wait_for_kvm(cfg: config.Config, timeout: float) -> None:
+    import functools
+
+    import anyio
+
+    from supervisor import kvm_watch
+    from supervisor.config import Accel
+
     if cfg.qemu.accel is Accel.TCG:
         return  # nothing to wait for
     device = Path(cfg.qemu.kvm_device).expanduser()
@@ -245,6 +277,10 @@ def _wait_for_kvm(cfg: config.Config, timeout: float) -> None:
 
 
 def _log_warnings(checked: plan.Plan) -> None:
+    import structlog
+
+    from supervisor.checks import Status
+
     log = structlog.get_logger()
     for check in checked.checks:
         if check.status is Status.WARN:
@@ -252,6 +288,13 @@ def _log_warnings(checked: plan.Plan) -> None:
 
 
 def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
+    import anyio
+
+    from supervisor import console, launcher, plan
+    from supervisor.notify import Notifier
+    from supervisor.vm import Host, Instance, Stdio
+    from supervisor.watchdog import Watchdog
+
     command = list(args.guest_command)
     if command and command[0] == "--":
         command = command[1:]
@@ -260,9 +303,11 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
             f"unexpected argument '{command[0]}': put the guest command after --, as in "
             f"'{PROG} run -- make test'"
         )
-    # Before any fork: the watchdog would show the API key in its /proc/PID/environ otherwise.
+    # /proc/PID/environ of the supervisor itself would show the API key otherwise (children, the
+    # watchdog included, get an environment without it).
     launcher.scrub_proc_environ()
     cfg = _load_config(args)
+    _check_paths(cfg)
     if args.wait_kvm is not None:
         _wait_for_kvm(cfg, args.wait_kvm)
     stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
@@ -289,12 +334,17 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
 
 
 def _attach(args: argparse.Namespace) -> int:
+    import anyio
+
+    from supervisor import attach, config, plan, runtime
+
     overrides: dict[str, Any] = {}
     if args.runtime_dir is not None:
         overrides["runtime-dir"] = args.runtime_dir
     if args.escape_key is not None:
         overrides["console"] = {"escape-key": args.escape_key}
     cfg = config.load(args.config, overrides)
+    config.check_environment_paths(os.environ)
     settings = plan.console_settings(cfg.console, os.environ)
     base = Path(cfg.runtime_dir) if cfg.runtime_dir else runtime.default_base(os.environ, os.geteuid())
     instance, path = attach.find_console(base, args.instance)
@@ -304,13 +354,43 @@ def _attach(args: argparse.Namespace) -> int:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def entry(*, unblock: Iterable[int] = ()) -> NoReturn:
+    """The console script: `main`, then straight out once the output is flushed.
+
+    Everything the supervisor started is cleaned up by then (teardown is the nesting of its task
+    groups), so the interpreter's own finalization (every module and object torn down, tens of
+    ms: issue 17) would only delay the exit status the caller is waiting for."""
+    try:
+        code: int | str | None = main(unblock=unblock)
+    except SystemExit as exc:  # argparse: --help, and its own exits
+        code = exc.code
+    if not isinstance(code, int):
+        raise SystemExit(code)
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+def main(argv: Sequence[str] | None = None, *, unblock: Iterable[int] = ()) -> int:
+    """`unblock`: stop signals the entry point held back while importing us (supervisor/entry.py)."""
     debug = False
     # First of all: as PID 1, a signal without a handler is dropped by the kernel (see pid1.py).
     stop_signals = pid1.StopSignals().install()
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, unblock)  # one that came meanwhile lands here
+        if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
+            # Before the parser: building it imports the verbs' modules (manage.add_parsers).
+            print(f"{PROG} {__version__}")
+            return 0
         args = _parser().parse_args(argv)
         debug = bool(getattr(args, "debug", False))
+        import logging
+
+        from supervisor import logs
+
         if args.command is None:
             _parser().print_help(sys.stderr)
             return ExitCode.USAGE
@@ -323,9 +403,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         level = logging.DEBUG if debug else (logging.INFO if getattr(args, "verbose", False) else None)
         fmt = {"json": True, "human": False}.get(getattr(args, "log_format", None) or "")
         logs.configure(json=fmt, level=level)
+        if args.command == "allow":
+            return _allow(args)
         if args.command == "guest":
+            from supervisor import guestcmd
+
             return guestcmd.run(args)
         if args.command != "run":
+            from supervisor import config, manage
+
+            config.check_environment_paths(os.environ)
             return manage.run_verb(args)
         return _run(args, stop_signals)
     except SupervisorError as exc:
@@ -342,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.SIGNAL_BASE + 2
     except Exception:
         if debug:
+            import traceback
+
             traceback.print_exc()
         else:
             print(

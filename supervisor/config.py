@@ -218,16 +218,62 @@ def _explain(error: msgspec.ValidationError) -> str:
     return text
 
 
-def _find_nul(value: Any, where: str) -> str | None:
-    """The `$.path` of the first string holding a NUL byte: no path or argv can carry one."""
+# The fields that hold a path we pass on (to virtiofsd, QEMU, the watchdog, the guest's files).
+PATH_FIELDS = frozenset(
+    {"runtime-dir", "work-dir", "agent-home", "source", "guest-path", "binary", "kvm-device", "kernel",
+     "initrd", "script", "cwd", "log-dir"}
+)  # fmt: skip
+# C0 controls, DEL and C1 controls: a newline in a path once made the watchdog remove another dir.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def control_character(text: str) -> str | None:
+    """A readable name of the first control character in `text` (e.g. '\\n'), or None."""
+    found = _CONTROL.search(text)
+    return repr(found.group())[1:-1] if found else None
+
+
+def _find_bad(value: Any, where: str, key: str = "") -> tuple[str, str] | None:
+    """(`$.path`, what is wrong) of the first string with a NUL byte, or a path with a control character."""
     if isinstance(value, str):
-        return where if "\0" in value else None
+        if "\0" in value:
+            return where, "contains a NUL byte, which no path or command-line argument can hold"
+        char = control_character(value) if key in PATH_FIELDS else None
+        if char is not None:
+            return where, f"is a path with a control character ({char}), which no path we pass on may hold"
+        return None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        found = _find_nul(item, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}")
+    for name, item in items:
+        found = _find_bad(
+            item,
+            f"{where}[{name}]" if isinstance(name, int) else f"{where}.{name}",
+            key if isinstance(name, int) else str(name),
+        )
         if found:
             return found
     return None
+
+
+# Environment variables that name paths we use or pass on (the launcher's, XDG's, the cache's).
+PATH_VARIABLES = (
+    "WORK_DIR", "AGENT_HOME", "HOME", "XDG_RUNTIME_DIR", "XDG_STATE_HOME", "XDG_DATA_HOME",
+    "XDG_CACHE_HOME", "AGENTVM_SUPERVISE_CACHE",
+)  # fmt: skip
+
+
+def check_environment_paths(env: Mapping[str, str], cwd: str | None = None) -> None:
+    """Refuse a path-naming variable (or the current dir, when it is used) with a control character."""
+    named = [(f"${name}", env[name]) for name in PATH_VARIABLES if env.get(name)]
+    if cwd is not None:
+        named.append(("the current directory", cwd))
+    for what, value in named:
+        char = control_character(value)
+        if char is not None:
+            raise SupervisorError(
+                f"{what} ({value!r}) has a control character ({char}), which no path we pass on may "
+                "hold: rename the directory, or set the variable (or the flag that overrides it) to "
+                "another path"
+            )
 
 
 def load(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -256,12 +302,11 @@ def load(path: Path | None, overrides: Mapping[str, Any] | None = None) -> Confi
                 _paragraph(f"config file {path} is not valid TOML: {exc}. Fix the syntax at that spot.")
             ) from None
     merged = _merge(document, overrides or {})
-    nul = _find_nul(merged, "$")
-    if nul is not None:
+    bad = _find_bad(merged, "$")
+    if bad is not None:
         raise SupervisorError(
-            f"invalid configuration in {where}: the value at `{nul}` contains a NUL byte, which no "
-            "path or command-line argument can hold; remove it (an escape such as \\u0000 in the "
-            "TOML, or a stray byte in a flag)"
+            f"invalid configuration in {where}: the value at `{bad[0]}` {bad[1]}; remove it (an escape "
+            "such as \\u0000 or \\n in the TOML, or a stray byte in a flag)"
         )
     try:
         return msgspec.convert(merged, Config)

@@ -58,6 +58,9 @@ CLIENT_STALL = 10.0  # seconds an attach client may take nothing, its backlog fu
 INPUT_BACKLOG = 1 << 20  # input waiting for a guest that does not read before it is dropped
 READ_SIZE = 64 << 10
 HELLO_TIMEOUT = 10.0
+# Connections console.sock holds at once (as control.MAX_CONNECTIONS): a flood of them held the
+# supervisor at its fd limit. A client past the cap is closed at once.
+MAX_CONNECTIONS = 16
 DRAIN_TIMEOUT = 1.0
 LOG_FLUSH_DELAY = 0.2
 MSG = "agentvm-supervise"
@@ -682,6 +685,8 @@ class Console:
         self._passive: _LocalTerminal | None = None
         self._input = Writer(pty.master, lambda exc: None)
         self._clients: list[_SocketClient] = []
+        self._connections = 0  # accepted on console.sock and not closed yet, handshakes included
+        self._refused = 0
         self._sinks: tuple[Sink, ...] = ()
         self._pump = OutputPump(
             pty.master,
@@ -820,9 +825,26 @@ class Console:
                 self._logger.warning("cannot accept a console connection", reason=exc.strerror)
                 await anyio.sleep(0.5)
                 continue
+            if self._connections >= MAX_CONNECTIONS:
+                conn.close()
+                self._refused += 1
+                if self._refused in (1, 10, 100) or self._refused % 1000 == 0:  # a flood: a few lines
+                    self._logger.warning(
+                        "refused console connections: too many open",
+                        limit=MAX_CONNECTIONS,
+                        refused=self._refused,
+                    )
+                continue
+            self._connections += 1
             tg.start_soon(self._serve_client, conn)
 
     async def _serve_client(self, conn: socket.socket) -> None:
+        try:
+            await self._serve_connection(conn)
+        finally:
+            self._connections -= 1
+
+    async def _serve_connection(self, conn: socket.socket) -> None:
         with conn:
             conn.setblocking(False)
             pid, uid = _peer(conn)

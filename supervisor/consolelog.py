@@ -8,17 +8,24 @@ the VM is gone: LOG_DIR/INSTANCE.log, 0600 in a 0700 dir (default
 $XDG_STATE_HOME/agentvm-supervise/console). At `max_bytes` it is renamed to INSTANCE.log.1 (the
 previous .1 goes) and a new one starts, so one instance never holds more than twice that; when a
 new log is opened, the logs of all but the newest `keep` instances are removed.
+
+The dir must be ours: a log dir another user owns or may write (say a 0777 dir root was pointed at)
+would let that user swap a log for a symlink to any file. So a dir owned by someone else, or a
+symlink, is refused; our own dir that others may write is made 0700; every file operation goes
+through the dir's fd and none follows a symlink (O_NOFOLLOW, rename and unlink of the link itself).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import time
 from pathlib import Path
 
 import structlog
 
+from supervisor import diskfull
 from supervisor.errors import ExitCode, SupervisorError
 
 LOG_SUFFIX = ".log"
@@ -71,8 +78,9 @@ class ConsoleLog:
 
     FLUSH_AT = 64 << 10
 
-    def __init__(self, path: Path, max_bytes: int) -> None:
+    def __init__(self, path: Path, max_bytes: int, dir_fd: int) -> None:
         self.path = path
+        self._dir_fd = dir_fd  # ours: closed with the log
         self._max_bytes = max_bytes
         self._fd = self._open()
         self._size = os.fstat(self._fd).st_size
@@ -80,7 +88,14 @@ class ConsoleLog:
         self.pending_since: float | None = None  # time.monotonic() of the oldest unwritten byte
 
     def _open(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = os.open(self.path.name, flags, 0o600, dir_fd=self._dir_fd)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():  # a FIFO, a device, not ours
+            os.close(fd)
+            raise OSError(0, f"{self.path} is not a regular file of this user")
+        os.set_blocking(fd, True)
+        return fd
 
     def write(self, data: bytes) -> None:
         if self._fd < 0 or not data:
@@ -106,50 +121,91 @@ class ConsoleLog:
                 del self._pending[:size]
         except OSError as exc:
             # A full disk must not take the console down with it: stop logging, say so once.
-            structlog.get_logger().warning("console log disabled", path=str(self.path), reason=exc.strerror)
+            reason = diskfull.full_disk_message(self.path, exc) or exc.strerror
+            structlog.get_logger().warning("console log disabled", path=str(self.path), reason=reason)
             self._pending.clear()
             self.close()
 
     def _rotate(self) -> None:
         os.close(self._fd)
         self._fd = -1
-        previous = self.path.with_name(self.path.name + ".1")
+        previous = self.path.name + ".1"
         # Unlink first: renaming over an existing file makes ext4 write the renamed file's data
         # out at once (auto_da_alloc), 1-2 ms per MiB-sized log, and the guest waits for it.
-        previous.unlink(missing_ok=True)
-        self.path.rename(previous)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(previous, dir_fd=self._dir_fd)
+        os.rename(self.path.name, previous, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
         self._fd = self._open()
         self._size = 0
 
     def close(self) -> None:
         self.flush()
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = -1
+        for fd in (self._fd, self._dir_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._fd = self._dir_fd = -1
+
+
+REMEDY = "choose another dir with console.log-dir in the config, or turn the log off with console.log = false"
 
 
 def open_log(directory: Path, instance: str, *, max_bytes: int, keep: int) -> ConsoleLog:
-    """Create the log dir if needed, prune old instances' logs, open this instance's log."""
+    """Create the log dir if needed (or check the one there), prune old instances' logs, open this
+    instance's log."""
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _prune(directory, keep - 1)
-        return ConsoleLog(directory / f"{instance}{LOG_SUFFIX}", max_bytes)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
+        why = "it is a symlink" if directory.is_symlink() else exc.strerror
         raise SupervisorError(
-            f"cannot write the console log in {directory} ({exc.strerror}): make it writable, choose "
-            "another dir with console.log-dir in the config, or turn the log off with console.log = false",
+            f"cannot use {directory} for the console log ({why}): make it a directory of yours, {REMEDY}",
             exit_code=ExitCode.CANT_CREATE,
         ) from None
+    try:
+        _check_dir(directory, dir_fd)
+        _prune(dir_fd, keep - 1)
+        return ConsoleLog(directory / f"{instance}{LOG_SUFFIX}", max_bytes, dir_fd)
+    except OSError as exc:
+        os.close(dir_fd)
+        raise SupervisorError(
+            f"cannot write the console log in {directory} ({exc.strerror}): make it writable, {REMEDY}",
+            exit_code=ExitCode.CANT_CREATE,
+        ) from None
+    except SupervisorError:
+        os.close(dir_fd)
+        raise
 
 
-def _prune(directory: Path, keep: int) -> None:
-    logs = sorted(
-        (path for path in directory.iterdir() if path.name.endswith(LOG_SUFFIX) and path.is_file()),
-        key=lambda path: path.stat().st_mtime,
-        reverse=True,
-    )
-    for old in logs[max(keep, 0) :]:
-        for path in (old, old.with_name(old.name + ".1")):
+def _check_dir(directory: Path, dir_fd: int) -> None:
+    info = os.fstat(dir_fd)
+    if info.st_uid != os.geteuid():
+        raise SupervisorError(
+            f"the console log dir {directory} belongs to uid {info.st_uid}, not to this user (uid "
+            f"{os.geteuid()}), who could replace a log with a link to any file: {REMEDY}",
+            exit_code=ExitCode.CANT_CREATE,
+        )
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        # Ours, but open to others: the console may show secrets, and others could plant links.
+        os.fchmod(dir_fd, 0o700)
+        structlog.get_logger().warning(
+            "the console log dir was open to other users; made it 0700",
+            path=str(directory),
+            mode=f"{stat.S_IMODE(info.st_mode):o}",
+        )
+
+
+def _prune(dir_fd: int, keep: int) -> None:
+    with os.scandir(dir_fd) as entries:
+        logs = sorted(
+            (
+                (entry.stat(follow_symlinks=False).st_mtime, entry.name)
+                for entry in entries
+                if entry.name.endswith(LOG_SUFFIX) and entry.is_file(follow_symlinks=False)
+            ),
+            reverse=True,
+        )
+    for _, name in logs[max(keep, 0) :]:
+        for old in (name, name + ".1"):
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                os.unlink(old, dir_fd=dir_fd)

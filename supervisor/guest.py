@@ -9,10 +9,12 @@ cache is reused as it is.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import hashlib
 import os
 import re
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -99,15 +101,11 @@ def ensure_assets(env: Mapping[str, str]) -> GuestAssets:
             return assets
         script = resources.files("supervisor") / "guest" / "build-assets.sh"
         with resources.as_file(script) as script_path:
-            result = subprocess.run(
-                ["bash", str(script_path), str(assets.directory)],
-                env=child_environment(os.environ, {}),  # the build needs no API key
-                check=False,
-            )
-        if result.returncode != 0:
+            status = _run_build(["bash", str(script_path), str(assets.directory)])
+        if status != 0:
             raise SupervisorError(
                 f"building the built-in guest into {assets.directory} failed (status "
-                f"{result.returncode}); its message is above. The build needs apt-get, dpkg-deb, cpio "
+                f"{status}); its message is above. The build needs apt-get, dpkg-deb, cpio "
                 "and gzip (apt-get install apt dpkg cpio gzip) and a reachable Debian mirror; "
                 "run 'apt-get update' as root if downloads failed.",
                 exit_code=ExitCode.UNAVAILABLE,
@@ -115,6 +113,24 @@ def ensure_assets(env: Mapping[str, str]) -> GuestAssets:
         return assets
     finally:
         os.close(lock)
+
+
+def _run_build(argv: list[str]) -> int:
+    """Run the build in its own process group; a stop signal meanwhile (StopRequested) kills and
+    reaps the whole group, apt-get and dpkg-deb included, like any child of ours."""
+    proc = subprocess.Popen(
+        argv,
+        env=child_environment(os.environ, {}),  # no API keys or tokens for apt-get and friends
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        return proc.wait()
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def guest_cmdline(
@@ -159,26 +175,3 @@ def guest_cmdline(
 def shell_join(command: Sequence[str]) -> str:
     """Quote argv for the guest's busybox sh, which runs it with `sh -c`."""
     return " ".join("'" + arg.replace("'", "'\\''") + "'" for arg in command)
-
-
-@dataclass(frozen=True)
-class GuestReport:
-    exit_status: int | None
-    error: str | None
-
-
-def read_status(path: Path) -> GuestReport:
-    """Parse what the guest wrote to the status port: `agentvm-exit-status=N` or an error line."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return GuestReport(None, None)
-    status: int | None = None
-    error: str | None = None
-    for line in text.splitlines():
-        key, _, value = line.strip().partition("=")
-        if key == "agentvm-exit-status" and value.isdigit():
-            status = int(value)
-        elif key == "agentvm-guest-error":
-            error = value
-    return GuestReport(status, error)

@@ -9,16 +9,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from supervisor import agentguest, guest
-from supervisor.config import Agent
 from supervisor.errors import ExitCode, SupervisorError
 
-FLAVORS = [agent.value for agent in Agent]
+if TYPE_CHECKING:
+    from supervisor.config import Agent
+
+# The parser is built for every command: the modules that do the work are imported by run().
+FLAVORS = ("claude", "gemini", "codex")  # config.Agent's values
 
 
 def _flavor(value: str) -> Agent:
+    from supervisor import agentguest
+
     return agentguest.flavor_of(value)  # raises the one-paragraph error
 
 
@@ -32,9 +36,7 @@ def add_parser(commands: Any) -> None:
     )
     verbs = cmd.add_subparsers(dest="guest_verb", metavar="VERB", required=True)
     build = verbs.add_parser("build", help="build a flavor's guest now (the newest CLI unless --cli-version)")
-    build.add_argument(
-        "--agent", type=_flavor, default=Agent.CLAUDE, metavar="FLAVOR", help=", ".join(FLAVORS)
-    )
+    build.add_argument("--agent", type=_flavor, default="claude", metavar="FLAVOR", help=", ".join(FLAVORS))
     build.add_argument("--cli-version", metavar="V", help="the CLI's npm version (default: latest)")
     verbs.add_parser("list", help="list the built agent guests, their versions and sizes")
     remove = verbs.add_parser("remove", help="remove built agent guests from the cache")
@@ -44,6 +46,8 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from supervisor import agentguest, guest
+
     env = os.environ
     if args.guest_verb == "build":
         release = agentguest.resolve_release(env, args.agent, args.cli_version)

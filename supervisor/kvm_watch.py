@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import structlog
 
 from supervisor import kvm
@@ -244,7 +245,12 @@ async def report_changes(device: Path, accel: Accel) -> None:
     in_use = accel is Accel.KVM
     # An observer must never take the VM down with it: any failure ends the watch, not the VM.
     try:
-        with KvmWatch(device) as watch:
+        watch = KvmWatch(device)
+        # Opened in a worker thread: importing pyudev and binding its monitors takes tens of ms
+        # that the loop needs right then, for the VM that just started (issue 17: a runner that
+        # exits at once was noticed only after them).
+        await anyio.to_thread.run_sync(watch.__enter__)
+        with watch:
             log.info(
                 "watching the KVM device",
                 state=watch.state.describe(),

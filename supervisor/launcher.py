@@ -23,11 +23,13 @@ import os
 import pwd
 import re
 import secrets
+import shlex
 import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from supervisor import diskfull
 from supervisor.config import Agent
 from supervisor.errors import ExitCode, SupervisorError
 
@@ -38,9 +40,22 @@ API_KEY_VARS: Mapping[Agent, str] = {
 }
 # Kept out of every child's environment: no child needs them, and /proc/PID/environ outlives intent.
 SECRET_VARS = frozenset(API_KEY_VARS.values())
+# Any other credential by its conventional name (GITHUB_TOKEN, AWS_SECRET_ACCESS_KEY, ...): QEMU,
+# virtiofsd, nix and the probes need none of them.
+SECRET_NAME = re.compile(r"(^|_)(API_KEY|TOKEN|SECRET|SECRET_ACCESS_KEY|PASSWORD|PASSWD)$", re.IGNORECASE)
 # Readiness is the supervisor's to report; a child (e.g. a cloud-hypervisor runner's socat) must not
 # talk to systemd's notify socket on its own.
 PRIVATE_VARS = SECRET_VARS | {"NOTIFY_SOCKET"}
+
+
+def is_secret(name: str) -> bool:
+    return name in SECRET_VARS or SECRET_NAME.search(name) is not None
+
+
+def is_private(name: str) -> bool:
+    return name in PRIVATE_VARS or is_secret(name)
+
+
 CRI_RUNTIMES = ("containerd", "crun", "crio", "docker", "podman")
 
 ENV_FILE = ".microvm-env"
@@ -98,19 +113,23 @@ def instance_prefix(work_dir: Path, agent: Agent) -> str:
 
 
 def child_environment(env: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
-    """The environment every child gets: ours without the API keys and NOTIFY_SOCKET, plus `extra`."""
-    return {**{k: v for k, v in env.items() if k not in PRIVATE_VARS}, **extra}
+    """The environment every child gets: ours without secrets (API keys, tokens) and NOTIFY_SOCKET,
+    plus `extra`."""
+    return {**{k: v for k, v in env.items() if not is_private(k)}, **extra}
 
 
-def scrub_proc_environ(names: Iterable[str] = SECRET_VARS) -> None:
-    """Blank the values of `names` in this process's initial environment block.
+def scrub_proc_environ(names: Iterable[str] | None = None) -> None:
+    """Blank the values of `names` (default: every secret, `is_secret`) in this process's initial
+    environment block.
 
     /proc/PID/environ shows that block (mm->env_start..env_end), and a fork without exec (the
     watchdog) shows it too. os.environ is a copy Python made at startup, so the keys stay usable for
     .microvm-env; C's getenv() sees them empty from now on. Best effort: a kernel that hides the
     addresses (they read 0 without ptrace access to oneself) leaves the block as it is.
     """
-    wanted = {name.encode() for name in names}
+    if names is None:
+        names = [name for name in os.environ if is_secret(name)]
+    wanted = {os.fsencode(name) for name in names}
     try:
         fields = Path("/proc/self/stat").read_bytes().rsplit(b")", 1)[1].split()
         start, end = int(fields[47]), int(fields[48])  # fields 50 and 51: env_start, env_end
@@ -245,6 +264,13 @@ def _write_atomically(path: Path, data: bytes, owner: tuple[int, int] | None) ->
     except OSError as exc:
         with contextlib.suppress(OSError):
             temporary.unlink()
+        diskfull.raise_if_full(path, exc)
+        if path.is_dir() and not path.is_symlink():
+            raise SupervisorError(
+                f"{path} is a directory where agentvm-supervise keeps a file (the guest can write "
+                f"there, and may have made it): remove it (rm -r {shlex.quote(str(path))}) and start again",
+                exit_code=ExitCode.CANT_CREATE,
+            ) from None
         raise SupervisorError(
             f"cannot write {path} ({exc.strerror}): the agent home must be a writable directory of "
             "this user; fix its permissions or choose another with --agent-home / AGENT_HOME",

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from supervisor import control, runtime
+from supervisor import control, runtime, trust
 from supervisor.errors import ExitCode, SupervisorError
 
 PROG = "agentvm-supervise"
@@ -76,6 +76,7 @@ def add_parsers(commands: Any) -> None:
 
 def run_verb(args: argparse.Namespace) -> int:
     base = _base(args.runtime_dir)
+    trust.check_base(base)
     if args.command == "list":
         return _list(base, as_json=args.json)
     found = resolve(base, args.instance)
@@ -118,9 +119,9 @@ def scan(base: Path) -> tuple[list[Found], list[Found]]:
     except OSError:
         return [], []
     for entry in entries:
-        state = runtime.read_state(entry)
+        state = runtime.read_state(entry) if trust.instance_trusted(entry) else None
         if state is None:
-            continue  # not an instance dir, or one being created
+            continue  # not an instance dir (or not ours alone), or one being created
         (stale if runtime.is_stale(state) else live).append(Found(entry, state))
     live.sort(key=lambda found: found.state.created)
     return live, stale

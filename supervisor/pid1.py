@@ -23,9 +23,6 @@ import signal
 from collections.abc import Callable
 from types import FrameType
 
-import anyio
-import structlog
-
 _PR_SET_CHILD_SUBREAPER = 36
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # While one of our own children is a zombie it hides the others from waitid(P_ALL) (see below);
@@ -121,6 +118,9 @@ def reap_adopted(is_ours: Callable[[int], bool]) -> tuple[list[tuple[int, int]],
 
 async def reap_orphans(is_ours: Callable[[int], bool]) -> None:
     """Reap adopted orphans for as long as this task runs: at start, then on every SIGCHLD."""
+    import anyio
+    import structlog
+
     log = structlog.get_logger()
     with anyio.open_signal_receiver(signal.SIGCHLD) as sigchld:
         while True:

@@ -15,7 +15,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from supervisor import agentguest, checks, control, guest, kvm, launcher, network, runner, runtime, sharedirs
+from supervisor import (
+    agentguest,
+    checks,
+    control,
+    devallow,
+    guest,
+    kvm,
+    launcher,
+    network,
+    runner,
+    runtime,
+    sharedirs,
+)
 from supervisor.config import (
     Accel,
     Agent,
@@ -31,6 +43,7 @@ from supervisor.config import (
 )
 from supervisor.console import ConsoleSettings, parse_escape_key
 from supervisor.errors import ExitCode, SupervisorError
+from supervisor.facts import Facts, facts_dir
 from supervisor.launcher import default_agent_home, project_basename
 from supervisor.qemu import QemuSpec, host_tsc_khz
 from supervisor.virtiofsd import CRI_STORAGE_XATTRMAP, ShareIds, ShareSpec, virtiofsd_argv
@@ -87,14 +100,12 @@ class Plan:
         return self.instance_dir / "console.sock"
 
     @property
-    def status_file(self) -> Path:
-        return self.instance_dir / "guest-status"
-
-    @property
     def control_socket(self) -> Path:
         return self.instance_dir / control.SOCKET_NAME
 
-    def qemu_spec(self, *, private_qmp_fd: int, public_qmp_fd: int, resize_fd: int | None = None) -> QemuSpec:
+    def qemu_spec(
+        self, *, private_qmp_fd: int, public_qmp_fd: int, status_fd: int, resize_fd: int | None = None
+    ) -> QemuSpec:
         """The inputs of our own QEMU command line (built-in guest or qemu.kernel, not a runner
         script); only the fds QEMU inherits are decided at spawn time."""
         if self.kernel is None:
@@ -113,7 +124,7 @@ class Plan:
             shares=[(share.tag, share.socket_path) for share in self.shares],
             private_qmp_fd=private_qmp_fd,
             public_qmp_fd=public_qmp_fd,
-            status_file=self.status_file,
+            status_fd=status_fd,
             extra_args=self.qemu_extra_args,
             network=self.network,
             resize_fd=resize_fd,
@@ -406,6 +417,10 @@ def build_plan(
         devshell = launcher.plan_devshell(
             work_dir, agent_home, launcher.child_environment(env, {}), owner_ids
         )
+        refused = devallow.refusal(work_dir, env) if devshell is not None else None
+        if refused is not None:  # the guest can edit the Nix code the host would evaluate
+            notes.append(refused)
+            devshell = None
     else:
         agent_home = None
     sockets += [
@@ -453,6 +468,7 @@ def build_plan(
         cmdline = config.qemu.cmdline
 
     # The environment's preconditions, in the order `doctor` lists them.
+    known = Facts(facts_dir(env), store=preflight.strict)  # doctor reads, never writes
     for row in kvm_rows:
         preflight.add(row)
     sandbox = config.virtiofsd.sandbox
@@ -463,6 +479,7 @@ def build_plan(
             euid=euid,
             allow_fallback=config.virtiofsd.sandbox_fallback,
             fallback_sandbox=fallback_sandbox,
+            known=known,
         )
     )
     if namespaces.facts.get("fallback"):
@@ -497,10 +514,12 @@ def build_plan(
             sandbox=sandbox,
             extra_args=config.virtiofsd.extra_args,
         )
-        row = preflight.add(checks.check_virtiofsd(virtiofsd_name, needed))
+        row = preflight.add(checks.check_virtiofsd(virtiofsd_name, needed, known=known))
         virtiofsd_binary = str(row.facts.get("path") or virtiofsd_name)
     if runner_plan is None:
-        row = preflight.add(checks.check_qemu(config.qemu.binary, config.qemu.machine, chosen_accel))
+        row = preflight.add(
+            checks.check_qemu(config.qemu.binary, config.qemu.machine, chosen_accel, known=known)
+        )
         qemu_binary = str(row.facts.get("path") or config.qemu.binary)
     else:
         qemu_binary = runner_plan.script.program

@@ -29,7 +29,7 @@ class QemuSpec:
     shares: list[tuple[str, Path]]  # (tag, vhost-user socket)
     private_qmp_fd: int  # one end of a socketpair: the supervisor's own QMP connection
     public_qmp_fd: int  # a listening socket the supervisor bound at RUNTIME/qmp.sock
-    status_file: Path  # the guest writes its command's exit status to a virtio-serial port
+    status_fd: int  # one end of a socketpair: the guest's status port (statusport.py)
     extra_args: list[str]
     network: GuestNetwork | None = None  # None: no NIC
     resize_fd: int | None = None  # one end of a socketpair: the supervisor sends terminal sizes
@@ -54,6 +54,12 @@ def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
     return khz if khz > 0 else None
 
 
+def qemu_escape(value: str) -> str:
+    """A value for a QEMU option list (`-chardev socket,path=VALUE`): ',' is written ',,'. Without it a
+    path like /tmp/rt,logfile=/tmp/leak adds options of its own."""
+    return value.replace(",", ",,")
+
+
 def qemu_argv(spec: QemuSpec) -> list[str]:
     bus = "pci" if spec.machine is Machine.Q35 else "device"
     machine = spec.machine.value
@@ -61,7 +67,7 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
         machine += ",acpi=on,pit=off,pic=off,isa-serial=off,rtc=on"
     argv = [
         spec.binary,
-        "-name", spec.instance,
+        "-name", qemu_escape(spec.instance),
         "-machine", f"{machine},accel={spec.accel.value}",
         "-cpu", spec.cpu,
         "-m", f"{spec.memory_mib}M",
@@ -83,7 +89,7 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
         "-chardev", "stdio,id=console,signal=off",
         "-device", f"virtio-serial-{bus},id=vser0",
         "-device", "virtconsole,chardev=console,bus=vser0.0",
-        "-chardev", f"file,id=status,path={spec.status_file}",
+        "-chardev", f"socket,id=status,fd={spec.status_fd}",
         "-device", f"virtserialport,chardev=status,name={STATUS_PORT},bus=vser0.0",
         "-chardev", f"socket,id=qmp-supervisor,fd={spec.private_qmp_fd}",
         "-mon", "chardev=qmp-supervisor,mode=control",
@@ -97,7 +103,7 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
         ]  # fmt: skip
     for index, (tag, socket_path) in enumerate(spec.shares):
         argv += [
-            "-chardev", f"socket,id=fs{index},path={socket_path}",
+            "-chardev", f"socket,id=fs{index},path={qemu_escape(str(socket_path))}",
             "-device", f"vhost-user-fs-{bus},chardev=fs{index},tag={tag}",
         ]  # fmt: skip
     if spec.network is not None:

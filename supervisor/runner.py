@@ -33,6 +33,7 @@ import anyio
 from supervisor.config import Accel, Hypervisor
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.launcher import Forward
+from supervisor.qemu import qemu_escape
 
 SCRIPT_NAME = "microvm-run"
 QMP_SOCKET = "qmp.sock"
@@ -123,16 +124,17 @@ def _quote(value: str) -> str:
 
 
 def _options(value: str) -> list[tuple[str, str | None]]:
-    """'a,b=c' -> [("a", None), ("b", "c")] (QEMU/cloud-hypervisor option lists)."""
+    """'a,b=c' -> [("a", None), ("b", "c")] (QEMU/cloud-hypervisor option lists); ',,' is QEMU's
+    escape for a comma inside a value (a path), kept as one ',' in the value."""
     result: list[tuple[str, str | None]] = []
-    for item in value.split(","):
-        key, sep, val = item.partition("=")
+    for item in value.replace(",,", "\0").split(","):
+        key, sep, val = item.replace("\0", ",").partition("=")
         result.append((key, val if sep else None))
     return result
 
 
 def _join_options(items: Sequence[tuple[str, str | None]]) -> str:
-    return ",".join(key if val is None else f"{key}={val}" for key, val in items)
+    return ",".join(key if val is None else f"{key}={qemu_escape(val)}" for key, val in items)
 
 
 def _set_option(value: str, key: str, new: str) -> str:
@@ -415,7 +417,7 @@ def plan_qemu(script: RunnerScript, instance_dir: Path, overrides: Overrides) ->
     for index in qmps:
         match = re.fullmatch(r"unix:([^,]*)(,.*)?", edit.value(index, "-qmp"))
         if match:
-            edit.set(index, f"unix:{instance_dir / QMP_SOCKET}{match.group(2) or ''}")
+            edit.set(index, f"unix:{qemu_escape(str(instance_dir / QMP_SOCKET))}{match.group(2) or ''}")
     for index in positions.get("-chardev", []):
         value = edit.value(index, "-chardev")
         tag = fs_chardevs.get(_get_option(value, "id") or "")
@@ -462,6 +464,13 @@ def _set_qemu_memory(edit: _Edit, positions: dict[str, list[int]], mib: int) -> 
 
 
 def plan_cloud_hypervisor(script: RunnerScript, instance_dir: Path, overrides: Overrides) -> RunnerPlan:
+    if "," in str(instance_dir):
+        # cloud-hypervisor's option lists have no escape for a comma in a value (QEMU's is ',,').
+        raise _error(
+            script.path,
+            f"runs cloud-hypervisor, whose options cannot hold a path with a ',', and the instance dir "
+            f"{instance_dir} has one: choose a runtime dir without ',' (--runtime-dir)",
+        )
     if overrides.forwards:
         raise _error(
             script.path,

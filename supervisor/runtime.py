@@ -21,6 +21,7 @@ from pathlib import Path
 import msgspec
 import structlog
 
+from supervisor import diskfull, trust
 from supervisor.children import read_start_ticks
 from supervisor.errors import ExitCode, SupervisorError
 
@@ -117,6 +118,7 @@ def create_instance_dir(base: Path, instance: str) -> Path:
     try:
         path.mkdir(mode=0o700)
     except OSError as exc:
+        diskfull.raise_if_full(path, exc)
         raise SupervisorError(
             f"cannot create the instance dir {path} ({exc.strerror}): check that {base} is writable "
             "for this user and the disk is not full, or choose another base with --runtime-dir",
@@ -132,6 +134,9 @@ def write_state(path: Path, state: InstanceState) -> None:
         temporary.write_bytes(msgspec.json.encode(state))
         temporary.replace(path / STATE_FILE)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        diskfull.raise_if_full(path / STATE_FILE, exc)
         raise SupervisorError(
             f"cannot write {path / STATE_FILE} ({exc.strerror}): the instance dir {path} was changed "
             "while the VM was starting (its permissions, or removed, or the disk is full); keep other "
@@ -186,11 +191,14 @@ def clean_stale(base: Path) -> list[str]:
     except OSError:
         return []
     for entry in entries:
+        if not trust.instance_trusted(entry):
+            continue  # not ours alone: its state file could name anyone's processes
         state = read_state(entry)
         if state is None or not is_stale(state):
             continue  # no state yet (an instance being created) or a live supervisor
         for group in state.groups:
-            if process_alive(group.pgid, group.start_ticks):
+            ours = trust.may_signal_group(group.pgid, group.start_ticks, state.supervisor_start_ticks)
+            if ours and process_alive(group.pgid, group.start_ticks):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(group.pgid, signal.SIGKILL)
                 log.warning("killed a leftover process group", instance=state.instance, child=group.name)

@@ -28,13 +28,13 @@ from supervisor import (
     console,
     consolelog,
     control,
-    guest,
     kvm_watch,
     launcher,
     pid1,
     readiness,
     runtime,
     sharedirs,
+    statusport,
 )
 from supervisor import runner as microvm
 from supervisor.children import (
@@ -111,7 +111,7 @@ class Instance:
         self._state_groups: list[runtime.GroupRecord] = []
         self._supervisor_ticks = 0
         self._created = runtime.now()  # the instance's start, kept across state rewrites
-        self.report = guest.GuestReport(None, None)
+        self.report = statusport.GuestReport()
         self._console_log: consolelog.ConsoleLog | None = None
         self._share_dirs: dict[str, int] = {}  # tag -> the share's open directory (see sharedirs)
 
@@ -426,19 +426,21 @@ class Instance:
         )
 
     def _runner_spec(
-        self, pty: console.ConsolePty, private_qmp: int, public_qmp: int | None, resize: int
+        self, pty: console.ConsolePty, private_qmp: int, public_qmp: int | None, resize: int, status: int
     ) -> ChildSpec:
         plan = self.plan
         if plan.runner is not None:  # its guest has no resize helper of ours to talk to
             return self._microvm_runner_spec(plan.runner, pty, private_qmp)
         assert public_qmp is not None
         argv = qemu_argv(
-            plan.qemu_spec(private_qmp_fd=private_qmp, public_qmp_fd=public_qmp, resize_fd=resize)
+            plan.qemu_spec(
+                private_qmp_fd=private_qmp, public_qmp_fd=public_qmp, status_fd=status, resize_fd=resize
+            )
         )
         return ChildSpec(
             name="runner",
             argv=argv,
-            pass_fds=(private_qmp, public_qmp, resize),
+            pass_fds=(private_qmp, public_qmp, resize, status),
             stdin=pty.slave,
             stdout=pty.slave,
             env=self._child_env(),
@@ -453,6 +455,8 @@ class Instance:
         pty = console.open_console_pty(size)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         resize_ours, resize_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        status_ours, status_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        status_port = statusport.StatusPort(status_ours)
         # A microvm.nix runner's own -qmp is moved to the same path; QEMU binds that one itself.
         public = bind_vhost_user_socket(plan.qmp_socket) if plan.runner is None else None
         listener = console.bind_console_socket(plan.console_socket)
@@ -461,13 +465,18 @@ class Instance:
             async with anyio.create_task_group() as tg:
                 try:
                     spec = self._runner_spec(
-                        pty, theirs.fileno(), public.fileno() if public else None, resize_theirs.fileno()
+                        pty,
+                        theirs.fileno(),
+                        public.fileno() if public else None,
+                        resize_theirs.fileno(),
+                        status_theirs.fileno(),
                     )
                     runner = await tg.start(self._run_child, spec)
                 finally:
                     pty.close_slave()  # QEMU has it: its exit now reads as EOF on the master
                     theirs.close()
                     resize_theirs.close()
+                    status_theirs.close()
                     if public is not None:
                         public.close()
                 self.runner = runner
@@ -482,7 +491,8 @@ class Instance:
                     )
                 tg.start_soon(self._stop_when_requested, runner)
                 tg.start_soon(self._run_console, pty, size, resize_ours, listener)
-                tg.start_soon(kvm_watch.report_changes, plan.kvm_device, plan.accel)
+                tg.start_soon(status_port.run)
+                tg.start_soon(self._watch_kvm_once_up, self.qmp)
                 await runner.exited.wait()
                 failed = self.outcome.error is not None
                 self._stopping("a share failed" if failed else f"the VM exited ({runner.describe_status()})")
@@ -490,11 +500,24 @@ class Instance:
                 with anyio.move_on_after(1.0):
                     await self._console_done.wait()
                 tg.cancel_scope.cancel()
+            if plan.builtin_guest:
+                self.report = status_port.report()
         finally:
+            status_port.close()
             pty.close()
             ours.close()
             resize_ours.close()
             listener.close()
+
+    async def _watch_kvm_once_up(self, qmp: QmpClient | None) -> None:
+        """Watch the KVM device once QEMU answers on QMP (at once without QMP): the watch is not
+        part of the start, and setting it up (pyudev) would compete with QEMU and virtiofsd for the
+        CPU meanwhile, and delay the teardown of a runner that exits at once (issue 17)."""
+        if qmp is not None:
+            await qmp.ready.wait()
+            if qmp.closed.is_set():
+                return
+        await kvm_watch.report_changes(self.plan.kvm_device, self.plan.accel)
 
     async def _announce_ready(self, qmp: QmpClient) -> None:
         """READY=1 once QEMU answers on QMP: spawned is not ready."""
@@ -651,8 +674,6 @@ class Instance:
                     raise rest from None
                 if errors is not None:
                     self.outcome.fail(_first_error(errors))
-            if plan.builtin_guest:
-                self.report = guest.read_status(plan.status_file)
         finally:
             self._stopping("the instance ended")
             runtime.remove_instance_dir(plan.instance_dir)
@@ -688,6 +709,12 @@ class Instance:
                 )
             return exit_code_of(runner.status)
         report = self.report
+        problem = report.problem()
+        if problem is not None:
+            raise SupervisorError(
+                f"{problem}. The guest cannot be trusted: run with --verbose to see its console.",
+                exit_code=ExitCode.GUEST_FAILED,
+            )
         if report.error is not None:
             raise SupervisorError(
                 f"the built-in guest failed before running the command: {report.error}. Run with "
@@ -703,6 +730,11 @@ class Instance:
                 file=sys.stderr,
             )
             return exit_code_of(runner.status)
+        overflow = report.overflow()
+        if overflow is not None:
+            raise SupervisorError(
+                f"{overflow}. Run with --verbose to see its console.", exit_code=ExitCode.GUEST_FAILED
+            )
         raise SupervisorError(
             f"QEMU (pid {runner.pid}) exited with {describe_status(runner.status)} before the guest "
             f"reported a status.{said} Check the QEMU command line with --debug.",

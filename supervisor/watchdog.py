@@ -1,11 +1,16 @@
 """The watchdog: cleans up after the supervisor when the supervisor is killed outright.
 
 Children already die with the supervisor (PR_SET_PDEATHSIG), but their forks (virtiofsd's sandbox
-child), their sockets and the runtime dir would not. So before the event loop starts (fork is only
-safe without threads) the supervisor forks this small process. It sits in its own session, ignores
-terminal and termination signals, and reads a pipe on which the supervisor announces the runtime
-dir and each process group. When the pipe reaches EOF without the word "done" (the supervisor died
-without cleaning up), it SIGKILLs every announced group and removes the runtime dir.
+child), their sockets and the runtime dir would not. So before anything is started the supervisor
+starts this small process (watchdog_main.py: a bare interpreter, none of the supervisor's imports)
+in a session of its own. It ignores terminal and termination signals and reads a pipe on which the
+supervisor announces the terminal's settings, the runtime dir and each process group. When the
+pipe reaches EOF without the word "done" (the supervisor died without cleaning up), it SIGKILLs
+every announced group, removes the runtime dir and restores the terminal.
+
+The protocol: messages `VERB ARG`, each terminated by a NUL, written here (`_send`) and parsed in
+watchdog_main.parse. A path cannot hold a NUL, while a newline once split "dir /tmp/x/precious\nx"
+into a removal of /tmp/x/precious (issue 11, D6).
 """
 
 from __future__ import annotations
@@ -13,39 +18,59 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import signal
+import subprocess
+import sys
 import termios
 from pathlib import Path
-from typing import Any
 
-from supervisor.runtime import remove_instance_dir
+from supervisor.launcher import child_environment
+
+MAIN = Path(__file__).with_name("watchdog_main.py")
 
 
 class Watchdog:
-    def __init__(self, write_fd: int, pid: int) -> None:
+    def __init__(self, write_fd: int, proc: subprocess.Popen[bytes]) -> None:
         self._write_fd = write_fd
-        self.pid = pid
+        self._proc = proc
+        self.pid = proc.pid
 
     @classmethod
     def start(cls, *, tty_fd: int | None = None) -> Watchdog:
-        """Fork the watchdog. With `tty_fd`, it also restores that terminal's current settings."""
-        saved_tty = None
+        """Start the watchdog. With `tty_fd`, it also restores that terminal's current settings."""
+        saved = None
         if tty_fd is not None:
-            saved_tty = (termios.tcgetattr(tty_fd), fcntl.fcntl(tty_fd, fcntl.F_GETFL))
+            saved = (termios.tcgetattr(tty_fd), fcntl.fcntl(tty_fd, fcntl.F_GETFL))
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the forked process
+        # Its own copy of the terminal, as a plain fd: its std streams go to /dev/null, so that a
+        # caller reading our output through a pipe is not kept waiting by this process.
+        kept_tty = fcntl.fcntl(tty_fd, fcntl.F_DUPFD_CLOEXEC, 3) if tty_fd is not None else None
+        fds = [read_fd] if kept_tty is None else [read_fd, kept_tty]
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(MAIN), *map(str, fds)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=fds,
+                start_new_session=True,  # out of the terminal's reach (Ctrl-C, hangup) from the start
+                env=child_environment(os.environ, {}),  # no API key (issue 11, D8)
+            )
+        except BaseException:
             os.close(write_fd)
-            try:
-                _watch(read_fd, tty_fd, saved_tty)
-            finally:
-                os._exit(0)
-        os.close(read_fd)
-        return cls(write_fd, pid)
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        watchdog = cls(write_fd, proc)
+        if saved is not None:
+            attrs, file_flags = saved
+            cc = bytes(c if isinstance(c, int) else c[0] for c in attrs[6]).hex()
+            watchdog._send(f"tty-saved {' '.join(map(str, attrs[:6]))} {cc} {file_flags}")
+        return watchdog
 
     def _send(self, line: str) -> None:
         with contextlib.suppress(OSError):
-            os.write(self._write_fd, (line + "\n").encode("utf-8", "surrogateescape"))
+            os.write(self._write_fd, (line + "\0").encode("utf-8", "surrogateescape"))
 
     def guard_dir(self, path: Path) -> None:
         self._send(f"dir {path}")
@@ -65,61 +90,4 @@ class Watchdog:
         self._send("done")
         with contextlib.suppress(OSError):
             os.close(self._write_fd)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
-
-
-def _watch(
-    read_fd: int, tty_fd: int | None, saved_tty: tuple[list[Any], int] | None
-) -> None:  # pragma: no cover - runs in the forked process
-    os.setsid()
-    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGTSTP):
-        signal.signal(signum, signal.SIG_IGN)
-    # Keep the terminal only as a high fd to restore it; std streams go to /dev/null so a caller
-    # reading our output through a pipe is not kept waiting by this process.
-    kept_tty = fcntl.fcntl(tty_fd, fcntl.F_DUPFD_CLOEXEC, 200) if tty_fd is not None else None
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    keep = sorted({read_fd, *([kept_tty] if kept_tty is not None else [])})
-    low = 3
-    for fd in keep:
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 65536)
-    dirs: list[str] = []
-    groups: set[int] = set()
-    tty_reset = b""
-    buffer = b""
-    while True:
-        try:
-            chunk = os.read(read_fd, 4096)
-        except InterruptedError:
-            continue
-        if not chunk:
-            break
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        for raw in lines:
-            verb, _, arg = raw.decode("utf-8", "surrogateescape").partition(" ")
-            if verb == "done":
-                return
-            if verb == "dir":
-                dirs.append(arg)
-            elif verb == "group":
-                groups.add(int(arg))
-            elif verb == "release":
-                groups.discard(int(arg))
-            elif verb == "tty-reset":
-                tty_reset = bytes.fromhex(arg)
-    for pgid in groups:
-        with contextlib.suppress(OSError):
-            os.killpg(pgid, signal.SIGKILL)
-    for path in dirs:
-        remove_instance_dir(Path(path))
-    if kept_tty is not None and saved_tty is not None:
-        with contextlib.suppress(OSError, termios.error):
-            termios.tcsetattr(kept_tty, termios.TCSANOW, saved_tty[0])
-            fcntl.fcntl(kept_tty, fcntl.F_SETFL, saved_tty[1])
-            if tty_reset:  # e.g. mouse reporting or the alternate screen the guest's TUI left on
-                os.write(kept_tty, tty_reset)
+        self._proc.wait()

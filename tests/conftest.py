@@ -19,7 +19,7 @@ from tests.faults import (
     FaultSettings,
     fault_settings,
 )
-from tests.support import TEST_CACHE, TEST_USER, Supervisor, start_supervisor
+from tests.support import TEST_CACHE, TEST_USER, SubIds, Supervisor, start_supervisor
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +67,14 @@ def test_user() -> Iterator[str]:
     yield TEST_USER
     if created:
         subprocess.run(["userdel", "--remove", TEST_USER], capture_output=True, check=False)
+
+
+@pytest.fixture
+def subids() -> Iterator[SubIds]:
+    """Give users /etc/subuid|subgid ranges for this test only (a new machine has none)."""
+    given = SubIds()
+    yield given
+    given.take_back()
 
 
 @pytest.fixture
@@ -122,6 +130,15 @@ def pytest_configure(config: pytest.Config) -> None:
         jobs=config.getoption("--fault-jobs"),
         env=os.environ,
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that boots the real guest builds it first, through the session fixture: a new machine
+    has no asset cache, and a build inside one test's supervisor would count against its timeout."""
+    for item in items:
+        names = getattr(item, "fixturenames", None)
+        if item.get_closest_marker("vm") is not None and names is not None and "guest_assets" not in names:
+            names.insert(0, "guest_assets")
 
 
 def pytest_report_header(config: pytest.Config) -> str:

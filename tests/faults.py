@@ -6,7 +6,7 @@ supervisor; a virtiofsd that exits before QEMU connects; QEMU refusing a bad arg
 runtime dir; a share dir removed mid-run), a moment of the lifecycle (start, running, teardown), how
 the run ends otherwise (the guest command finishes, SIGTERM, the console's escape key), and the
 setup (socket mode, built-in guest or custom kernel, a TTY or not, root or an unprivileged user,
-stubs that ignore SIGTERM or the power-off request). `run_case` plays it and `check` returns what
+stubs that ignore SIGTERM or the power-off request, a guest flooding its status port). `run_case` plays it and `check` returns what
 went wrong: a process or file of the instance left behind, the terminal's settings changed, an exit
 status outside the ones the case allows, or no clear message naming the cause.
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, TEST_CACHE, processes_with_env, supervisor_argv
+from tests.support import REPO, TEST_CACHE, is_watchdog, processes_with_env, supervisor_argv
 
 STUBS = Path(__file__).resolve().parent / "stubs"
 FAKE_QEMU = STUBS / "fake_qemu.py"
@@ -151,9 +151,16 @@ def make_case(seed: int, index: int) -> Case:
     ends = ["runner-exits", "sigterm"] + (["escape"] if tty else [])
     socket_mode = "path" if rng.random() < 0.3 else "fd"
     qemu_behaviour = rng.choices(
-        ["", "ignore-powerdown", "slow-powerdown", "ignore-term", "ignore-powerdown,ignore-term"],
-        weights=[70, 10, 10, 5, 5],
-    )[0]
+        [
+            "",
+            "ignore-powerdown",
+            "slow-powerdown",
+            "ignore-term",
+            "ignore-powerdown,ignore-term",
+            "flood-status",
+        ],
+        weights=[65, 10, 10, 5, 5, 5],
+    )[0]  # flood-status: a hostile guest writing past the status port's cap (issue 11, D4)
     virtiofsd_behaviour = ""
     if fault == "exits-early":
         virtiofsd_behaviour = f"{tag}=exit-early"
@@ -211,6 +218,8 @@ def _signal_message(signum: int) -> str:
 def _normal(case: Case) -> list[Allowed]:
     """How the case ends when the fault changes nothing."""
     if case.end == "runner-exits":
+        if case.builtin and "flood-status" in case.qemu_behaviour:
+            return [Allowed(77, r"more than 64 KiB to its status port", "a hostile status port")]
         message = "" if case.builtin else r"runner failed .*status 3"
         return [Allowed(GUEST_STATUS, message, "the guest command's status")]
     if case.end == "sigterm":
@@ -345,14 +354,11 @@ def find_target(supervisor: int, target: str) -> int | None:
     kind, _, tag = target.partition(":")
     if kind == "supervisor":
         return supervisor
-    own = _cmdline(supervisor)
     for pid in _children(supervisor):
         cmdline = _cmdline(pid)
         if kind == "watchdog":
-            with contextlib.suppress(OSError):
-                # The watchdog is the supervisor's fork with its std streams on /dev/null.
-                if cmdline == own and str(Path(f"/proc/{pid}/fd/2").readlink()) == os.devnull:
-                    return pid
+            if is_watchdog(pid):
+                return pid
         elif kind == "runner" and FAKE_QEMU.name in cmdline and " -name " in cmdline:
             return pid  # the runner itself, not the preflight's `-version` / `-machine help` probes
         elif FAKE_VIRTIOFSD.name in cmdline and f"/{tag} " in cmdline + " ":
@@ -429,6 +435,7 @@ class Player:
             CASE_ENV: self.case.case_id,
             "STUB_QEMU_STATUS": str(GUEST_STATUS),
             "STUB_QEMU": self.case.qemu_behaviour,
+            "STUB_QEMU_FLOOD_MB": "1",  # past the status port's 64 KiB cap, without slowing the case
             "STUB_VIRTIOFSD": self.case.virtiofsd_behaviour,
         }
         return env

@@ -192,9 +192,56 @@ def children_of(pid: int) -> Iterator[int]:
         yield int(child)
 
 
+def is_watchdog(pid: int) -> bool:
+    """The supervisor's watchdog runs supervisor/watchdog_main.py (a bare interpreter)."""
+    try:
+        return b"/watchdog_main.py\0" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def user_ids(user: str) -> tuple[int, int]:
     entry = pwd.getpwnam(user)
     return entry.pw_uid, entry.pw_gid
 
 
 Launch = Callable[..., Supervisor]  # the `launch` fixture: start_supervisor, cleaned up after the test
+
+
+class SubIds:
+    """Subordinate id ranges (/etc/subuid, /etc/subgid) given to users for one test, taken back after.
+
+    Through usermod, which locks the files: other test runs on the machine may edit them too."""
+
+    def __init__(self) -> None:
+        self._given: list[tuple[str, str]] = []
+
+    @staticmethod
+    def covers(user: str, base: int, count: int) -> bool:
+        """Whether both files give `user` one range covering base..base+count-1."""
+        uid = str(pwd.getpwnam(user).pw_uid)
+        for table in (Path("/etc/subuid"), Path("/etc/subgid")):
+            text = table.read_text() if table.exists() else ""
+            ranges = [line.split(":") for line in text.splitlines() if line.count(":") == 2]
+            if not any(
+                who in (user, uid) and int(start) <= base and base + count <= int(start) + int(length)
+                for who, start, length in ranges
+            ):
+                return False
+        return True
+
+    def give(self, user: str, base: int, count: int) -> None:
+        if self.covers(user, base, count):
+            return  # already there (given by someone else): not ours to take back
+        spec = f"{base}-{base + count - 1}"
+        subprocess.run(["usermod", "--add-subuids", spec, "--add-subgids", spec, user], check=True)
+        self._given.append((user, spec))
+
+    def take_back(self) -> None:
+        for user, spec in self._given:
+            subprocess.run(
+                ["usermod", "--del-subuids", spec, "--del-subgids", spec, user],
+                capture_output=True,
+                check=False,
+            )
+        self._given.clear()

@@ -56,6 +56,9 @@ _names = [
     "new/deeper",
     "file.txt",
     "nul\x00",
+    "nl\nx",  # a newline once reached the watchdog's line protocol (issue 11, D6)
+    "esc\x1b[31m",
+    "rt,logfile=leak",  # a comma once added options to QEMU's -chardev (D7)
     # Links as a guest could plant them (see Sandbox.prepare): never followed into a share source.
     "work/planted",
     "work/planted/new",
@@ -504,10 +507,11 @@ def test_nul_byte_in_any_string_field_is_a_clear_error(
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.parametrize("char", ["\x00", "\n", "\x1b", "\x7f"])
 @pytest.mark.parametrize("flag", ["--work-dir", "--runtime-dir", "--qemu", "--name"])
-def test_control_characters_in_flags_are_a_clear_error(sandbox: Sandbox, flag: str) -> None:
+def test_control_characters_in_flags_are_a_clear_error(sandbox: Sandbox, flag: str, char: str) -> None:
     sandbox.prepare()
     (sandbox.root / "config.toml").write_text(f'[qemu]\nbinary = "{FAKE_QEMU}"\n')
-    argv = ["run", "--config", str(sandbox.root / "config.toml"), flag, f"{sandbox.root}/a\x00b"]
+    argv = ["run", "--config", str(sandbox.root / "config.toml"), flag, f"{sandbox.root}/a{char}b"]
     problems = play(sandbox, argv, f"fuzz-{os.getpid()}-{time.monotonic_ns()}")
     assert not problems, "\n".join(problems)

@@ -30,7 +30,7 @@ from supervisor.console import (
     parse_escape_key,
     set_window_size,
 )
-from supervisor.consolelog import ConsoleLog, ReplayBuffer, open_log
+from supervisor.consolelog import ReplayBuffer, open_log
 from supervisor.errors import SupervisorError
 from supervisor.qemu import QemuSpec, qemu_argv
 from supervisor.termfilter import SafeRunEnd
@@ -412,7 +412,7 @@ def test_the_console_log_rotates_and_old_instances_logs_go(tmp_path: Path) -> No
 
 
 def test_a_log_that_cannot_be_written_stops_logging_and_says_so(tmp_path: Path) -> None:
-    log = ConsoleLog(tmp_path / "x.log", 1000)
+    log = open_log(tmp_path, "x", max_bytes=4096, keep=1)
     os.close(log._fd)  # inject the failure: the fd is gone under it
     with structlog.testing.capture_logs() as logs:
         log.write(b"data")
@@ -443,7 +443,7 @@ def test_qemu_gets_the_resize_port(tmp_path: Path) -> None:
         QemuSpec(
             binary="qemu-system-x86_64", instance="i", machine=Machine.Q35, accel=Accel.TCG, cpu="max",
             kernel=tmp_path / "k", initrd=None, cmdline="", memory_mib=256, vcpus=1, shares=[],
-            private_qmp_fd=3, public_qmp_fd=4, status_file=tmp_path / "s", extra_args=[], resize_fd=9,
+            private_qmp_fd=3, public_qmp_fd=4, status_fd=5, extra_args=[], resize_fd=9,
         )
     )  # fmt: skip
     joined = " ".join(argv)

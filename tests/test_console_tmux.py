@@ -30,6 +30,7 @@ from tests.support import (
     base_env,
     children_of,
     instance_processes,
+    is_watchdog,
     leftovers,
     supervisor_argv,
     wait_until_gone,
@@ -320,12 +321,7 @@ def test_an_error_gives_the_terminal_back(session: Session) -> None:
 def test_kill_9_of_the_supervisor_gives_the_terminal_back_through_the_watchdog(session: Session) -> None:
     pane = session.run_vm(wait_for_go=True)
     supervisor = session.supervisor_pid()
-    forks = [
-        pid
-        for pid in children_of(supervisor)
-        if b"\0-m\0supervisor\0run\0" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
-    [watchdog] = forks
+    [watchdog] = [pid for pid in children_of(supervisor) if is_watchdog(pid)]
     os.kill(supervisor, signal.SIGKILL)
     deadline = time.monotonic() + DEADLINE
     while Path(f"/proc/{watchdog}").exists() and time.monotonic() < deadline:

@@ -20,7 +20,7 @@ import pytest
 
 from supervisor import control, guest, manage
 from tests.container_support import Launched, fake_runner_config
-from tests.support import base_env, children_of, leftovers, supervisor_argv, wait_until_gone
+from tests.support import base_env, children_of, is_watchdog, leftovers, supervisor_argv, wait_until_gone
 
 
 @dataclass
@@ -163,11 +163,7 @@ def test_stop_with_a_deadline_is_not_stalled_by_a_silent_client(live: Live) -> N
 
 
 def _watchdog_of(supervisor: int) -> int:
-    """The watchdog is the supervisor's child with the supervisor's own command line."""
-    cmdline = Path(f"/proc/{supervisor}/cmdline").read_bytes()
-    [watchdog] = [
-        pid for pid in children_of(supervisor) if Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline
-    ]
+    [watchdog] = [pid for pid in children_of(supervisor) if is_watchdog(pid)]
     return watchdog
 
 

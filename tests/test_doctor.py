@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from supervisor import doctor, guest
 from tests.support import (
     REPO,
+    SubIds,
     as_user,
     base_env,
     instance_processes,
@@ -281,15 +283,23 @@ def test_run_with_the_sandbox_fallback_boots_and_keeps_file_ownership(
     assert wait_until_gone("fallback") == []
 
 
-def test_a_wide_id_map_needs_newuidmap(
-    guest_assets: guest.GuestAssets, test_user: str, shared_tmp: Path
-) -> None:
+WIDE_BASE, WIDE_COUNT = 165536, 65536
+
+
+def _wide_map_doctor(shared_tmp: Path, test_user: str, base: int) -> dict[str, Any]:
     config = shared_tmp / "c.toml"
     config.write_text(
-        '[virtiofsd]\nextra-args = ["--uid-map=:1:165536:65536:", "--gid-map=:1:165536:65536:"]\n'
+        f'[virtiofsd]\nextra-args = ["--uid-map=:1:{base}:{WIDE_COUNT}:", "--gid-map=:1:{base}:{WIDE_COUNT}:"]\n'
     )
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # no newuidmap here (Debian: the uidmap package)
-    assert not any(Path(d, "newuidmap").exists() for d in env["PATH"].split(":"))
+    # A PATH with what doctor runs and no newuidmap (Debian: the uidmap package), whether this
+    # machine has uidmap installed or not.
+    bin_dir = shared_tmp / "bin"
+    bin_dir.mkdir()
+    for tool in ("runuser", "env", "qemu-system-x86_64"):
+        found = shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin")
+        assert found is not None, tool
+        (bin_dir / tool).symlink_to(found)
+    env = {"PATH": str(bin_dir)}
     code, report = _doctor(
         ["--config", str(config), *_dirs(shared_tmp, test_user)], user=test_user, cwd=shared_tmp, env=env
     )
@@ -297,7 +307,27 @@ def test_a_wide_id_map_needs_newuidmap(
     failed = _only_failure(report)
     assert failed["name"] == "id-maps"
     assert "newuidmap is not installed (apt-get install uidmap)" in failed["summary"]
-    assert "/etc/subuid" not in failed["summary"]  # the test user's subuid range covers the map
+    return failed
+
+
+def test_a_wide_id_map_needs_newuidmap(
+    guest_assets: guest.GuestAssets, test_user: str, shared_tmp: Path, subids: SubIds
+) -> None:
+    # Regression (issue 17): this test relied on a /etc/subuid range an earlier run had left; on a
+    # new machine the test user had none. It now gives the user the range itself.
+    subids.give(test_user, WIDE_BASE, WIDE_COUNT)
+    failed = _wide_map_doctor(shared_tmp, test_user, WIDE_BASE)
+    assert "/etc/subuid" not in failed["summary"]  # the range given above covers the map
+
+
+def test_a_wide_id_map_outside_the_users_subid_ranges_names_etc_subuid(
+    guest_assets: guest.GuestAssets, test_user: str, shared_tmp: Path, subids: SubIds
+) -> None:
+    base = 3_000_000_000  # far above what useradd hands out (SUB_UID_MIN 100000, 65536 a user)
+    assert not subids.covers(test_user, base, WIDE_COUNT), "a range of the test user covers the probe map"
+    failed = _wide_map_doctor(shared_tmp, test_user, base)
+    assert f"/etc/subuid gives {test_user} no range covering {base}.." in failed["summary"]
+    assert f"/etc/subgid gives {test_user} no range covering {base}.." in failed["summary"]
 
 
 def test_a_bad_configuration_is_the_one_failure(tmp_path: Path) -> None:

@@ -284,6 +284,17 @@ def _instant_qemu(where: Path) -> Path:
     return path
 
 
+def _state_home(bin_dir: Path) -> str:
+    """The test's own XDG_STATE_HOME, next to its stub tools: where `allow` records approvals."""
+    return str(bin_dir.parent / "state")
+
+
+def allow_devshell(work: Path, bin_dir: Path) -> None:
+    """What the user does on the host after reviewing the project's Nix files (devallow.py)."""
+    result = run_supervisor(["allow", "--work-dir", str(work)], env={"XDG_STATE_HOME": _state_home(bin_dir)})
+    assert result.returncode == 0, result.stderr
+
+
 def _launch(runtime: Path, work: Path, home: Path, bin_dir: Path, env: Mapping[str, str]) -> str:
     """A launch whose VM exits at once: the cache step before it is what is looked at."""
     qemu = _instant_qemu(bin_dir)
@@ -292,7 +303,7 @@ def _launch(runtime: Path, work: Path, home: Path, bin_dir: Path, env: Mapping[s
     result = run_supervisor(
         ["run", "--work-dir", str(work), "--agent-home", str(home), "--runtime-dir", str(runtime),
          "--qemu", str(qemu), "-v"],
-        env={"PATH": f"{bin_dir}:{os.environ['PATH']}", **env},
+        env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "XDG_STATE_HOME": _state_home(bin_dir), **env},
     )  # fmt: skip
     assert starts.read_text() == before + "started\n", result.stderr  # the launch went on to start QEMU
     assert leftovers(runtime) == []
@@ -308,6 +319,7 @@ def test_devshell_cache_miss_hit_invalidation(
     (work / "flake.nix").write_text("{ }\n")
     (work / "flake.lock").write_text("{}\n")
     allow = {"DIRENV_ALLOW": "1", "ANTHROPIC_API_KEY": SECRET}
+    allow_devshell(work, bin_dir)
     _launch(short_runtime, work, home, bin_dir, allow)
     assert _calls(log) == [f"{bin_dir}/nix print-dev-env --no-update-lock-file {work}"]
     assert (home / ".microvm-devshell").read_text() == "export DEVSHELL_MARK=1\n"
@@ -323,11 +335,13 @@ def test_devshell_cache_miss_hit_invalidation(
     assert len(_calls(log)) == 1
 
     (work / "flake.lock").write_text('{"changed": true}\n')  # invalidation
+    allow_devshell(work, bin_dir)
     _launch(short_runtime, work, home, bin_dir, allow)
     assert len(_calls(log)) == 2
     assert (home / ".microvm-devshell").read_text() == "export DEVSHELL_MARK=2\n"
 
     (work / "devenv.nix").write_text("{ }\n")  # flake-based devenv: --impure
+    allow_devshell(work, bin_dir)
     _launch(short_runtime, work, home, bin_dir, allow)
     assert _calls(log)[-1] == f"{bin_dir}/nix print-dev-env --no-update-lock-file --impure {work}"
     assert sorted(p.name for p in home.iterdir() if p.name.startswith(".microvm-devshell")) == [
@@ -349,6 +363,7 @@ def test_devshell_devenv_only_with_direnv_allow(
     _launch(short_runtime, work, home, bin_dir, {"DIRENV_ALLOW": "0"})
     assert _calls(log) == []
     assert not (home / ".microvm-devshell").exists()
+    allow_devshell(work, bin_dir)
     _launch(short_runtime, work, home, bin_dir, {"DIRENV_ALLOW": "1"})
     assert _calls(log) == [f"{bin_dir}/devenv print-dev-env"]
 
@@ -360,9 +375,11 @@ def test_devshell_failure_goes_to_err_and_does_not_stop_the_launch(
     work, home = tmp_path / "proj", tmp_path / "home"
     work.mkdir()
     (work / "flake.nix").write_text("{ }\n")
+    allow_devshell(work, bin_dir)
     _launch(short_runtime, work, home, bin_dir, {"DIRENV_ALLOW": "1"})
     good = (home / ".microvm-devshell").read_text()
     (work / "flake.nix").write_text("{ broken }\n")
+    allow_devshell(work, bin_dir)
     fail.touch()
     stderr = _launch(short_runtime, work, home, bin_dir, {"DIRENV_ALLOW": "1"})
     assert "could not cache the dev shell" in stderr
@@ -380,10 +397,11 @@ def test_devshell_tool_missing_is_reported_in_err(
     (work / "flake.nix").write_text("{ }\n")
     empty = tmp_path / "empty-bin"
     empty.mkdir()
+    allow_devshell(work, empty)
     result = run_supervisor(
         ["run", "--work-dir", str(work), "--agent-home", str(home), "--runtime-dir", str(short_runtime),
          "--qemu", str(_instant_qemu(empty))],
-        env={"DIRENV_ALLOW": "1", "PATH": str(empty)},  # /usr/bin has a nix here
+        env={"DIRENV_ALLOW": "1", "PATH": str(empty), "XDG_STATE_HOME": _state_home(empty)},  # no nix here
     )  # fmt: skip
     assert "nix was not found on PATH" in (home / ".microvm-devshell.err").read_text(), result.stderr
 
@@ -421,7 +439,7 @@ def test_forwards_in_our_qemu_command(tmp_path: Path, machine: config.Machine, d
     spec = QemuSpec(
         binary="qemu", instance="i", machine=machine, accel=config.Accel.TCG, cpu="max",
         kernel=tmp_path / "k", initrd=None, cmdline="", memory_mib=512, vcpus=1, shares=[],
-        private_qmp_fd=3, public_qmp_fd=4, status_file=tmp_path / "s", extra_args=[],
+        private_qmp_fd=3, public_qmp_fd=4, status_fd=5, extra_args=[],
         network=network.plan_network(forwards, builtin_guest=True),
     )  # fmt: skip
     argv = qemu_argv(spec)
@@ -486,6 +504,7 @@ def test_guest_command_gets_env_file_and_dev_shell_and_the_key_is_in_no_host_arg
     (work / "devtools" / "devtool").chmod(0o755)
     (work / "flake.nix").write_text("{ }\n")
     data, state = tmp_path / "data", tmp_path / "state"
+    allow_devshell(work, bin_dir)
     script = (
         'printf %s "$ANTHROPIC_API_KEY" | sha256sum | cut -d" " -f1 > /work/keyhash; '
         'echo "$DIRENV_ALLOW $ENABLE_CRI $DEVSHELL_MARK $(devtool)" > /work/vars; '
@@ -622,10 +641,11 @@ def test_sigint_during_the_devshell_refresh_stops_it_and_leaves_nothing(
     work, home = tmp_path / "proj", tmp_path / "home"
     work.mkdir()
     (work / "flake.nix").write_text("{ }\n")
+    allow_devshell(work, bin_dir)
     sup = launch(
         ["run", "--work-dir", str(work), "--agent-home", str(home), "--runtime-dir", str(short_runtime),
          "--name", "dsint", "-v", "--", "true"],
-        env={"DIRENV_ALLOW": "1", "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+        env={"DIRENV_ALLOW": "1", "PATH": f"{bin_dir}:{os.environ['PATH']}", "XDG_STATE_HOME": _state_home(bin_dir)},
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any("sleep 600" in c for _, c in instance_processes("dsint")):

@@ -2,13 +2,13 @@
 """A stand-in for qemu-system-x86_64, for the fault-injection suite: fast to start, and steerable.
 
 It reads the command line the supervisor builds and behaves like QEMU towards it: unknown options
-fail at startup (exit 1, QEMU's message); it opens the status file (`-chardev file,...,path=`),
+fail at startup (exit 1, QEMU's message); it takes the status port (`-chardev socket,id=status,fd=`),
 connects to every vhost-user socket (`-chardev socket,id=fsN,path=`; refused -> exit 1 like QEMU),
 speaks QMP on the supervisor's private channel (`-chardev socket,id=qmp-supervisor,fd=N`):
 greeting, qmp_capabilities, system_powerdown (POWERDOWN, then SHUTDOWN and exit 0), quit (SHUTDOWN,
 exit 0), and exits 0 on SIGTERM as QEMU does. Once "booted" it prints GUEST-READY on its console
 (stdout). On SIGUSR1 the "guest command" ends: it writes `agentvm-exit-status=$STUB_QEMU_STATUS`
-to the status file and exits 0 when the kernel command line is the built-in guest's (agentvm.*), or
+to the status port and exits 0 when the kernel command line is the built-in guest's (agentvm.*), or
 else (a custom kernel) exits with that status.
 
 `STUB_QEMU` is a comma-separated list of behaviours:
@@ -16,6 +16,13 @@ else (a custom kernel) exits with that status.
   slow-powerdown     power off 0.3 s after system_powerdown
   ignore-term        ignore SIGTERM
   exit-at-once       the guest command ends as soon as it booted (as on SIGUSR1)
+  flood-status       a hostile guest: write STUB_QEMU_FLOOD_MB MiB (default 128) to the status port
+                     once booted, before the status,
+                     then print FLOOD-DONE
+
+`STUB_QEMU_PROBE_SLEEP=S` makes the preflight's `-version` probe take S seconds.
+`STUB_ENV_LOG=FILE` appends each invocation's argv and environment to FILE.
+`STUB_QEMU_STATUS_LINE` replaces the status line the guest writes (e.g. `agentvm-exit-status=256`).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from typing import NoReturn
 PROG = "qemu-system-x86_64"
 WITH_ARGUMENT = {
     "-name", "-machine", "-cpu", "-m", "-smp", "-object", "-numa", "-display", "-kernel",
-    "-append", "-initrd", "-bios", "-chardev", "-device", "-mon", "-accel", "-serial",
+    "-append", "-initrd", "-bios", "-chardev", "-device", "-mon", "-accel", "-serial", "-netdev",
 }  # fmt: skip
 SWITCHES = {"-nodefaults", "-no-user-config", "-no-reboot", "-nographic", "-S"}
 
@@ -46,11 +53,25 @@ def _die(message: str) -> NoReturn:
     os._exit(1)
 
 
+def log_environment() -> None:
+    """STUB_ENV_LOG=FILE: append this process's argv and environment to FILE (secrets tests)."""
+    path = os.environ.get("STUB_ENV_LOG")
+    if path:
+        with open(path, "ab") as log:
+            log.write(repr((sys.argv, dict(os.environ))).encode() + b"\n")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def _chardev(spec: str) -> tuple[str, dict[str, str]]:
     backend, _, rest = spec.partition(",")
     props: dict[str, str] = {}
-    for item in rest.split(","):
-        key, _, value = item.partition("=")
+    for item in rest.replace(",,", "\0").split(","):  # ",," is a comma inside a value
+        key, _, value = item.replace("\0", ",").partition("=")
         if key:
             props[key] = value
     return backend, props
@@ -87,7 +108,10 @@ class Qmp:
 
 
 def main(argv: list[str]) -> None:
+    log_environment()
     if argv[1:] == ["-version"] or (len(argv) == 3 and argv[2] == "help"):
+        if argv[1:] == ["-version"] and os.environ.get("STUB_QEMU_PROBE_SLEEP"):
+            time.sleep(float(os.environ["STUB_QEMU_PROBE_SLEEP"]))  # a slow preflight probe
         # The supervisor's preflight queries (version, machines, devices): the real QEMU answers.
         os.execv(REAL_QEMU, [REAL_QEMU, *argv[1:]])  # noqa: S606
     behaviours = set(filter(None, os.environ.get("STUB_QEMU", "").split(",")))
@@ -116,15 +140,12 @@ def main(argv: list[str]) -> None:
     if "ignore-term" in behaviours:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    status_file: int | None = None
+    status_port: int | None = None
     qmp: Qmp | None = None
     backends: list[socket.socket] = []
     for backend, props in chardevs:
-        if backend == "file":
-            try:
-                status_file = os.open(props["path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            except OSError as exc:
-                _die(f"-chardev file,id={props.get('id')}: Could not open '{props['path']}': {exc.strerror}")
+        if backend == "socket" and props.get("id") == "status":
+            status_port = int(props["fd"])
         elif backend == "socket" and props.get("id") == "qmp-supervisor":
             qmp = Qmp(int(props["fd"]))
         elif backend == "socket" and "path" in props:
@@ -138,6 +159,11 @@ def main(argv: list[str]) -> None:
                 )
             backends.append(sock)
     os.write(1, b"GUEST-READY\r\n")
+    if "flood-status" in behaviours and status_port is not None:
+        block = b"x" * 1023 + b"\n"
+        for _ in range(int(os.environ.get("STUB_QEMU_FLOOD_MB", "128")) * 1024):
+            _write_all(status_port, block)
+        os.write(1, b"FLOOD-DONE\r\n")
     if "exit-at-once" in behaviours:
         received.append(signal.SIGUSR1)
     if qmp is not None:
@@ -161,8 +187,9 @@ def main(argv: list[str]) -> None:
                 os.read(wake_read, 64)
         while received:
             if received.pop(0) == signal.SIGUSR1:  # the guest's command finished
-                if builtin_guest and status_file is not None:
-                    os.write(status_file, f"agentvm-exit-status={status_value}\n".encode())
+                if builtin_guest and status_port is not None:
+                    line = os.environ.get("STUB_QEMU_STATUS_LINE", f"agentvm-exit-status={status_value}")
+                    _write_all(status_port, line.encode() + b"\n")
                     os._exit(0)
                 os._exit(status_value)
             print(f"{PROG}: terminating on signal", file=sys.stderr, flush=True)
