@@ -259,7 +259,7 @@ def test_the_agent_ui_in_tmux_resizes_and_stops_from_the_console(
         _wait_screen(socket, r"^─{70}$", 120)
         _tmux(socket, "send-keys", "-t", "agent", "C-]")
         _tmux(socket, "send-keys", "-t", "agent", "-l", ".")
-        screen = _wait_screen(socket, r"EXIT=\d+", 120)
+        screen = _wait_screen(socket, r"EXIT=\d+\s+speed .*columns \d+", 120)
         assert "EXIT=130" in screen  # stopped from the console
         assert "rows 24; columns 70" in screen  # the pane's terminal, given back
     finally:
