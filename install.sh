@@ -6,7 +6,8 @@
 # the bench needs (./test.sh runs `python -m bench --quick`): gcc for its stub runner (above) and
 # supervisord (PyPI `supervisor`, a peer in bench/) in ./.venv-bench: its top-level package is also
 # called `supervisor`, so it cannot share a venv with ours. `--bench` installs only the latter.
-# As root it also links /usr/local/bin/agentvm-supervise. Safe to run again.
+# As root it also links /usr/local/bin/agentvm-supervise, as a user ~/.local/bin/agentvm-supervise
+# (systemd/agentvm@.service runs that one). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")"
 test_tools=0
@@ -62,8 +63,17 @@ if ! .venv/bin/python -c 'import supervisor._scan' 2>/dev/null; then
     "the console works, at about half the throughput on escape-dense output. Check that gcc," \
     "libc6-dev and python3-dev are installed (and \$CC, if set), then run install.sh again." >&2
 fi
+if [ ! -x supervisor/egress/agentvm-handoff ]; then
+  echo "install.sh: warning: the egress proxy's helper (supervisor/egress/handoff.c) did not compile;" \
+    "--network allowlist works, with ~20-100 ms more per guest connection (handoff.py). Check that" \
+    "gcc and libc6-dev are installed (and \$CC, if set), then run install.sh again." >&2
+fi
 if [ "$(id -u)" = 0 ]; then
   ln -sf "$PWD/.venv/bin/agentvm-supervise" /usr/local/bin/agentvm-supervise
+elif [ -n "${HOME:-}" ] && { [ -L "$HOME/.local/bin/agentvm-supervise" ] || [ ! -e "$HOME/.local/bin/agentvm-supervise" ]; }; then
+  # Where systemd/agentvm@.service's ExecStart looks (and pipx installs); never over a real file.
+  mkdir -p "$HOME/.local/bin"
+  ln -sfn "$PWD/.venv/bin/agentvm-supervise" "$HOME/.local/bin/agentvm-supervise"
 fi
 if [ "$bench" = 1 ]; then
   [ -x .venv-bench/bin/python ] || /usr/bin/python3 -m venv .venv-bench

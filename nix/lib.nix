@@ -138,6 +138,36 @@ rec {
     let t = defaultTimeouts // timeouts;
     in ceil (t.graceful-stop + t.quit + 2 * t.kill-grace + 10);
 
+  # Sandboxing a VM supervisor can live with (systemd/agentvm@.service has the same set and says
+  # why RestrictNamespaces, MemoryDenyWriteExecute, PrivateDevices and an allow-list
+  # SystemCallFilter are left out). `readWritePaths`: the VM's dirs (work dir, agent home).
+  hardening = readWritePaths: {
+    NoNewPrivileges = true;
+    CapabilityBoundingSet = "";
+    ProtectSystem = "strict";
+    ReadWritePaths = if readWritePaths == [ ] then null else readWritePaths;
+    PrivateTmp = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    ProtectProc = "invisible";
+    RestrictAddressFamilies = "AF_UNIX AF_INET AF_INET6 AF_NETLINK";
+    DevicePolicy = "closed";
+    DeviceAllow = [ "/dev/kvm rw" "/dev/ptmx rw" "char-pts rw" ];
+    SystemCallFilter = "~@clock @cpu-emulation @debug @module @obsolete @raw-io @reboot @swap";
+    SystemCallErrorNumber = "EPERM";
+    KeyringMode = "private";
+    PrivateMounts = true;
+    LockPersonality = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    SystemCallArchitectures = "native";
+    UMask = "0077";
+  };
+
   # [Service] of a unit running one VM; the supervisor sends READY=1 when NOTIFY_SOCKET is set.
   serviceConfig =
     { execStart
@@ -146,8 +176,9 @@ rec {
     , group ? null
     , runtimeDirectory ? null
     , environmentFile ? null
+    , readWritePaths ? [ ]
     }:
-    removeNulls {
+    removeNulls (hardening readWritePaths // {
       Type = "notify";
       NotifyAccess = "main";
       ExecStart = execStart;
@@ -164,7 +195,7 @@ rec {
       RuntimeDirectory = runtimeDirectory;
       RuntimeDirectoryMode = if runtimeDirectory == null then null else "0700";
       EnvironmentFile = environmentFile;
-    };
+    });
 
   # A unit file's text from attrsets of sections (what NixOS writes for systemd.services.*).
   unitText = sections:
@@ -209,5 +240,8 @@ rec {
       group = vm.group or null;
       runtimeDirectory = "agentvm/${name}";
       environmentFile = vm.environmentFile or null;
+      # The agent home defaults to the user's ~/.local/share/<agent>-microvm/...
+      readWritePaths = [ vm.workDir ] ++ (if (vm.agentHome or null) != null then [ vm.agentHome ]
+        else if (vm.home or null) != null then [ vm.home ] else [ ]);
     };
 }

@@ -83,6 +83,7 @@ let
       hypervisor = if vm.microvm != null then vm.microvm.hypervisor else runner.passthru.hypervisor or "auto";
       shares = if vm.microvm != null then vm.microvm.shares else [ ];
       virtiofsd = "${pkgs.virtiofsd}/bin/virtiofsd";
+      home = config.users.users.${vm.user}.home or null;  # writable under ProtectSystem=strict
       package = cfg.package;
     };
 

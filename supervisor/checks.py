@@ -26,6 +26,7 @@ from supervisor import children, guest, kvm, runtime
 from supervisor.config import Accel, Machine
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.facts import Facts
+from supervisor.qemu import SANDBOX
 
 MIN_VIRTIOFSD = (1, 10)
 CLONE_NEWNS = 0x00020000
@@ -248,6 +249,28 @@ def check_qemu(name: str, machine: Machine, accel: Accel | None, *, known: Facts
             facts,
         )
     return ok("qemu", f"QEMU {version} at {path}: machine {machine.value}, {fs_device}", facts)
+
+
+def check_qemu_sandbox(path: str, *, enabled: bool, qemu_ok: Check) -> Check:
+    """QEMU takes -sandbox SANDBOX: built with seccomp, and the kernel installs the filter.
+
+    `-device help` is answered after QEMU's early options, which install the filter, so the probe
+    fails as the VM would. It runs no machine.
+    """
+    if not enabled:
+        return skip("qemu-sandbox", "QEMU's seccomp sandbox is off ([qemu] sandbox = false)")
+    if qemu_ok.status is not Status.OK:
+        return skip("qemu-sandbox", "no usable QEMU to ask")
+    result = children.probe([path, "-sandbox", SANDBOX, "-machine", "none", "-device", "help"])
+    if result.status != 0:
+        return fail(
+            "qemu-sandbox",
+            f"{path} cannot run under its seccomp sandbox (-sandbox {SANDBOX}): {_probe_failure(result)}",
+            "use a QEMU built with seccomp (Debian's qemu-system-x86 is), on a kernel with "
+            "CONFIG_SECCOMP_FILTER; or, knowing that a guest that takes over QEMU then runs "
+            "unconfined, set sandbox = false in [qemu]",
+        )
+    return ok("qemu-sandbox", f"QEMU runs under its seccomp sandbox (-sandbox {SANDBOX})")
 
 
 # ---- KVM and the accelerator -----------------------------------------------------------------

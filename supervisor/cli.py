@@ -49,7 +49,11 @@ def _wait_timeout(value: str) -> float:
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """The flags laid over the config file: the same for `run` and `doctor`."""
-    parser.add_argument("--config", type=Path, help="TOML config file (see docs/config.md)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="TOML config file (docs/config.md; default: $XDG_CONFIG_HOME/agentvm-supervise/config.toml)",
+    )
     parser.add_argument(
         "--agent",
         choices=["claude", "gemini", "codex"],
@@ -75,6 +79,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="[ADDR:]HOST:GUEST",
         help="forward a host port to a guest port (repeatable; ADDR defaults to 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--network",
+        choices=["open", "allowlist", "none"],
+        help="guest network: user-mode NAT, only the egress proxy (allow-list), or no device",
     )
     parser.add_argument("--runtime-dir", help="base dir for instance dirs (sockets, state)")
     parser.add_argument("--name", help="instance name prefix (default: <basename>-<agent>-vm)")
@@ -166,7 +175,41 @@ def _parser() -> _Parser:
         "unchanged, since the guest can edit them. Review them first.",
     )
     allow_cmd.add_argument("--work-dir", help="the project dir (default: $WORK_DIR, else the current dir)")
+    commands.add_parser(
+        "schema",
+        help="print the JSON Schema of every --json output and of the control protocol",
+        description="Print one JSON Schema document (2020-12) describing status/list/stop/doctor "
+        "--json and the control socket's messages (docs/schema.json is this output).",
+    )
+    completion = commands.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description="Print a completion script generated from this CLI's flags, e.g. "
+        f"'{PROG} completion bash > ~/.local/share/bash-completion/completions/{PROG}'.",
+    )
+    completion.add_argument("shell", choices=["bash"], help="the shell")
     return parser
+
+
+def _config_file(args: argparse.Namespace) -> Path | None:
+    """--config FILE, else $XDG_CONFIG_HOME/agentvm-supervise/config.toml if it exists (not both:
+    a file given is the whole configuration, so a unit's config is not changed by the user's)."""
+    from supervisor import xdg
+
+    given: Path | None = args.config
+    return given if given is not None else xdg.default_config(os.environ)
+
+
+def _print_meta(args: argparse.Namespace) -> int:
+    if args.command == "schema":
+        from supervisor import outputs
+
+        sys.stdout.write(outputs.render(outputs.schema()))
+    else:
+        from supervisor import completion
+
+        sys.stdout.write(completion.bash(_parser()))
+    return ExitCode.OK
 
 
 def _allow(args: argparse.Namespace) -> int:
@@ -217,7 +260,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "escape-key": getattr(args, "escape_key", None),
         "filter": getattr(args, "console_filter", None),
     }
-    sections = (("qemu", qemu), ("virtiofsd", virtiofsd), ("runner", runner), ("console", console_section))
+    network = {"mode": getattr(args, "network", None)}
+    sections = (
+        ("qemu", qemu),
+        ("virtiofsd", virtiofsd),
+        ("runner", runner),
+        ("console", console_section),
+        ("network", network),
+    )
     for section, values in sections:
         present = {key: value for key, value in values.items() if value is not None}
         if present:
@@ -241,7 +291,7 @@ def _load_config(args: argparse.Namespace) -> config.Config:
 
     from supervisor import config
 
-    cfg = config.load(args.config, _overrides(args))
+    cfg = config.load(_config_file(args), _overrides(args))
     if args.guest is None and (cfg.runner is not None or cfg.qemu.kernel is not None):
         # --agent only implied the agent guest: a config's runner or kernel keeps its own guest
         cfg = msgspec.structs.replace(cfg, guest=config.GuestKind.BUILTIN)
@@ -290,8 +340,8 @@ def _log_warnings(checked: plan.Plan) -> None:
 def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
     import anyio
 
-    from supervisor import console, launcher, plan
-    from supervisor.notify import Notifier
+    from supervisor import console, launcher, logs, plan
+    from supervisor.notify import Notifier, extending
     from supervisor.vm import Host, Instance, Stdio
     from supervisor.watchdog import Watchdog
 
@@ -308,29 +358,35 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
     launcher.scrub_proc_environ()
     cfg = _load_config(args)
     _check_paths(cfg)
-    if args.wait_kvm is not None:
-        _wait_for_kvm(cfg, args.wait_kvm)
-    stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
-    checked = plan.build_plan(
-        cfg,
-        env=os.environ,
-        cwd=Path.cwd(),
-        command=command or None,
-        terminal_size=console.get_window_size(stdin_fd),
-    )
-    _log_warnings(checked)
-    host = Host(subreaper=args.subreaper, notifier=Notifier.from_env(os.environ), stop_signals=stop_signals)
-    # From here on a stop signal is handled by the instance (graceful stop), not by unwinding.
-    stop_signals.defer()
-    # Forked before the event loop starts: fork is only safe while there are no threads.
-    watchdog = Watchdog.start(tty_fd=stdin_fd if os.isatty(stdin_fd) else None)
+    notifier = Notifier.from_env(os.environ)
     try:
-        instance = Instance(checked, watchdog, Stdio(stdin_fd, stdout_fd), host)
-        return anyio.run(instance.run)
+        if args.wait_kvm is not None:
+            with extending(notifier, "waiting for the KVM device"):
+                _wait_for_kvm(cfg, args.wait_kvm)
+        stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
+        with extending(notifier, "checking the host (and building the guest the first time)"):
+            checked = plan.build_plan(
+                cfg,
+                env=os.environ,
+                cwd=Path.cwd(),
+                command=command or None,
+                terminal_size=console.get_window_size(stdin_fd),
+            )
+        logs.bind_instance(checked.instance)
+        _log_warnings(checked)
+        host = Host(subreaper=args.subreaper, notifier=notifier, stop_signals=stop_signals)
+        # From here on a stop signal is handled by the instance (graceful stop), not by unwinding.
+        stop_signals.defer()
+        # Forked before the event loop starts: fork is only safe while there are no threads.
+        watchdog = Watchdog.start(tty_fd=stdin_fd if os.isatty(stdin_fd) else None)
+        try:
+            instance = Instance(checked, watchdog, Stdio(stdin_fd, stdout_fd), host)
+            return anyio.run(instance.run)
+        finally:
+            stop_signals.defer()  # the loop left SIG_DFL behind, which PID 1 would silently ignore
+            watchdog.close()
     finally:
-        stop_signals.defer()  # the loop left SIG_DFL behind, which PID 1 would silently ignore
-        watchdog.close()
-        host.notifier.close()
+        notifier.close()
 
 
 def _attach(args: argparse.Namespace) -> int:
@@ -343,7 +399,7 @@ def _attach(args: argparse.Namespace) -> int:
         overrides["runtime-dir"] = args.runtime_dir
     if args.escape_key is not None:
         overrides["console"] = {"escape-key": args.escape_key}
-    cfg = config.load(args.config, overrides)
+    cfg = config.load(_config_file(args), overrides)
     config.check_environment_paths(os.environ)
     settings = plan.console_settings(cfg.console, os.environ)
     base = Path(cfg.runtime_dir) if cfg.runtime_dir else runtime.default_base(os.environ, os.geteuid())
@@ -394,6 +450,8 @@ def main(argv: Sequence[str] | None = None, *, unblock: Iterable[int] = ()) -> i
         if args.command is None:
             _parser().print_help(sys.stderr)
             return ExitCode.USAGE
+        if args.command in ("schema", "completion"):
+            return _print_meta(args)
         if args.command == "attach":
             logs.configure(level=logging.DEBUG if debug else None)
             return _attach(args)

@@ -125,6 +125,9 @@ class Qemu(_Strict, frozen=True):
     memory_mib: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] | None = None
     vcpus: Annotated[int, msgspec.Meta(ge=1, le=256)] | None = None
     extra_args: list[str] = []
+    # QEMU's seccomp filter (qemu.SANDBOX): the guest is untrusted. false only for extra-args that
+    # need QEMU to start programs (e.g. guestfwd=...-cmd:).
+    sandbox: bool = True
 
 
 class Timeouts(_Strict, frozen=True):
@@ -152,6 +155,24 @@ class ConsoleConfig(_Strict, frozen=True):
     log_keep: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 20
 
 
+class NetworkMode(enum.StrEnum):
+    OPEN = "open"  # QEMU user-mode NAT: the guest reaches what the host reaches
+    ALLOWLIST = "allowlist"  # the only way out is the supervisor's egress proxy (supervisor/egress)
+    NONE = "none"  # no network device at all
+
+
+class Preset(enum.StrEnum):
+    AGENT = "agent"  # the agent flavor's API and login hosts
+    DEVELOPMENT = "development"  # GitHub, npm, PyPI, crates.io, Debian (docs/egress.md)
+
+
+class Network(_Strict, frozen=True):
+    mode: NetworkMode | None = None  # None: allowlist for agent guests, open for the built-in shell guest
+    allow: list[str] = []  # HOST, *.SUFFIX or ADDRESS, each with an optional :PORT
+    deny: list[str] = []  # checked first: deny wins
+    presets: list[Preset] = msgspec.field(default_factory=lambda: [Preset.AGENT, Preset.DEVELOPMENT])
+
+
 class Config(_Strict, frozen=True):
     name: Name | None = None  # None: <basename>-<agent>-vm, as claude-microvm names its VMs
     agent: Agent = Agent.CLAUDE
@@ -166,6 +187,7 @@ class Config(_Strict, frozen=True):
     qemu: Qemu = Qemu()
     timeouts: Timeouts = Timeouts()
     console: ConsoleConfig = ConsoleConfig()
+    network: Network = Network()
 
 
 def _paragraph(text: str) -> str:

@@ -106,6 +106,7 @@ class InstanceStatus(msgspec.Struct, frozen=True, kw_only=True):
     stop_cause: str | None
     children: list[ChildInfo]
     shares: list[ShareInfo]
+    egress: dict[str, object] | None = None  # allowlist mode: supervisor.egress.egress_info
 
 
 class Response(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from supervisor import xdg
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.launcher import child_environment
 
@@ -60,9 +62,7 @@ def assets_hash() -> str:
 def cache_root(env: Mapping[str, str]) -> Path:
     if env.get("AGENTVM_SUPERVISE_CACHE"):
         return Path(env["AGENTVM_SUPERVISE_CACHE"])
-    if env.get("XDG_CACHE_HOME"):
-        return Path(env["XDG_CACHE_HOME"]) / "agentvm-supervise"
-    return Path(env.get("HOME", "/root")) / ".cache" / "agentvm-supervise"
+    return xdg.base("XDG_CACHE_HOME", env) / xdg.APP
 
 
 def cached_assets(env: Mapping[str, str]) -> GuestAssets | None:
@@ -159,7 +159,8 @@ def guest_cmdline(
     if rows and cols:
         parts += [f"agentvm.rows={rows}", f"agentvm.cols={cols}"]
     if command:
-        encoded = base64.b64encode(shell_join(command).encode()).decode()
+        # The guest's busybox sh runs it with `sh -c`; POSIX quoting, only where needed (shorter).
+        encoded = base64.b64encode(shlex.join(command).encode()).decode()
         parts.append(f"agentvm.cmd={encoded}")
     if extra:
         parts.append(extra)
@@ -170,8 +171,3 @@ def guest_cmdline(
             f"{KERNEL_CMDLINE_MAX} bytes): put it in a script under the work dir and run that script",
         )
     return cmdline
-
-
-def shell_join(command: Sequence[str]) -> str:
-    """Quote argv for the guest's busybox sh, which runs it with `sh -c`."""
-    return " ".join("'" + arg.replace("'", "'\\''") + "'" for arg in command)

@@ -20,16 +20,15 @@ import ctypes
 import hashlib
 import ipaddress
 import os
-import pwd
 import re
 import secrets
 import shlex
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from supervisor import diskfull
+from supervisor import diskfull, xdg
 from supervisor.config import Agent
 from supervisor.errors import ExitCode, SupervisorError
 
@@ -71,17 +70,14 @@ def project_basename(work_dir: Path) -> str:
     return cleaned or "root"
 
 
-def _data_home(env: Mapping[str, str]) -> Path:
-    if env.get("XDG_DATA_HOME"):
-        return Path(env["XDG_DATA_HOME"])
-    home = env.get("HOME") or pwd.getpwuid(os.geteuid()).pw_dir
-    return Path(home) / ".local" / "share"
-
-
 def default_agent_home(work_dir: Path, env: Mapping[str, str], agent: Agent | str = Agent.CLAUDE) -> Path:
     """$XDG_DATA_HOME/<agent>-microvm/<basename>-<first 12 hex of sha256(resolved work dir)>."""
     digest = hashlib.sha256(os.fsencode(work_dir)).hexdigest()[:12]
-    return _data_home(env) / f"{Agent(agent).value}-microvm" / f"{project_basename(work_dir)}-{digest}"
+    return (
+        xdg.base("XDG_DATA_HOME", env)
+        / f"{Agent(agent).value}-microvm"
+        / f"{project_basename(work_dir)}-{digest}"
+    )
 
 
 def _absolute(raw: str, cwd: Path) -> Path:
@@ -212,7 +208,12 @@ def _shell_quote(value: str) -> str:
 
 
 def plan_env_file(
-    agent_home: Path, env: Mapping[str, str], agent: Agent, owner: tuple[int, int] | None
+    agent_home: Path,
+    env: Mapping[str, str],
+    agent: Agent,
+    owner: tuple[int, int] | None,
+    *,
+    extra: Sequence[tuple[str, str]] = (),  # e.g. the egress proxy's variables (egress.guest_env)
 ) -> EnvFile:
     """What `.microvm-env` will hold; bad values are rejected here, without echoing secrets."""
     direnv = env.get("DIRENV_ALLOW", "")
@@ -239,6 +240,7 @@ def plan_env_file(
                 "key alone (its value is not shown here)",
             )
         entries.append((key_var, key))
+    entries += extra
     return EnvFile(agent_home / ENV_FILE, tuple(entries), owner)
 
 

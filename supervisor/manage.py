@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
-from supervisor import control, runtime, trust
+from supervisor import control, outputs, runtime, trust
 from supervisor.errors import ExitCode, SupervisorError
 
 PROG = "agentvm-supervise"
@@ -64,6 +62,7 @@ def add_parsers(commands: Any) -> None:
     stop.add_argument("--timeout", type=float, default=60.0, metavar="S", help="give up waiting after S s")
     stop.add_argument("--no-wait", action="store_true", help="return once the stop has begun")
     stop.add_argument("--runtime-dir", help="base dir of the instance dirs, as given to run")
+    stop.add_argument("--json", action="store_true", help="print the result as JSON (outputs.StopResult)")
     listing = commands.add_parser(
         "list",
         help="list this user's live instances; clean up after dead ones",
@@ -83,14 +82,18 @@ def run_verb(args: argparse.Namespace) -> int:
     if args.command == "status":
         status = _query(found, control.StatusRequest())
         if args.json:
-            _print_json(status)
+            sys.stdout.write(outputs.render(status))
         else:
             print(format_status(status))
         return ExitCode.OK
     if args.deadline is not None and not 0 < args.deadline <= 3600:
         raise SupervisorError(f"--deadline {args.deadline:g} is out of range: give seconds in (0, 3600]")
-    _query(found, control.StopRequest(deadline=args.deadline))
+    status = _query(found, control.StopRequest(deadline=args.deadline))
     if args.no_wait:
+        if args.json:
+            sys.stdout.write(
+                outputs.render(outputs.StopResult(instance=status.instance, stopped=False, status=status))
+            )
         return ExitCode.OK
     if not wait_exit(found, timeout=args.timeout):
         raise SupervisorError(
@@ -99,7 +102,12 @@ def run_verb(args: argparse.Namespace) -> int:
             "SIGTERM twice to skip the graceful path",
             exit_code=ExitCode.UNAVAILABLE,
         )
-    print(f"stopped {found.state.instance}")
+    if args.json:
+        sys.stdout.write(
+            outputs.render(outputs.StopResult(instance=status.instance, stopped=True, status=status))
+        )
+    else:
+        print(f"stopped {found.state.instance}")
     return ExitCode.OK
 
 
@@ -210,22 +218,18 @@ def _list(base: Path, *, as_json: bool) -> int:
             phase = "unknown"  # starting (no socket yet), ending, or not answering
         rows.append((found, phase))
     if as_json:
-        _print_json(
-            {
-                "instances": [
-                    {
-                        "instance": found.state.instance,
-                        "phase": phase,
-                        "supervisor_pid": found.state.supervisor_pid,
-                        "created": found.state.created,
-                        "work_dir": found.state.work_dir,
-                        "runtime_dir": str(found.path),
-                    }
-                    for found, phase in rows
-                ],
-                "stale_cleaned": cleaned,
-            }
-        )
+        listed = [
+            outputs.ListedInstance(
+                instance=found.state.instance,
+                phase=phase,  # type: ignore[arg-type]  # a Phase from the socket, or "unknown"
+                supervisor_pid=found.state.supervisor_pid,
+                created=found.state.created,
+                work_dir=found.state.work_dir,
+                runtime_dir=str(found.path),
+            )
+            for found, phase in rows
+        ]
+        sys.stdout.write(outputs.render(outputs.InstanceList(instances=listed, stale_cleaned=cleaned)))
         return ExitCode.OK
     if not rows:
         print(f"no instances are running under {base}", file=sys.stderr)
@@ -278,6 +282,16 @@ def format_status(status: control.InstanceStatus) -> str:
     for share in status.shares:
         mode = "ro" if share.read_only else "rw"
         lines.append(f"  {share.tag:<16} {share.source} -> {share.guest_path} ({mode})")
+    egress = status.egress
+    if egress is not None:  # allowlist mode (supervisor/egress)
+        lines.append(
+            f"egress    allowlist via {egress.get('proxy')}: {egress.get('allowed')} allowed, "
+            f"{egress.get('denied')} denied, {egress.get('errors')} failed, {egress.get('active')} open; "
+            f"log {egress.get('log')}"
+        )
+        denied = egress.get("top_denied")
+        if isinstance(denied, list) and denied:
+            lines.append(f"          most denied: {', '.join(str(item) for item in denied)}")
     return "\n".join(line for line in lines if line)
 
 
@@ -290,7 +304,3 @@ def _duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
-
-
-def _print_json(value: Any) -> None:
-    sys.stdout.write(msgspec.json.format(msgspec.json.encode(value), indent=2).decode() + "\n")

@@ -9,6 +9,9 @@ restricted (`restrict=on` drops every guest UDP packet but DHCP's, and DNS with 
 
 The egress work hooks in here: another `NetMode` (no NIC at all, or a restricted netdev with a
 proxy), its extra netdev options in `qemu_args`, and what the guest must know in `kernel_args`.
+QEMU runs under `-sandbox ...,spawn=deny` (qemu.SANDBOX) except in the allowlist mode, whose
+per-connection `guestfwd=...-cmd:` handoff needs spawn (qemu.sandbox_options; why a chardev
+guestfwd cannot carry a proxy's connections: supervisor/egress/__init__.py).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class GuestNetwork:
     mode: NetMode
     forwards: tuple[Forward, ...] = ()
     configure_guest: bool = True  # the built-in guest sets eth0 up; another kernel does its own
+    restrict: tuple[str, ...] = ()  # egress allowlist: restrict=on and the proxy's guestfwd (egress/)
 
     def qemu_args(self, bus: str) -> list[str]:
         """`-netdev` and `-device` for QEMU; `bus` is "pci" (q35) or "device" (microvm, virtio-mmio)."""
@@ -48,6 +52,7 @@ class GuestNetwork:
             f"dns={DNS_ADDRESS}",
             f"dhcpstart={GUEST_ADDRESS}",  # a guest that asks DHCP anyway gets the same address
             *(forward.hostfwd() for forward in self.forwards),
+            *self.restrict,
         ]
         # romfile= : no PXE option ROM (Debian ships none without ipxe-qemu, and nothing netboots)
         device = f"virtio-net-{bus},netdev={NETDEV_ID}" + (",romfile=" if bus == "pci" else "")
@@ -61,11 +66,17 @@ class GuestNetwork:
         return [f"agentvm.net={address},{HOST_ADDRESS},{DNS_ADDRESS}"]
 
 
-def plan_network(forwards: Sequence[Forward], *, builtin_guest: bool) -> GuestNetwork | None:
+def plan_network(
+    forwards: Sequence[Forward], *, builtin_guest: bool, egress: Sequence[str] | None = ()
+) -> GuestNetwork | None:
     """The built-in guest always has the user-mode network (claude-microvm's guest has it too: the
-    agent talks to its API); another kernel gets a NIC only when ports are forwarded to it."""
+    agent talks to its API); another kernel gets a NIC only when ports are forwarded to it or the
+    egress proxy serves it. `egress` (egress.NetworkPlan.netdev_extra): None for no NIC at all
+    (network mode "none"), else the netdev options of the mode (allowlist: restrict=on, guestfwd)."""
+    if egress is None:
+        return None
     if builtin_guest:
-        return GuestNetwork(NetMode.USER, tuple(forwards))
-    if forwards:
-        return GuestNetwork(NetMode.USER, tuple(forwards), configure_guest=False)
+        return GuestNetwork(NetMode.USER, tuple(forwards), restrict=tuple(egress))
+    if forwards or egress:
+        return GuestNetwork(NetMode.USER, tuple(forwards), configure_guest=False, restrict=tuple(egress))
     return None

@@ -20,6 +20,7 @@ from supervisor import (
     checks,
     control,
     devallow,
+    egress,
     guest,
     kvm,
     launcher,
@@ -27,6 +28,7 @@ from supervisor import (
     runner,
     runtime,
     sharedirs,
+    xdg,
 )
 from supervisor.config import (
     Accel,
@@ -45,7 +47,7 @@ from supervisor.console import ConsoleSettings, parse_escape_key
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.facts import Facts, facts_dir
 from supervisor.launcher import default_agent_home, project_basename
-from supervisor.qemu import QemuSpec, host_tsc_khz
+from supervisor.qemu import SANDBOX, QemuSpec, host_tsc_khz, sandbox_options
 from supervisor.virtiofsd import CRI_STORAGE_XATTRMAP, ShareIds, ShareSpec, virtiofsd_argv
 
 __all__ = ["Plan", "build_plan", "default_agent_home", "project_basename"]
@@ -90,6 +92,8 @@ class Plan:
     kvm_device: Path = kvm.DEFAULT_DEVICE  # what the supervisor checks and watches; QEMU opens /dev/kvm
     checks: tuple[checks.Check, ...] = ()  # the preflight, warnings included
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    qemu_sandbox: str | None = SANDBOX  # -sandbox's options (qemu.sandbox_options); None: off
+    egress: egress.NetworkPlan = field(default_factory=egress.NetworkPlan.legacy)  # mode, policy, proxy
 
     @property
     def qmp_socket(self) -> Path:
@@ -128,12 +132,12 @@ class Plan:
             extra_args=self.qemu_extra_args,
             network=self.network,
             resize_fd=resize_fd,
+            sandbox=self.qemu_sandbox,
         )
 
 
 def default_console_log_dir(env: Mapping[str, str]) -> Path:
-    state_home = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "/root")) / ".local" / "state")
-    return Path(state_home) / "agentvm-supervise" / "console"
+    return xdg.base("XDG_STATE_HOME", env) / xdg.APP / "console"
 
 
 def console_settings(config: ConsoleConfig, env: Mapping[str, str]) -> ConsoleSettings:
@@ -326,6 +330,16 @@ def build_plan(
     instance_dir = base / instance
     forwards = launcher.parse_forwards(config.forwards)
     notes: list[str] = []
+    egress_plan = egress.plan_network(
+        config.network,
+        agent=agent,
+        agent_guest=False,  # the agent guest (issue 13) passes True: allowlist by default
+        runner=config.runner is not None,
+        instance=instance,
+        instance_dir=instance_dir,
+        forwards=len(forwards),
+        env=env,
+    )
 
     # The KVM rows are worked out now (a runner is rewritten for the accelerator) but go into the
     # preflight below, after the input checks, in the order `doctor` lists them.
@@ -363,6 +377,7 @@ def build_plan(
                 forwards=forwards,
                 cmdline=config.qemu.cmdline,
                 tsc_khz=host_tsc_khz(),
+                netdev_extra=tuple(egress_plan.netdev_extra() or ()),
             ),
             _runner_cwd(config.runner.cwd, cwd),
         )
@@ -413,7 +428,9 @@ def build_plan(
     if home_share is not None and agent_home is not None and work_dir is not None:
         owner_ids = (home_share.ids.host_uid, home_share.ids.host_gid) if euid == 0 else None
         agent_home = home_share.source  # the link-free path of the directory the guest mounts
-        env_file = launcher.plan_env_file(agent_home, env, agent, owner_ids)
+        env_file = launcher.plan_env_file(
+            agent_home, env, agent, owner_ids, extra=sorted(egress_plan.guest_env().items())
+        )
         devshell = launcher.plan_devshell(
             work_dir, agent_home, launcher.child_environment(env, {}), owner_ids
         )
@@ -428,6 +445,7 @@ def build_plan(
         (instance_dir / "console.sock", "the console"),
         (instance_dir / control.SOCKET_NAME, "the control socket"),
         (instance_dir / runner.API_SOCKET, "the runner's API"),
+        (instance_dir / egress.SOCKET_NAME, "the egress proxy"),
     ]
 
     builtin = config.qemu.kernel is None and runner_plan is None
@@ -441,13 +459,22 @@ def build_plan(
             "a guest command (after --) needs the built-in guest, which knows how to run it and report "
             "its status; with your own qemu.kernel, put the command in the guest's own configuration",
         )
-    guest_net = None if runner_plan is not None else network.plan_network(forwards, builtin_guest=builtin)
+    guest_net = (
+        None
+        if runner_plan is not None
+        else network.plan_network(forwards, builtin_guest=builtin, egress=egress_plan.netdev_extra())
+    )
     net_args = guest_net.kernel_args() if guest_net is not None else []  # network.py: eth0 in the guest
     if runner_plan is not None:
         cmdline = ""
     elif builtin:
         first = shares[0].ids
-        extra = [_microvm_tsc_hint(config.qemu.machine), *net_args, config.qemu.cmdline]
+        extra = [
+            _microvm_tsc_hint(config.qemu.machine),
+            *net_args,
+            egress_plan.guest_cmdline(),
+            config.qemu.cmdline,
+        ]
         cmdline = guest.guest_cmdline(
             mounts=[(share.tag, share.guest_path) for share in shares],
             command=list(command) if command else None,
@@ -521,6 +548,7 @@ def build_plan(
             checks.check_qemu(config.qemu.binary, config.qemu.machine, chosen_accel, known=known)
         )
         qemu_binary = str(row.facts.get("path") or config.qemu.binary)
+        preflight.add(checks.check_qemu_sandbox(qemu_binary, enabled=config.qemu.sandbox, qemu_ok=row))
     else:
         qemu_binary = runner_plan.script.program
         preflight.add(
@@ -528,6 +556,7 @@ def build_plan(
                 "qemu", f"the runner {runner_plan.script.path} brings its own hypervisor ({qemu_binary})"
             )
         )
+    preflight.add(egress.check_egress(egress_plan))
     preflight.add(checks.check_memfd())
     preflight.add(checks.check_runtime_dir(base))
     preflight.add(checks.check_socket_paths(sockets))
@@ -577,11 +606,13 @@ def build_plan(
         devshell=devshell,
         forwards=forwards,
         network=guest_net,
+        egress=egress_plan,
         runner=runner_plan,
         notes=notes,
         kvm_device=kvm_device,
         checks=tuple(preflight.checks),
         console=console_plan,
+        qemu_sandbox=sandbox_options(spawn=egress_plan.needs_spawn) if config.qemu.sandbox else None,
     )
 
 

@@ -12,6 +12,18 @@ from supervisor.network import GuestNetwork
 QBOOT_ROM = "/usr/share/qemu/qboot.rom"
 STATUS_PORT = "org.agentvm.status"
 RESIZE_PORT = "org.agentvm.resize"  # "ROWS COLS" lines for the guest's console (console.py)
+# QEMU's seccomp filter, as libvirt sets it: no obsolete syscalls, no setuid/capabilities, no
+# fork/exec (a guest that takes over QEMU cannot start programs), no scheduler/affinity changes.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+def sandbox_options(*, spawn: bool) -> str:
+    """SANDBOX, or with `spawn` what the egress allowlist's `guestfwd=...-cmd:` handoff needs:
+    libslirp forks, calls setsid and execs the handoff for each guest connection (egress). The
+    allow-list is no weaker for it: a QEMU taken over by the guest could connect() anywhere anyway."""
+    if not spawn:
+        return SANDBOX
+    return "on,obsolete=deny,elevateprivileges=allow,spawn=allow,resourcecontrol=deny"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +45,7 @@ class QemuSpec:
     extra_args: list[str]
     network: GuestNetwork | None = None  # None: no NIC
     resize_fd: int | None = None  # one end of a socketpair: the supervisor sends terminal sizes
+    sandbox: str | None = SANDBOX  # -sandbox's options (sandbox_options); None: [qemu] sandbox = false
 
 
 def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
@@ -76,6 +89,7 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
         "-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on",
         "-numa", "node,memdev=mem",
         "-display", "none", "-nodefaults", "-no-user-config", "-no-reboot",
+        *(["-sandbox", spec.sandbox] if spec.sandbox else []),
         "-kernel", str(spec.kernel),
         "-append", spec.cmdline,
     ]  # fmt: skip

@@ -274,6 +274,9 @@ class Overrides:
     forwards: list[Forward] = field(default_factory=list)
     cmdline: str = ""  # qemu.cmdline from the config: appended to -append
     tsc_khz: int | None = None  # the host's TSC rate: what a TCG guest's TSC runs at
+    # egress allowlist (egress.NetworkPlan.netdev_extra): appended to the user netdev, which must be
+    # the runner's only network; () leaves the network as it is
+    netdev_extra: tuple[str, ...] = ()
 
 
 @dataclass
@@ -434,6 +437,8 @@ def plan_qemu(script: RunnerScript, instance_dir: Path, overrides: Overrides) ->
             )
         value = edit.value(users[0], "-netdev")
         edit.set(users[0], ",".join([value, *(forward.hostfwd() for forward in overrides.forwards)]))
+    if overrides.netdev_extra:
+        _restrict_network(edit, positions, overrides.netdev_extra)
     tail = edit.tail_index()
     extra = [_quote("-chardev"), "", _quote("-mon"), _quote(f"chardev={PRIVATE_QMP_ID},mode=control")]
     raw = [word for index, word in enumerate(edit.raw) if index not in drop]
@@ -449,6 +454,34 @@ def plan_qemu(script: RunnerScript, instance_dir: Path, overrides: Overrides) ->
         qmp_fd_word=tail + 1,
         notes=notes,
     )
+
+
+def _restrict_network(edit: _Edit, positions: dict[str, list[int]], extra: Sequence[str]) -> None:
+    """Egress allowlist: the runner's one user netdev gets restrict=on and the proxy's guestfwd; any
+    other way out (a tap, a bridge, a socket netdev, -nic/-net) would go around the proxy: refused."""
+    path = edit.script.path
+    others = [option for option in ("-nic", "-net") if positions.get(option)]
+    netdevs = [(i, edit.value(i, "-netdev")) for i in positions.get("-netdev", [])]
+    others += [value.split(",")[0] for _, value in netdevs if value.split(",")[0] != "user"]
+    users = [(i, value) for i, value in netdevs if value.split(",")[0] == "user"]
+    if others or len(users) != 1:
+        found = ", ".join(others) or f"{len(users)} user netdevs"
+        raise _error(
+            path,
+            f'has network devices the egress allow-list cannot cover ({found}): network.mode = "allowlist" '
+            'needs exactly one -netdev user (microvm.interfaces = [ { type = "user"; ... } ]) and no '
+            'tap, bridge or -nic; or leave network.mode out ("open")',
+        )
+    index, value = users[0]
+    net = _get_option(value, "net")
+    if net is not None and net.split("/")[0] != "10.0.2.0":
+        raise _error(
+            path,
+            f"has -netdev user,net={net}; the egress proxy's address 10.0.2.100 needs QEMU's default "
+            "network 10.0.2.0/24: drop net= from the runner's user interface",
+        )
+    kept = _join_options([(k, v) for k, v in _options(value) if k not in ("restrict", "guestfwd")])
+    edit.set(index, ",".join([kept, *extra]))
 
 
 def _set_qemu_memory(edit: _Edit, positions: dict[str, list[int]], mib: int) -> None:

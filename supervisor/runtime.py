@@ -21,7 +21,7 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from supervisor import diskfull, trust
+from supervisor import diskfull, trust, xdg
 from supervisor.children import read_start_ticks
 from supervisor.errors import ExitCode, SupervisorError
 
@@ -48,9 +48,9 @@ class InstanceState(msgspec.Struct, frozen=True):
 
 
 def default_base(env: Mapping[str, str], uid: int) -> Path:
-    xdg = env.get("XDG_RUNTIME_DIR")
-    if xdg and Path(xdg).is_absolute() and Path(xdg).is_dir():
-        return Path(xdg) / "agentvm"
+    runtime_dir = xdg.runtime_dir(env)
+    if runtime_dir is not None:
+        return runtime_dir / "agentvm"
     if uid == 0:
         return Path("/run/agentvm")
     return Path(f"/tmp/agentvm-{uid}")

@@ -28,6 +28,7 @@ from supervisor import (
     console,
     consolelog,
     control,
+    egress,
     kvm_watch,
     launcher,
     pid1,
@@ -46,8 +47,9 @@ from supervisor.children import (
     run_child,
 )
 from supervisor.config import Hypervisor, SocketMode
+from supervisor.egress.proxy import Proxy
 from supervisor.errors import ExitCode, SupervisorError
-from supervisor.notify import Notifier
+from supervisor.notify import Notifier, stop_budget
 from supervisor.plan import Plan
 from supervisor.qemu import qemu_argv
 from supervisor.qmp import QmpClient, QmpError
@@ -114,6 +116,7 @@ class Instance:
         self.report = statusport.GuestReport()
         self._console_log: consolelog.ConsoleLog | None = None
         self._share_dirs: dict[str, int] = {}  # tag -> the share's open directory (see sharedirs)
+        self.egress: Proxy | None = None  # allowlist mode: the guest's only way out
 
     # ---- state file and watchdog -------------------------------------------------------------
 
@@ -147,7 +150,8 @@ class Instance:
         """Teardown begins: remember the first cause and tell the service manager."""
         if self.stop_cause is None:
             self.stop_cause = cause
-            self.host.notifier.stopping(f"stopping {self.plan.instance}: {cause}")
+            budget = stop_budget(self.plan.timeouts, self._stop_deadline)
+            self.host.notifier.stopping(f"stopping {self.plan.instance}: {cause}", budget=budget)
 
     async def _graceful_stop(self, runner: Child) -> None:
         """system_powerdown, a deadline, QMP quit, a deadline, then the group kill in run_child."""
@@ -263,6 +267,7 @@ class Instance:
             stop_cause=self.stop_cause,
             children=[control.child_info(child) for child in self.children],
             shares=[control.share_info(share) for share in plan.shares],
+            egress=egress.egress_info(self.egress, plan.egress) if self.egress is not None else None,
         )
 
     def _is_own_child(self, pid: int) -> bool:
@@ -659,6 +664,12 @@ class Instance:
                         pid1.become_subreaper()
                         everything.start_soon(pid1.reap_orphans, self._is_own_child)
                     await everything.start(control.Server(plan.control_socket, self).serve)
+                    self.egress = egress.make_proxy(plan.egress)
+                    if self.egress is not None and plan.egress.socket_path is not None:
+                        self.log.info(
+                            "egress allow-list", proxy=plan.egress.proxy_url, log=str(plan.egress.log_path)
+                        )
+                        await everything.start(self.egress.serve_handoff, plan.egress.socket_path)
                     if plan.devshell is not None:
                         await self._refresh_devshell(plan.devshell)
                     async with anyio.create_task_group() as shares:
@@ -679,6 +690,8 @@ class Instance:
             runtime.remove_instance_dir(plan.instance_dir)
             if self._console_log is not None:
                 self._console_log.close()
+            if self.egress is not None:
+                self.egress.audit.close()
         return self._exit_code()
 
     def _exit_code(self) -> int:

@@ -19,7 +19,14 @@ from tests.faults import (
     FaultSettings,
     fault_settings,
 )
-from tests.support import TEST_CACHE, TEST_USER, SubIds, Supervisor, start_supervisor
+from tests.support import (
+    TEST_CACHE,
+    TEST_USER,
+    SubIds,
+    Supervisor,
+    start_supervisor,
+    stop_leftover_supervisors,
+)
 
 
 @pytest.fixture(scope="session")
@@ -152,3 +159,9 @@ def pytest_report_header(config: pytest.Config) -> str:
 @pytest.fixture(scope="session")
 def faults(request: pytest.FixtureRequest) -> FaultSettings:
     return request.config.stash[FAULT_SETTINGS]
+
+
+@pytest.fixture(autouse=True)
+def _no_supervisor_outlives_its_test() -> Iterator[None]:
+    yield
+    stop_leftover_supervisors()

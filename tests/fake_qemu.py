@@ -34,8 +34,8 @@ def _orphan(seconds: float) -> None:
 
 
 def main() -> None:
-    if sys.argv[1:] == ["-version"] or (len(sys.argv) == 3 and sys.argv[2] == "help"):
-        # The preflight's queries (version, machines, devices, ...): answered by the real QEMU.
+    if sys.argv[1:] == ["-version"] or sys.argv[-1] == "help":
+        # The preflight's queries (version, machines, devices, the sandbox, ...): the real QEMU answers.
         os.execv(REAL_QEMU, [REAL_QEMU, *sys.argv[1:]])  # noqa: S606
     if "FAKE_QEMU_ORPHAN" in os.environ:
         _orphan(float(os.environ["FAKE_QEMU_ORPHAN"]))
@@ -49,8 +49,9 @@ def main() -> None:
     sys.stdout.write("RUNNER-UP\r\n")
     sys.stdout.flush()
     for line in reader:
-        command = json.loads(line).get("execute")
-        send({"return": {}})
+        request = json.loads(line)
+        command = request.get("execute")
+        send({"return": {}, "id": request.get("id")})  # QEMU copies the request's id into its reply
         if command == "system_powerdown":
             send({"event": "POWERDOWN", "data": {}})
             send({"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-shutdown"}})

@@ -33,6 +33,8 @@ def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         "PYTHONPATH": str(REPO),
         "LANG": "C.UTF-8",
         "XDG_STATE_HOME": f"{TEST_STATE}-{os.geteuid()}",
+        # No default config file (~/.config/agentvm-supervise/config.toml) a person may have left.
+        "XDG_CONFIG_HOME": "/nonexistent/agentvm-supervise-tests",
     }
     if extra:
         env.update(extra)
@@ -160,7 +162,27 @@ def start_supervisor(
         env=base_env(env),
         cwd=cwd,
     )
-    return Supervisor(proc, bytearray())
+    supervisor = Supervisor(proc, bytearray())
+    STARTED.append(supervisor)
+    return supervisor
+
+
+# Supervisors started by the running test: conftest stops any left running when a test fails
+# midway, so a failed test leaves no VM behind (nor one that a later test would find by name).
+STARTED: list[Supervisor] = []
+
+
+def stop_leftover_supervisors() -> None:
+    while STARTED:
+        proc = STARTED.pop().proc
+        if proc.poll() is not None:
+            continue
+        proc.send_signal(signal.SIGTERM)  # the graceful path: the VM and its daemons go too
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
 
 
 def run_supervisor(

@@ -156,6 +156,7 @@ def documents(*, junk_fields: bool) -> st.SearchStrategy[dict[str, Any]]:
                     "memory-mib": field(st.integers(64, 4096), st.integers()),
                     "vcpus": field(st.integers(1, 4), st.integers()),
                     "extra-args": field(qemu_args, st.lists(text, max_size=3)),
+                    "sandbox": field(st.booleans(), st.one_of(text, st.integers())),
                 },
             ),
             "timeouts": st.fixed_dictionaries(
@@ -344,7 +345,10 @@ def _created_dirs_only(before: Mapping[str, Any], after: Mapping[str, Any]) -> l
         is_dir = (mode & 0o170000) == 0o040000
         # The console log of the instance (issue 3: kept after the VM, in $XDG_STATE_HOME or log-dir).
         console_log = re.fullmatch(r".+-[0-9a-f]{8}\.log(\.1)?", Path(path).name) is not None
-        if path not in before and not is_dir and Path(path).name not in LAUNCHER_FILES and not console_log:
+        # Facts about the binaries (issue 17: a second start spawns no probe), in $XDG_STATE_HOME.
+        fact = Path(path).parent.name == "facts" and Path(path).parent.parent.name == "agentvm-supervise"
+        known = Path(path).name in LAUNCHER_FILES or console_log or fact
+        if path not in before and not is_dir and not known:
             bad.append(path)
     return sorted(bad)
 

@@ -16,9 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from supervisor import control, guest, manage
+from supervisor import control, guest, manage, outputs
 from tests.container_support import Launched, fake_runner_config
 from tests.support import base_env, children_of, is_watchdog, leftovers, supervisor_argv, wait_until_gone
 
@@ -158,6 +159,8 @@ def test_stop_with_a_deadline_is_not_stalled_by_a_silent_client(live: Live) -> N
     assert any(
         event["event"] == "asked the guest to power off" and event["deadline_s"] == 3 for event in events
     )
+    # Issue 11: the instance id is bound once, so every line has it (children's lines too).
+    assert [event for event in events if not str(event.get("instance")).startswith("ctl-")] == []
     assert wait_until_gone("ctl") == []
     assert leftovers(live.runtime) == []
 
@@ -184,10 +187,11 @@ def test_list_shows_the_live_instance_and_cleans_up_the_stale_one(
 
         listed = _cli("list", "--json", "--runtime-dir", str(tmp_path / "rt"))
         assert listed.returncode == 0, listed.stderr
-        report = json.loads(listed.stdout)
-        assert [entry["instance"] for entry in report["instances"]] == [alive_found.state.instance]
-        assert report["instances"][0]["phase"] == "running"
-        assert report["stale_cleaned"] == [doomed_found.state.instance]
+        # the published schema's type, decoded strictly (issue 11: it was built from dicts)
+        report = msgspec.json.decode(listed.stdout, type=outputs.InstanceList)
+        assert [entry.instance for entry in report.instances] == [alive_found.state.instance]
+        assert report.instances[0].phase == "running"
+        assert report.stale_cleaned == [doomed_found.state.instance]
         assert f"cleaned up {doomed_found.state.instance}" in listed.stderr
         assert not doomed_found.path.exists()
         assert wait_until_gone("doomed") == []
@@ -200,9 +204,15 @@ def test_list_shows_the_live_instance_and_cleans_up_the_stale_one(
         shown = _cli("status", "--runtime-dir", str(tmp_path / "rt"))
         assert shown.returncode == 0, shown.stderr
         assert alive_found.state.instance in shown.stdout and "virtiofsd[work]" in shown.stdout
-        stopped = _cli("stop", "--deadline", "2", "--runtime-dir", str(tmp_path / "rt"))
+        stopped = _cli("stop", "--deadline", "2", "--json", "--runtime-dir", str(tmp_path / "rt"))
         assert stopped.returncode == 0, stopped.stderr
         assert alive.proc.poll() == 128 + signal.SIGTERM  # `stop` returned after the supervisor ended
+        result = msgspec.json.decode(stopped.stdout, type=outputs.StopResult)
+        assert (result.instance, result.stopped) == (alive_found.state.instance, True)
+        assert (
+            result.status.phase == "stopping"
+            and result.status.stop_cause == "stop requested on the control socket"
+        )
     finally:
         alive.kill()
         doomed.kill()

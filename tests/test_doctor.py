@@ -32,7 +32,7 @@ from tests.test_kvm_watch import mknod
 
 CHECKS = [
     "kvm-device", "kvm-access", "kvm-usable", "accelerator", "namespaces", "pidfd", "id-maps", "guest",
-    "virtiofsd", "qemu", "memfd", "runtime-dir", "socket-paths",
+    "virtiofsd", "qemu", "qemu-sandbox", "egress", "memfd", "runtime-dir", "socket-paths",
 ]  # fmt: skip
 DENY_UNSHARE = [str(REPO / ".venv" / "bin" / "python"), "-m", "tests.deny_unshare"]
 
@@ -101,9 +101,33 @@ def test_doctor_on_this_machine(guest_assets: guest.GuestAssets, tmp_path: Path)
     assert {"--fd", "--translate-uid", "--uid-map"} <= set(checks["virtiofsd"]["facts"]["flags"])
     assert checks["qemu"]["status"] == "ok" and "vhost-user-fs-pci" in checks["qemu"]["summary"]
     assert checks["namespaces"]["status"] == "ok"
+    assert checks["qemu-sandbox"]["status"] == "ok" and "spawn=deny" in checks["qemu-sandbox"]["summary"]
     # The report is the msgspec schema, and the doctor created nothing.
     assert msgspec.json.decode(json.dumps(report), type=doctor.Report).exit_code == 0
     assert not (tmp_path / "rt").exists() and not (tmp_path / "home").exists()
+
+
+def test_a_qemu_without_seccomp_fails_the_sandbox_check_unless_it_is_turned_off(
+    guest_assets: guest.GuestAssets, tmp_path: Path
+) -> None:
+    """Issue 11: QEMU runs under -sandbox; a QEMU that cannot is refused with the remedy."""
+    qemu = tmp_path / "qemu-no-seccomp"
+    qemu.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do [ "$a" = -sandbox ] && { echo "qemu: -sandbox is not supported by this QEMU build" >&2; exit 1; }; done\n'
+        'exec qemu-system-x86_64 "$@"\n'
+    )
+    qemu.chmod(0o755)
+    code, report = _doctor([*_dirs(tmp_path), "--qemu", str(qemu)])
+    assert code == 69
+    failed = _only_failure(report)
+    assert failed["name"] == "qemu-sandbox" and "not supported by this QEMU build" in failed["summary"]
+    assert "sandbox = false" in failed["remedy"]
+    config = tmp_path / "c.toml"
+    config.write_text("[qemu]\nsandbox = false\n")
+    code, report = _doctor([*_dirs(tmp_path), "--qemu", str(qemu), "--config", str(config)])
+    assert code == 0, report
+    assert _by_name(report)["qemu-sandbox"]["status"] == "skip"
 
 
 def test_doctor_prints_a_table_without_json(guest_assets: guest.GuestAssets, tmp_path: Path) -> None:

@@ -286,6 +286,11 @@ def test_nixos_module_declares_a_notify_unit_per_vm_that_systemd_verifies(tmp_pa
     assert (service["User"], service["SupplementaryGroups"]) == ("michael", "kvm")
     assert service["RuntimeDirectory"] == "agentvm/emacsvm"
     assert service["EnvironmentFile"] == "/run/secrets/emacsvm.env"
+    # sandboxed as systemd/agentvm@.service is (issue 11); the VM's dirs stay writable
+    assert service["ProtectSystem"] == "strict" and service["NoNewPrivileges"] is True
+    assert service["DeviceAllow"] == ["/dev/kvm rw", "/dev/ptmx rw", "char-pts rw"]
+    assert service["ReadWritePaths"] == ["/home/m/microvm/emacs"]
+    assert "RestrictNamespaces" not in service and "MemoryDenyWriteExecute" not in service
     exec_start = rf"{REPO}/\.venv/bin/agentvm-supervise run --config CONFIG<<(.*)>>"
     match = re.fullmatch(exec_start, service["ExecStart"], re.DOTALL)
     assert match

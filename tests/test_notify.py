@@ -5,15 +5,17 @@ from __future__ import annotations
 import secrets
 import signal
 import socket
+import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from supervisor import guest, notify
+from supervisor import config, guest, notify
 from tests.container_support import Launched
-from tests.support import instance_processes, leftovers, supervisor_argv, wait_until_gone
+from tests.support import base_env, instance_processes, leftovers, supervisor_argv, wait_until_gone
 
 
 @pytest.fixture
@@ -69,6 +71,58 @@ def test_notifier_failures_are_logged_once_and_never_raise(tmp_path: Path) -> No
     assert any("neither an absolute path" in event for event in events)
 
 
+def test_extending_sends_extend_timeout_until_the_block_ends(listener: tuple[socket.socket, Path]) -> None:
+    sock, path = listener
+    notifier = notify.Notifier(str(path))
+    threads = threading.active_count()
+    with notify.extending(notifier, "building the guest", every=0.05):
+        first = _fields(sock.recv(4096))
+        again = [_fields(sock.recv(4096)) for _ in range(2)]
+    assert threading.active_count() == threads  # joined: the watchdog's fork comes later
+    notifier.close()
+    assert first == {"STATUS": "building the guest", "EXTEND_TIMEOUT_USEC": "100000"}
+    assert again == [{"EXTEND_TIMEOUT_USEC": "100000"}] * 2
+    # without a service manager: no thread, nothing sent
+    with notify.extending(notify.Notifier(None), "x", every=0.01):
+        assert threading.active_count() == threads
+
+
+def test_stopping_gives_the_whole_stop_path(listener: tuple[socket.socket, Path]) -> None:
+    sock, path = listener
+    notifier = notify.Notifier(str(path))
+    notifier.stopping("stopping x", budget=notify.stop_budget(config.Timeouts(), deadline=600))
+    notifier.close()
+    # a `stop --deadline 600` outlasts the unit's TimeoutStopSec=30 unless the stop is extended
+    assert _fields(sock.recv(4096)) == {
+        "STOPPING": "1", "STATUS": "stopping x", "EXTEND_TIMEOUT_USEC": str((600 + 3 + 2 * 2 + 5) * 1_000_000),
+    }  # fmt: skip
+
+
+def test_waiting_for_kvm_extends_the_start_and_logs_at_journal_priority(
+    tmp_path: Path, listener: tuple[socket.socket, Path]
+) -> None:
+    """Issue 11: a Type=notify start waiting for KVM hit systemd's 90 s start timeout, and every
+    JSON line reached the journal at priority info."""
+    sock, path = listener
+    stderr_path = tmp_path / "stderr"
+    with stderr_path.open("wb") as stderr:
+        found = stderr_path.stat()
+        result = subprocess.run(
+            [*supervisor_argv(), "run", "--work-dir", str(tmp_path), "--accel", "kvm",
+             "--kvm-device", str(tmp_path / "no-kvm"), "--wait-kvm=0.5"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, timeout=60, check=False,
+            env=base_env({"NOTIFY_SOCKET": str(path), "JOURNAL_STREAM": f"{found.st_dev}:{found.st_ino}"}),
+        )  # fmt: skip
+    assert result.returncode == 69
+    assert _fields(sock.recv(4096)) == {
+        "STATUS": "waiting for the KVM device", "EXTEND_TIMEOUT_USEC": str(int(2 * notify.EXTEND_EVERY * 1e6)),
+    }  # fmt: skip
+    lines = stderr_path.read_text().splitlines()
+    [waiting] = [line for line in lines if '"waiting for the KVM device"' in line]
+    assert waiting.startswith('<4>{"device": ')
+    assert "no-kvm" in lines[-1] and not lines[-1].startswith("<")  # the error paragraph is no log line
+
+
 @pytest.mark.vm
 def test_ready_arrives_only_after_the_runner_started_then_stopping(
     guest_assets: guest.GuestAssets, tmp_path: Path, listener: tuple[socket.socket, Path]
@@ -93,7 +147,8 @@ def test_ready_arrives_only_after_the_runner_started_then_stopping(
             before_ready.append(fields)
         # At READY=1, QEMU runs and has answered on QMP.
         [(qemu, _)] = [entry for entry in instance_processes("notify") if "qemu-system" in entry[1]]
-        assert before_ready and before_ready[0]["STATUS"].startswith("starting notify-")
+        statuses = [fields_["STATUS"] for fields_ in before_ready if "STATUS" in fields_]
+        assert statuses[0].startswith("checking the host") and statuses[1].startswith("starting notify-")
         assert fields["STATUS"].startswith("running notify-")
         assert b"NOTIFY_SOCKET" not in Path(f"/proc/{qemu}/environ").read_bytes()
         order = [
@@ -106,7 +161,8 @@ def test_ready_arrives_only_after_the_runner_started_then_stopping(
         sup.read_until(b"GUEST-READY")
         sup.proc.send_signal(signal.SIGTERM)
         fields = _fields(sock.recv(4096))
-        assert fields == {"STOPPING": "1", "STATUS": fields["STATUS"]}
+        budget = str(int(notify.stop_budget(config.Timeouts()) * 1_000_000))
+        assert fields == {"STOPPING": "1", "STATUS": fields["STATUS"], "EXTEND_TIMEOUT_USEC": budget}
         assert "signal SIGTERM" in fields["STATUS"]
         assert sup.wait() == 128 + signal.SIGTERM, sup.stderr()
     finally:

@@ -10,6 +10,8 @@
 #                                           `sh -c` in /work; absent: interactive `sh -l`
 #     agentvm.term=T                        TERM for the command (default xterm-256color)
 #     agentvm.rows=R agentvm.cols=C         initial size of hvc0 (default 24x80)
+#     agentvm.proxy=http://ADDR:PORT        egress allow-list mode: /run/agentvm/net.env exports
+#                                           HTTP(S)_PROXY, http(s)_proxy, NO_PROXY/no_proxy
 #     agentvm.net=ADDR/PREFIX,GATEWAY,DNS   the first NIC's static address on QEMU's user network
 #                                           (supervisor/network.py); absent: no network setup
 #   virtio-serial ports (found by name under /sys/class/virtio-ports):
@@ -153,6 +155,7 @@ for arg in $cmdline; do
 	agentvm.term=*) term=${arg#*=} ;;
 	agentvm.rows=*) rows=${arg#*=} ;;
 	agentvm.cols=*) cols=${arg#*=} ;;
+	agentvm.proxy=*) proxy=${arg#*=} ;;
 	agentvm.net=*) net=${arg#*=} ;;
 	esac
 done
@@ -200,6 +203,19 @@ net_up() {
 if [ -n "$net" ]; then
 	net_up "$net"
 fi
+# Egress allow-list (supervisor/egress): the proxy is the only way out; both spellings, since curl
+# and busybox wget read the lower-case ones.
+case $proxy in
+'') ;;
+*[!0-9a-z:/.]* | [!h]* | h[!t]*) diag "agentvm.proxy=$proxy ignored: not a plain http://ADDRESS:PORT" ;;
+*)
+	mkdir -p /run/agentvm
+	for _v in HTTP_PROXY HTTPS_PROXY http_proxy https_proxy; do
+		echo "export $_v=$proxy"
+	done >/run/agentvm/net.env
+	echo "export NO_PROXY=localhost,127.0.0.1,::1 no_proxy=localhost,127.0.0.1,::1" >>/run/agentvm/net.env
+	;;
+esac
 
 # --- the agent user --------------------------------------------------------------------------
 if [ "$uid" != 1000 ] || [ "$gid" != 1000 ]; then

@@ -40,7 +40,7 @@ from typing import NoReturn
 PROG = "qemu-system-x86_64"
 WITH_ARGUMENT = {
     "-name", "-machine", "-cpu", "-m", "-smp", "-object", "-numa", "-display", "-kernel",
-    "-append", "-initrd", "-bios", "-chardev", "-device", "-mon", "-accel", "-serial", "-netdev",
+    "-append", "-initrd", "-bios", "-chardev", "-device", "-mon", "-accel", "-serial", "-sandbox", "-netdev",
 }  # fmt: skip
 SWITCHES = {"-nodefaults", "-no-user-config", "-no-reboot", "-nographic", "-S"}
 
@@ -90,8 +90,8 @@ class Qmp:
         now = time.time()
         self.send({"event": name, "data": data, "timestamp": {"seconds": int(now), "microseconds": 0}})
 
-    def commands(self) -> list[str] | None:
-        """The commands that arrived; None at EOF."""
+    def commands(self) -> list[tuple[str, object]] | None:
+        """The commands that arrived, with their ids (QEMU copies one into its reply); None at EOF."""
         try:
             chunk = self.sock.recv(65536)
         except OSError:
@@ -103,13 +103,14 @@ class Qmp:
         found = []
         for line in lines:
             if line.strip():
-                found.append(str(json.loads(line).get("execute", "")))
+                request = json.loads(line)
+                found.append((str(request.get("execute", "")), request.get("id")))
         return found
 
 
 def main(argv: list[str]) -> None:
     log_environment()
-    if argv[1:] == ["-version"] or (len(argv) == 3 and argv[2] == "help"):
+    if argv[1:] == ["-version"] or argv[-1] == "help":
         if argv[1:] == ["-version"] and os.environ.get("STUB_QEMU_PROBE_SLEEP"):
             time.sleep(float(os.environ["STUB_QEMU_PROBE_SLEEP"]))  # a slow preflight probe
         # The supervisor's preflight queries (version, machines, devices): the real QEMU answers.
@@ -203,8 +204,8 @@ def main(argv: list[str]) -> None:
             if commands is None:
                 qmp = None
                 continue
-            for command in commands:
-                qmp.send({"return": {}})
+            for command, request_id in commands:
+                qmp.send({"return": {}, "id": request_id})
                 if command == "quit":
                     qmp.event("SHUTDOWN", guest=False, reason="host-qmp-quit")
                     os._exit(0)

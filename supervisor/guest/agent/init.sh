@@ -111,7 +111,7 @@ ln -sf /proc/self/fd /dev/fd
 hostname agentvm
 
 # --- kernel cmdline ------------------------------------------------------------------------
-mounts=$DEFAULT_MOUNTS uid=1000 gid=1000 cmd_b64= have_cmd= term=xterm-256color rows=24 cols=80 net=
+mounts=$DEFAULT_MOUNTS uid=1000 gid=1000 cmd_b64= have_cmd= term=xterm-256color rows=24 cols=80 net= proxy=
 read -r cmdline </proc/cmdline
 set -f
 for arg in $cmdline; do
@@ -124,6 +124,7 @@ for arg in $cmdline; do
 	agentvm.rows=*) rows=${arg#*=} ;;
 	agentvm.cols=*) cols=${arg#*=} ;;
 	agentvm.net=*) net=${arg#*=} ;;
+	agentvm.proxy=*) proxy=${arg#*=} ;;
 	esac
 done
 set +f
@@ -149,6 +150,14 @@ chown "$uid:$gid" /home/agent /work 2>/dev/null
 
 ip link set lo up
 if [ -n "$net" ]; then network_up "$net"; fi
+# egress allow-list (supervisor/egress): the proxy is the only way out, as in the built-in guest
+if [[ $proxy =~ ^http://[0-9a-z.:]+$ ]]; then
+	mkdir -p /run/agentvm
+	for v in HTTP_PROXY HTTPS_PROXY http_proxy https_proxy; do echo "export $v=$proxy"; done >/run/agentvm/net.env
+	echo "export NO_PROXY=localhost,127.0.0.1,::1 no_proxy=localhost,127.0.0.1,::1" >>/run/agentvm/net.env
+elif [ -n "$proxy" ]; then
+	diag "agentvm.proxy=$proxy ignored: not a plain http://ADDRESS:PORT"
+fi
 
 # --- terminal resize, power button ---------------------------------------------------------
 resize_loop() {
