@@ -333,7 +333,7 @@ def build_plan(
     egress_plan = egress.plan_network(
         config.network,
         agent=agent,
-        agent_guest=False,  # the agent guest (issue 13) passes True: allowlist by default
+        agent_guest=config.guest is GuestKind.AGENT,  # allowlist by default
         runner=config.runner is not None,
         instance=instance,
         instance_dir=instance_dir,

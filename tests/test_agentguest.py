@@ -172,7 +172,7 @@ def test_a_shell_in_the_agent_guest_sees_the_contract(
         "grep -E ' (/work|/home/agent|/var/lib/containers) ' /proc/mounts | cut -d' ' -f1,2 | sort > /work/mounts; "
         "ip -4 -o addr show | awk '{print $4}' | sort > /work/addr; "
         "grep -c '^overlay / overlay ' /proc/mounts > /work/root; "
-        'echo "$MARK" > /work/mark; exit 5'
+        'echo "${HTTPS_PROXY:-none}" > /work/proxy; exit 5'
     )
     (home).mkdir()
     result = run_supervisor(
@@ -191,6 +191,8 @@ def test_a_shell_in_the_agent_guest_sees_the_contract(
     ]
     assert (work / "addr").read_text().splitlines() == ["10.0.2.15/24", "127.0.0.1/8"]
     assert (work / "root").read_text() == "1\n"
+    # the agent guest's network is the egress allow-list by default: the proxy is the way out
+    assert (work / "proxy").read_text().startswith("http://10.0.2.")
     info = (work / "uid").stat()
     assert (info.st_uid, info.st_gid) == (os.getuid(), os.getgid())
     _assert_nothing_left("ag-shell", tmp_path / "rt")
@@ -279,8 +281,9 @@ def _agent_turn(tmp_path: Path, name: str, *, user: str | None = None) -> None:
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1", "DISABLE_AUTOUPDATER=1",
             "claude", "-p", "Write hello.txt", "--allowedTools", "Write",
         ]  # fmt: skip
+        # the fake API is on the host's loopback, which the default allow-list does not reach
         result = run_supervisor(
-            [*_run_args(tmp_path, name), "--", *command],
+            [*_run_args(tmp_path, name), "--network", "open", "--", *command],
             env={"ANTHROPIC_API_KEY": "sk-ant-fake"},
             user=user,
             cwd=tmp_path,
