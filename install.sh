@@ -2,7 +2,7 @@
 # Installs agentvm-supervise and what it needs on Debian 12 (or newer): QEMU and the tools the
 # built-in guest is built with, from Debian's packages; the Python package in ./.venv, made with
 # Debian's python3 so every user of the machine can run it, with the console filter's C scanner
-# (supervisor/_scan.c; gcc and Python's headers build it). `--test` adds the test tools and what
+# (supervisor/console/_scan.c; gcc and Python's headers build it). `--test` adds the test tools and what
 # the bench needs (./test.sh runs `python -m bench --quick`): gcc for its stub runner (above) and
 # supervisord (PyPI `supervisor`, a peer in bench/) in ./.venv-bench: its top-level package is also
 # called `supervisor`, so it cannot share a venv with ours. `--bench` installs only the latter.
@@ -24,7 +24,11 @@ packages=(qemu-system-x86 python3 python3-venv python3-dev gcc libc6-dev cpio ap
   ca-certificates
   # the agent guests (supervisor/guest/agent/build-agent.sh): a Debian root fs, packed as erofs
   mmdebstrap erofs-utils debian-archive-keyring)
-[ "$test_tools" = 1 ] && packages+=(tmux nix-bin systemd procps util-linux passwd)
+[ "$test_tools" = 1 ] && packages+=(tmux nix-bin systemd procps util-linux passwd iproute2 openssh-client)
+# The container tests (tests/test_container.py): build the Containerfile from a base made locally
+# by mmdebstrap (no registry), run it with runc (crun refuses hosts with hybrid cgroups);
+# `podman kube play` needs catatonit for its pod's infra container.
+[ "$test_tools" = 1 ] && packages+=(podman buildah runc catatonit mmdebstrap debian-archive-keyring)
 [ "$bench" = 1 ] && packages+=(bash)  # and gcc, above, for the stub runner
 missing=()
 for p in "${packages[@]}"; do
@@ -58,8 +62,8 @@ if ! .venv/bin/pip install -q --disable-pip-version-check --config-settings edit
   echo "install.sh: pip could not install agentvm-supervise (its output is above)" >&2
   exit 1
 fi
-if ! .venv/bin/python -c 'import supervisor._scan' 2>/dev/null; then
-  echo "install.sh: warning: the console filter's C fast path (supervisor/_scan.c) did not compile;" \
+if ! .venv/bin/python -c 'import supervisor.console._scan' 2>/dev/null; then
+  echo "install.sh: warning: the console filter's C fast path (supervisor/console/_scan.c) did not compile;" \
     "the console works, at about half the throughput on escape-dense output. Check that gcc," \
     "libc6-dev and python3-dev are installed (and \$CC, if set), then run install.sh again." >&2
 fi

@@ -1,7 +1,7 @@
 """The optional C parts; everything else is declared in pyproject.toml.
 
-- supervisor/_scan.c: the console filter's scanner, an extension module. `optional=True`: without
-  a C compiler the build goes on and termfilter uses its regex instead.
+- supervisor/console/_scan.c: the console filter's scanner, an extension module. `optional=True`:
+  without a C compiler the build goes on and console/filter.py uses its regex instead.
 - supervisor/egress/handoff.c: the egress proxy's per-connection helper, an executable
   (supervisor/egress/agentvm-handoff). Optional too: without it QEMU runs handoff.py instead,
   which works the same and starts slower.
@@ -29,6 +29,6 @@ class _BuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("supervisor._scan", ["supervisor/_scan.c"], optional=True)],
+    ext_modules=[Extension("supervisor.console._scan", ["supervisor/console/_scan.c"], optional=True)],
     cmdclass={"build_ext": _BuildExt},
 )

@@ -9,11 +9,11 @@ sequence every ~17 bytes, UTF-8 box drawing) and `plain` (a build log). Ways, on
   * copy loop   writer -> console PTY -> a minimal read/write loop -> terminal PTY: the direct PTY
                 copy, what any proxy between a PTY and a terminal costs at least (the same two PTY
                 hops, nothing else). The ratios and the target are against it.
-  * agentvm     writer -> console PTY -> supervisor.console.Console (hostile-output filter, replay
+  * agentvm     writer -> console PTY -> supervisor.console.hub.Console (hostile-output filter, replay
                 buffer, console log, terminal-mode tracking) -> terminal PTY; filter on (the
                 default) and off.
   * agentvm attach   writer -> console PTY -> Console -> console.sock -> `agentvm-supervise
-                attach` (supervisor.attach) -> terminal PTY: the console seen from another pane,
+                attach` (supervisor.console.attach) -> terminal PTY: the console seen from another pane,
                 one hop (and one process) more than the others; no target, shown to keep it honest.
   * no proxy    the writer writes straight into the terminal PTY: one PTY hop instead of two, a
                 floor no proxy reaches (shown for scale).
@@ -85,8 +85,10 @@ def _role_console(guest_master: int, terminal: int, filter_on: bool, log_dir: st
     import anyio
 
     from supervisor import logs
-    from supervisor.console import Console, ConsolePty, ConsoleSettings, bind_console_socket
-    from supervisor.consolelog import open_log
+    from supervisor.console.hub import Console, bind_console_socket
+    from supervisor.console.log import open_log
+    from supervisor.console.settings import ConsoleSettings
+    from supervisor.console.terminal import ConsolePty
 
     logs.configure(level=logging.WARNING)  # to stderr, as the CLI does: stdout is the terminal
 
@@ -110,7 +112,7 @@ def _role_attach(socket_path: str) -> None:
     import anyio
 
     from supervisor import logs
-    from supervisor.attach import attach
+    from supervisor.console.attach import attach
     from supervisor.errors import SupervisorError
 
     logs.configure(level=logging.WARNING)
@@ -284,12 +286,14 @@ def main(argv: Sequence[str] = ()) -> dict[str, Any]:
     parser.add_argument("--keys", type=int, default=1000, help="keystrokes per latency run (default 1000)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per way; the median counts")
     args = parser.parse_args(argv)
-    from supervisor.termfilter import FAST_SCAN
+    from supervisor.console.filter import FAST_SCAN
 
     figures: dict[str, Any] = {
         "mib": args.mib,
         "keys": args.keys,
-        "filter_scanner": "C (supervisor/_scan.c)" if FAST_SCAN else "regex (supervisor._scan not built)",
+        "filter_scanner": "C (supervisor/console/_scan.c)"
+        if FAST_SCAN
+        else "regex (supervisor.console._scan not built)",
         "throughput_mb_s": {},
         "latency_us": {},
     }

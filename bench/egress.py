@@ -93,6 +93,7 @@ def flood(root: Path, connections: int) -> None:
     """A guest opens `connections` idle connections to the proxy (and a few that send a byte a
     second); meanwhile the host asks `status` over the control socket, the way the CLI does."""
     from supervisor import control  # the repo's, as the supervisor under test
+    from supervisor.runtime import InstanceDir
 
     work = root / "work-flood"
     work.mkdir(exist_ok=True)
@@ -120,7 +121,7 @@ def flood(root: Path, connections: int) -> None:
         # ask every 0.2 s while the guest's connections pile up, until their number holds for 10 s
         while time.monotonic() - steady_since < 10 and time.monotonic() < deadline:
             started = time.monotonic()
-            status = control.call(instance / control.SOCKET_NAME, control.StatusRequest())
+            status = control.call(InstanceDir(instance).control_socket, control.StatusRequest())
             times.append((time.monotonic() - started) * 1000)
             active = int(str((status.egress or {}).get("active", 0)))
             if active > peak:

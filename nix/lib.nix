@@ -106,6 +106,7 @@ rec {
     , forwards ? [ ]
     , timeouts ? { }
     , runnerCwd ? null
+    , bridge ? null # the runner's taps are created on this host bridge ([network] mode = "tap")
     }:
     if !(agents ? ${agent}) then
       throw "agentvm: agent must be one of ${concatStringsSep ", " (attrNames agents)}, not '${agent}'"
@@ -128,6 +129,7 @@ rec {
           inherit vcpus accel;
         });
         timeouts = orNull timeouts;
+        network = if bridge == null then null else { mode = "tap"; inherit bridge; };
       };
 
   # ---- systemd ---------------------------------------------------------------------------------
@@ -177,6 +179,7 @@ rec {
     , runtimeDirectory ? null
     , environmentFile ? null
     , readWritePaths ? [ ]
+    , netAdmin ? false # the supervisor creates taps: CAP_NET_ADMIN without running as root
     }:
     removeNulls (hardening readWritePaths // {
       Type = "notify";
@@ -195,7 +198,12 @@ rec {
       RuntimeDirectory = runtimeDirectory;
       RuntimeDirectoryMode = if runtimeDirectory == null then null else "0700";
       EnvironmentFile = environmentFile;
-    });
+      AmbientCapabilities = if netAdmin then "CAP_NET_ADMIN" else null;
+    } // (if netAdmin then {
+      # The taps: creating them needs the capability, and QEMU opens /dev/net/tun.
+      CapabilityBoundingSet = "CAP_NET_ADMIN";
+      DeviceAllow = [ "/dev/kvm rw" "/dev/ptmx rw" "char-pts rw" "/dev/net/tun rw" ];
+    } else { }));
 
   # A unit file's text from attrsets of sections (what NixOS writes for systemd.services.*).
   unitText = sections:
@@ -230,6 +238,7 @@ rec {
       vcpus = vm.vcpus or null;
       forwards = vm.forwards or [ ];
       timeouts = vm.timeouts or { };
+      bridge = vm.bridge or null;
     };
 
   vmServiceConfig = name: vm: configFile:
@@ -243,5 +252,17 @@ rec {
       # The agent home defaults to the user's ~/.local/share/<agent>-microvm/...
       readWritePaths = [ vm.workDir ] ++ (if (vm.agentHome or null) != null then [ vm.agentHome ]
         else if (vm.home or null) != null then [ vm.home ] else [ ]);
+      netAdmin = (vm.bridge or null) != null;
     };
+
+  # Seed 003's activation step: the VM's ed25519 host key, made once, kept across rebuilds.
+  sshHostKeyScript = { sshKeygen, keyDir, user }: ''
+    if [ ! -f ${keyDir}/ssh_host_ed25519_key ]; then
+      mkdir -p ${keyDir}
+      ${sshKeygen} -q -t ed25519 -N "" -f ${keyDir}/ssh_host_ed25519_key
+      chown -R ${user} ${keyDir}
+      chmod 600 ${keyDir}/ssh_host_ed25519_key
+      chmod 644 ${keyDir}/ssh_host_ed25519_key.pub
+    fi
+  '';
 }

@@ -7,6 +7,10 @@
 #     workDir = "/home/michael/microvm/emacs";
 #     environmentFile = "/run/secrets/emacsvm.env";   # ANTHROPIC_API_KEY=..., DIRENV_ALLOW=1, ...
 #     autostart = true;
+#     network = "tap";   # its microvm.interfaces of type "tap" are created on services.agentvm.network.bridge
+#   };
+#   services.agentvm.network = {                       # seed 003's host side: bridge, NAT, trust
+#     bridge = "microbr"; hostAddress = "192.168.83.1"; prefixLength = 24; externalInterface = "eno1";
 #   };
 { config, lib, pkgs, ... }:
 
@@ -69,6 +73,21 @@ let
         description = "An EnvironmentFile for secrets and launcher variables (ANTHROPIC_API_KEY, DIRENV_ALLOW, ENABLE_CRI).";
       };
       autostart = mkOption { type = types.bool; default = false; description = "Start the VM at boot."; };
+      network = mkOption {
+        type = types.enum [ "user" "tap" ];
+        default = "user";
+        description = "`tap`: the supervisor creates the runner's tap interfaces on `services.agentvm.network.bridge` (the unit gets CAP_NET_ADMIN) and removes them when the VM ends.";
+      };
+      ipAddress = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "The VM's static address on the bridge (as seed 003's `ip`): for the VM's own NixOS configuration (systemd.network) and for `known_hosts`; the supervisor does not pass it to a runner.";
+      };
+      sshHostKey = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Generate an ed25519 host key once, on activation, in `<stateDir>/<name>/ssh-host-keys` (share it into the VM read-only at /etc/ssh/host-keys, as seed 003 does).";
+      };
     };
   };
 
@@ -78,8 +97,12 @@ let
         else if vm.microvm != null then vm.microvm.declaredRunner
         else throw "services.agentvm.vms.${name}: set `microvm` (the VM's config.microvm) or `runner`";
     in
+    if vm.network == "tap" && cfg.network.bridge == null then
+      throw "services.agentvm.vms.${name}.network = \"tap\" needs services.agentvm.network.bridge (the bridge its taps join)"
+    else
     vm // {
       inherit runner;
+      bridge = if vm.network == "tap" then cfg.network.bridge else null;
       hypervisor = if vm.microvm != null then vm.microvm.hypervisor else runner.passthru.hypervisor or "auto";
       shares = if vm.microvm != null then vm.microvm.shares else [ ];
       virtiofsd = "${pkgs.virtiofsd}/bin/virtiofsd";
@@ -111,9 +134,42 @@ in
       default = { };
       description = "microvm.nix VMs run by agentvm-supervise, one system unit each.";
     };
+    stateDir = mkOption {
+      type = types.str;
+      default = "/var/lib/agentvm";
+      description = "Persistent per-VM state (the SSH host keys).";
+    };
+    network = {
+      bridge = mkOption { type = types.nullOr types.str; default = null; example = "microbr"; description = "The host bridge the VMs' taps join; null: none declared here."; };
+      hostAddress = mkOption { type = types.str; default = "192.168.83.1"; description = "The bridge's address: the VMs' gateway."; };
+      prefixLength = mkOption { type = types.int; default = 24; description = "The subnet's prefix length."; };
+      externalInterface = mkOption { type = types.nullOr types.str; default = null; example = "eno1"; description = "NAT the bridge's subnet out of this interface; null: no NAT."; };
+    };
   };
 
-  config = lib.mkIf (cfg.vms != { }) {
-    systemd.services = lib.mapAttrs' unit cfg.vms;
-  };
+  config = lib.mkMerge [
+    (lib.mkIf (cfg.vms != { }) {
+      systemd.services = lib.mapAttrs' unit cfg.vms;
+      system.activationScripts.agentvm-ssh-host-keys.text = lib.concatStringsSep "\n" (lib.mapAttrsToList
+        (name: vm: lib.optionalString vm.sshHostKey (agentvm.sshHostKeyScript {
+          sshKeygen = "${pkgs.openssh}/bin/ssh-keygen";
+          keyDir = "${cfg.stateDir}/${name}/ssh-host-keys";
+          inherit (vm) user;
+        }))
+        cfg.vms);
+    })
+    # seed 003's host network: the bridge with its address, NAT out of the uplink, a trusted bridge
+    (lib.mkIf (cfg.network.bridge != null) {
+      networking.bridges.${cfg.network.bridge}.interfaces = [ ];
+      networking.interfaces.${cfg.network.bridge}.ipv4.addresses = [
+        { address = cfg.network.hostAddress; inherit (cfg.network) prefixLength; }
+      ];
+      networking.firewall.trustedInterfaces = [ cfg.network.bridge ];
+      networking.nat = lib.mkIf (cfg.network.externalInterface != null) {
+        enable = true;
+        internalInterfaces = [ cfg.network.bridge ];
+        inherit (cfg.network) externalInterface;
+      };
+    })
+  ];
 }

@@ -19,7 +19,7 @@ python3Packages.buildPythonApplication {
 
   src = lib.fileset.toSource {
     root = ../.;
-    # setup.py builds supervisor/_scan.c, the console filter's C scanner, with stdenv's cc. What an
+    # setup.py builds supervisor/console/_scan.c, the console filter's C scanner, with stdenv's cc. What an
     # editable install left in a checkout (_scan*.so for another Python, bytecode) stays out.
     fileset = lib.fileset.unions [
       ../pyproject.toml
@@ -36,7 +36,7 @@ python3Packages.buildPythonApplication {
 
   # The test suite boots VMs and needs a Debian guest build: it runs in the project's CI instead.
   doCheck = false;
-  pythonImportsCheck = [ "supervisor.cli" "supervisor._scan" ];
+  pythonImportsCheck = [ "supervisor.cli" "supervisor.console._scan" ];
 
   meta = {
     description = pyproject.project.description;

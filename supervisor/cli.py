@@ -82,8 +82,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--network",
-        choices=["open", "allowlist", "none"],
-        help="guest network: user-mode NAT, only the egress proxy (allow-list), or no device",
+        choices=["open", "allowlist", "none", "tap"],
+        help="guest network: user-mode NAT, only the egress proxy (allow-list), no device, or a tap on "
+        "network.bridge",
     )
     parser.add_argument("--runtime-dir", help="base dir for instance dirs (sockets, state)")
     parser.add_argument("--name", help="instance name prefix (default: <basename>-<agent>-vm)")
@@ -103,12 +104,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _parser() -> _Parser:
-    from supervisor import guestcmd, manage
-
-    parser = _Parser(prog=PROG, description="Run an AI coding agent in a throw-away microVM.")
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+def _add_run_parser(commands: Any) -> None:
     run = commands.add_parser(
         "run",
         help="boot a VM with its shares and proxy its console",
@@ -143,6 +139,15 @@ def _parser() -> _Parser:
         help="adopt and reap orphaned descendants (automatic when running as PID 1)",
     )
     run.add_argument("guest_command", nargs=argparse.REMAINDER, help="-- CMD ARGS... to run in the guest")
+
+
+def _parser() -> _Parser:
+    from supervisor import guestcmd, manage
+
+    parser = _Parser(prog=PROG, description="Run an AI coding agent in a throw-away microVM.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_run_parser(commands)
     doctor_cmd = commands.add_parser(
         "doctor",
         help="check every precondition of a VM start, with remedies",
@@ -340,7 +345,8 @@ def _log_warnings(checked: plan.Plan) -> None:
 def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
     import anyio
 
-    from supervisor import console, launcher, logs, plan
+    from supervisor import launcher, logs, plan
+    from supervisor.console.terminal import get_window_size
     from supervisor.notify import Notifier, extending
     from supervisor.vm import Host, Instance, Stdio
     from supervisor.watchdog import Watchdog
@@ -370,7 +376,7 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
                 env=os.environ,
                 cwd=Path.cwd(),
                 command=command or None,
-                terminal_size=console.get_window_size(stdin_fd),
+                terminal_size=get_window_size(stdin_fd),
             )
         logs.bind_instance(checked.instance)
         _log_warnings(checked)
@@ -392,7 +398,8 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
 def _attach(args: argparse.Namespace) -> int:
     import anyio
 
-    from supervisor import attach, config, plan, runtime
+    from supervisor import config, plan, runtime
+    from supervisor.console import attach
 
     overrides: dict[str, Any] = {}
     if args.runtime_dir is not None:

@@ -145,9 +145,17 @@ class Runner(_Strict, frozen=True):
     cwd: str | None = None  # the runner's working directory; None: the instance's runtime dir
 
 
+class Ssh(_Strict, frozen=True):
+    """The built-in guest's SSH server (dropbear) on a tap network; see supervisor/sshkeys.py."""
+
+    enable: bool | None = None  # None: on with network mode "tap" and the built-in guest
+    authorized_keys: list[str] = []  # public keys (one .pub line each) that may log in as agent
+    host_keys: str | None = None  # None: $XDG_STATE_HOME/agentvm-supervise/vms/NAME/ssh-host-keys
+
+
 class ConsoleConfig(_Strict, frozen=True):
     escape_key: str = "ctrl-]"  # ctrl-X, ^X, one character, or "none"; checked by plan
-    filter: bool = True  # the hostile-output filter (termfilter); false passes the guest's bytes as they are
+    filter: bool = True  # the hostile-output filter (console.filter); false passes the guest's bytes as is
     replay_bytes: Annotated[int, msgspec.Meta(ge=0, le=16 << 20)] = 64 << 10
     log: bool = True
     log_dir: str | None = None  # None: $XDG_STATE_HOME/agentvm-supervise/console
@@ -159,6 +167,7 @@ class NetworkMode(enum.StrEnum):
     OPEN = "open"  # QEMU user-mode NAT: the guest reaches what the host reaches
     ALLOWLIST = "allowlist"  # the only way out is the supervisor's egress proxy (supervisor/egress)
     NONE = "none"  # no network device at all
+    TAP = "tap"  # a tap on a host bridge: a static address the host and other VMs reach (CAP_NET_ADMIN)
 
 
 class Preset(enum.StrEnum):
@@ -167,10 +176,22 @@ class Preset(enum.StrEnum):
 
 
 class Network(_Strict, frozen=True):
+    """The guest's network (docs/config.md, docs/egress.md). allow, deny and presets are for mode
+    "allowlist"; bridge, address, gateway, dns, tap, mac, bridge-create and nat for mode "tap"."""
+
     mode: NetworkMode | None = None  # None: allowlist for agent guests, open for the built-in shell guest
     allow: list[str] = []  # HOST, *.SUFFIX or ADDRESS, each with an optional :PORT
     deny: list[str] = []  # checked first: deny wins
     presets: list[Preset] = msgspec.field(default_factory=lambda: [Preset.AGENT, Preset.DEVELOPMENT])
+    bridge: str | None = None  # an existing host bridge the tap joins
+    address: str | None = None  # the guest's IPv4 address with prefix, e.g. "192.168.83.2/24"
+    gateway: str | None = None  # None: the bridge's own address in the guest's subnet
+    dns: str | None = None  # None: the gateway
+    tap: str | None = None  # None: "mv" + 11 hex digits of the VM name's sha256, as seed 003 names it
+    mac: str | None = None  # None: derived from the VM name
+    # Make the bridge (at the gateway's address) when it is missing, remove it with its last VM; no NAT.
+    bridge_create: bool = False
+    nat: bool = False  # with bridge-create: masquerade the subnet (nftables) and turn IPv4 forwarding on
 
 
 class Config(_Strict, frozen=True):
@@ -182,12 +203,13 @@ class Config(_Strict, frozen=True):
     agent_home: str | None = None  # None: $AGENT_HOME, else $XDG_DATA_HOME/<agent>-microvm/<basename>-<hash>
     forwards: list[str] = []  # "[ADDR:]HOST:GUEST[/udp]" port forwards (QEMU user networking)
     runner: Runner | None = None
+    network: Network = Network()
+    ssh: Ssh = Ssh()
     shares: list[Share] | None = None  # None: work, agent-home, cri-storage as claude-microvm has them
     virtiofsd: Virtiofsd = Virtiofsd()
     qemu: Qemu = Qemu()
     timeouts: Timeouts = Timeouts()
     console: ConsoleConfig = ConsoleConfig()
-    network: Network = Network()
 
 
 def _paragraph(text: str) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import time
 from pathlib import Path
 from typing import Annotated, Literal, Protocol
@@ -31,10 +30,10 @@ import msgspec
 import structlog
 
 from supervisor.children import Child, describe_status, exit_code_of
+from supervisor.peer import peer_of
 from supervisor.virtiofsd import ShareSpec
 
 PROTOCOL_VERSION = 1
-SOCKET_NAME = "control.sock"
 MAX_REQUEST = 64 * 1024
 MAX_REPLY = 4 * 1024 * 1024
 REQUEST_TIMEOUT = 5.0  # from accept to a complete request
@@ -207,13 +206,6 @@ async def _read_request(stream: anyio.abc.SocketStream) -> bytes | None:
             raise _TooLarge
 
 
-def _peer_uid(stream: anyio.abc.SocketStream) -> int:
-    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)  # noqa: S610 - anyio, not Django
-    creds = raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
-
-
 class Server:
     def __init__(self, path: Path, target: Controlled) -> None:
         self.path = path
@@ -251,10 +243,10 @@ class Server:
     async def _reply_to(self, stream: anyio.abc.SocketStream) -> Response | None:
         if self._active > MAX_CONNECTIONS:
             return _error(f"busy: {MAX_CONNECTIONS} control connections are open; try again")
-        uid = _peer_uid(stream)
-        if uid not in (0, os.geteuid()):
-            self._log.warning("control connection from another user refused", uid=uid)
-            return _error(f"uid {uid} may not control this instance")
+        peer = peer_of(stream.extra(anyio.abc.SocketAttribute.raw_socket))  # noqa: S610 - anyio, not Django
+        if not peer.allowed:
+            self._log.warning("control connection from another user refused", uid=peer.uid)
+            return _error(f"uid {peer.uid} may not control this instance")
         try:
             with anyio.fail_after(REQUEST_TIMEOUT):
                 line = await _read_request(stream)

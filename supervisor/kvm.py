@@ -192,33 +192,9 @@ def assess_kvm(
     is always /dev/kvm: when they differ, KVM is only usable if both are the same device.
     """
     node = node_state(device)
-    if not node.exists:
-        return KvmAssessment(
-            False,
-            f"{device} does not exist",
-            "load the kvm module (modprobe kvm_intel or kvm_amd), enable virtualization in the "
-            "firmware, or pass the device into the container (--device /dev/kvm); "
-            "'run --wait-kvm' waits for it to appear",
-            stage="device",
-            node=node,
-        )
-    if not node.is_kvm:
-        return KvmAssessment(
-            False,
-            f"{device} is not the KVM device ({node.describe()}; KVM is char {KVM_MAJOR}:{KVM_MINOR})",
-            f"point kvm-device at the KVM node, or recreate it: mknod {device} c {KVM_MAJOR} {KVM_MINOR}",
-            stage="device",
-            node=node,
-        )
-    if not node.rw:
-        return KvmAssessment(
-            False,
-            f"{device} is not readable and writable by this user (uid {os.geteuid()}): "
-            f"{node.describe(access=False)}",
-            access_remedy(device, node),
-            stage="access",
-            node=node,
-        )
+    problem = _node_problem(device, node)
+    if problem is not None:
+        return problem
     version, failure = probe_api(device)
     if failure is not None:
         return KvmAssessment(
@@ -261,6 +237,38 @@ def assess_kvm(
         node=node,
         api_version=version,
     )
+
+
+def _node_problem(device: Path, node: NodeState) -> KvmAssessment | None:
+    """The stages "device" (the node is KVM's) and "access" (this user may open it)."""
+    if not node.exists:
+        return KvmAssessment(
+            False,
+            f"{device} does not exist",
+            "load the kvm module (modprobe kvm_intel or kvm_amd), enable virtualization in the "
+            "firmware, or pass the device into the container (--device /dev/kvm); "
+            "'run --wait-kvm' waits for it to appear",
+            stage="device",
+            node=node,
+        )
+    if not node.is_kvm:
+        return KvmAssessment(
+            False,
+            f"{device} is not the KVM device ({node.describe()}; KVM is char {KVM_MAJOR}:{KVM_MINOR})",
+            f"point kvm-device at the KVM node, or recreate it: mknod {device} c {KVM_MAJOR} {KVM_MINOR}",
+            stage="device",
+            node=node,
+        )
+    if not node.rw:
+        return KvmAssessment(
+            False,
+            f"{device} is not readable and writable by this user (uid {os.geteuid()}): "
+            f"{node.describe(access=False)}",
+            access_remedy(device, node),
+            stage="access",
+            node=node,
+        )
+    return None
 
 
 def choose_accel(requested: Accel, assessment: KvmAssessment) -> tuple[Accel | None, str]:

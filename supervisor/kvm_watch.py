@@ -31,15 +31,17 @@ import structlog
 from supervisor import kvm
 from supervisor.config import Accel
 from supervisor.errors import ExitCode, SupervisorError
+from supervisor.inotify import (
+    IN_ATTRIB,
+    IN_CREATE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    Inotify,
+)
 from supervisor.kvm import NodeState
-from supervisor.readiness import Inotify
 
-IN_ATTRIB = 0x4
-IN_MOVED_FROM = 0x40
-IN_MOVED_TO = 0x80
-IN_CREATE = 0x100
-IN_DELETE = 0x200
-IN_DELETE_SELF = 0x400
 NETLINK_SOURCES = ("udev", "kernel")
 
 

@@ -232,7 +232,7 @@ def plan_env_file(
         )
     entries = [("DIRENV_ALLOW", direnv or "0"), ("ENABLE_CRI", ",".join(items))]
     key_var = API_KEY_VARS[agent]
-    key = env.get(key_var, "")
+    key = api_key(env, key_var)
     if key:
         if any(char in key for char in "\n\r\0"):
             raise SupervisorError(
@@ -242,6 +242,43 @@ def plan_env_file(
         entries.append((key_var, key))
     entries += extra
     return EnvFile(agent_home / ENV_FILE, tuple(entries), owner)
+
+
+def api_key(env: Mapping[str, str], key_var: str) -> str:
+    """The key from `key_var`, or read from the file `key_var`_FILE names (a Kubernetes Secret or a
+    Podman secret mounted as a file: unlike an environment variable, it is not in the pod spec, in
+    `/proc/1/environ` or in `kubectl describe`). One trailing line break is dropped, as files end."""
+    file_var = f"{key_var}_FILE"
+    path = env.get(file_var, "")
+    if not path:
+        return env.get(key_var, "")
+    if env.get(key_var):
+        raise SupervisorError(
+            f"both {key_var} and {file_var} are set: keep one (the file, to keep the key out of the "
+            "environment)",
+        )
+    try:
+        with Path(path).open("rb") as file:
+            data = file.read(64 * 1024 + 1)
+    except OSError as exc:
+        raise SupervisorError(
+            f"cannot read the API key file {path} named by {file_var} ({exc.strerror}): mount the "
+            "secret there (Kubernetes: a secret volume; Podman: --secret) or fix the path",
+            exit_code=ExitCode.NO_INPUT,
+        ) from None
+    if len(data) > 64 * 1024:
+        raise SupervisorError(
+            f"the API key file {path} named by {file_var} is over 64 KiB, which no API key is: "
+            "point it at the file that holds the key alone",
+        )
+    try:
+        key = data.decode()
+    except UnicodeDecodeError:
+        raise SupervisorError(
+            f"the API key file {path} named by {file_var} is not text: point it at the file that "
+            "holds the key alone",
+        ) from None
+    return key.removesuffix("\n").removesuffix("\r")
 
 
 def write_env_file(plan: EnvFile) -> None:

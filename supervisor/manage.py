@@ -13,26 +13,15 @@ import select
 import shlex
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from supervisor import control, outputs, runtime, trust
 from supervisor.errors import ExitCode, SupervisorError
 
-PROG = "agentvm-supervise"
+PROG = runtime.PROG
 QUERY_TIMEOUT = 5.0
 LIST_QUERY_TIMEOUT = 2.0
-
-
-@dataclass(frozen=True)
-class Found:
-    path: Path
-    state: runtime.InstanceState
-
-    @property
-    def socket(self) -> Path:
-        return self.path / control.SOCKET_NAME
 
 
 def add_parsers(commands: Any) -> None:
@@ -78,7 +67,7 @@ def run_verb(args: argparse.Namespace) -> int:
     trust.check_base(base)
     if args.command == "list":
         return _list(base, as_json=args.json)
-    found = resolve(base, args.instance)
+    found = runtime.find_instance(base, args.instance, verb=args.command)
     if args.command == "status":
         status = _query(found, control.StatusRequest())
         if args.json:
@@ -118,69 +107,21 @@ def _base(runtime_dir: str | None) -> Path:
     return base
 
 
-def scan(base: Path) -> tuple[list[Found], list[Found]]:
-    """(live, stale) instances under `base`, live ones oldest first."""
-    live: list[Found] = []
-    stale: list[Found] = []
+def _query(
+    found: runtime.Found, request: control.Request, timeout: float = QUERY_TIMEOUT
+) -> control.InstanceStatus:
     try:
-        entries = sorted(base.iterdir())
-    except OSError:
-        return [], []
-    for entry in entries:
-        state = runtime.read_state(entry) if trust.instance_trusted(entry) else None
-        if state is None:
-            continue  # not an instance dir (or not ours alone), or one being created
-        (stale if runtime.is_stale(state) else live).append(Found(entry, state))
-    live.sort(key=lambda found: found.state.created)
-    return live, stale
-
-
-def resolve(base: Path, name: str | None) -> Found:
-    live, stale = scan(base)
-    running = ", ".join(found.state.instance for found in live) or "none"
-    if name is None:
-        if len(live) == 1:
-            return live[0]
-        if not live:
-            raise SupervisorError(
-                f"no instance is running under {base}: start one with '{PROG} run', or pass the "
-                "--runtime-dir it was started with",
-                exit_code=ExitCode.NO_INPUT,
-            )
-        raise SupervisorError(
-            f"several instances are running ({running}): name one, e.g. '{live[0].state.instance}'"
-        )
-    exact = [found for found in live if found.state.instance == name]
-    matches = exact or [found for found in live if found.state.instance.startswith(name)]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        names = ", ".join(found.state.instance for found in matches)
-        raise SupervisorError(f"'{name}' matches several instances ({names}): give the whole id")
-    if any(found.state.instance.startswith(name) for found in stale):
-        raise SupervisorError(
-            f"instance '{name}' is not running: its supervisor is gone. '{PROG} list' cleans up after it.",
-            exit_code=ExitCode.NO_INPUT,
-        )
-    raise SupervisorError(
-        f"no running instance '{name}' under {base} (running: {running}); see '{PROG} list'",
-        exit_code=ExitCode.NO_INPUT,
-    )
-
-
-def _query(found: Found, request: control.Request, timeout: float = QUERY_TIMEOUT) -> control.InstanceStatus:
-    try:
-        return control.call(found.socket, request, timeout=timeout)
+        return control.call(found.control_socket, request, timeout=timeout)
     except control.ControlError as exc:
         raise SupervisorError(
             f"instance {found.state.instance} (supervisor pid {found.state.supervisor_pid}) did not "
-            f"answer on {found.socket}: {exc}. It may be just starting or ending; try again, or "
+            f"answer on {found.control_socket}: {exc}. It may be just starting or ending; try again, or "
             f"stop its supervisor with SIGTERM.",
             exit_code=ExitCode.UNAVAILABLE,
         ) from None
 
 
-def wait_exit(found: Found, *, timeout: float) -> bool:
+def wait_exit(found: runtime.Found, *, timeout: float) -> bool:
     """Wait until the instance's supervisor has exited; False on timeout."""
     state = found.state
     if not runtime.in_our_pid_namespace(state):
@@ -209,11 +150,13 @@ def _list(base: Path, *, as_json: bool) -> int:
     cleaned = runtime.clean_stale(base)
     for instance in cleaned:
         print(f"{PROG}: cleaned up {instance}: its supervisor had died", file=sys.stderr)
-    live, _ = scan(base)
+    live, _ = runtime.scan(base)
     rows = []
     for found in live:
         try:
-            phase: str = control.call(found.socket, control.StatusRequest(), timeout=LIST_QUERY_TIMEOUT).phase
+            phase: str = control.call(
+                found.control_socket, control.StatusRequest(), timeout=LIST_QUERY_TIMEOUT
+            ).phase
         except control.ControlError:
             phase = "unknown"  # starting (no socket yet), ending, or not answering
         rows.append((found, phase))

@@ -18,16 +18,17 @@ from pathlib import Path
 from supervisor import (
     agentguest,
     checks,
-    control,
     devallow,
     egress,
     guest,
     kvm,
     launcher,
+    microvm_runner,
     network,
-    runner,
     runtime,
     sharedirs,
+    sshkeys,
+    tap,
     xdg,
 )
 from supervisor.config import (
@@ -38,12 +39,13 @@ from supervisor.config import (
     GuestKind,
     Hypervisor,
     Machine,
+    NetworkMode,
     Share,
     SocketMode,
     Timeouts,
     UidMapping,
 )
-from supervisor.console import ConsoleSettings, parse_escape_key
+from supervisor.console.settings import ConsoleSettings, parse_escape_key
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.facts import Facts, facts_dir
 from supervisor.launcher import default_agent_home, project_basename
@@ -61,11 +63,11 @@ class Plan:
     instance: str
     instance_dir: Path
     base_dir: Path
-    shares: list[ShareSpec]
+    shares: tuple[ShareSpec, ...]
     virtiofsd_binary: str
     socket_mode: SocketMode
     sandbox: str
-    virtiofsd_extra_args: list[str]
+    virtiofsd_extra_args: tuple[str, ...]
     qemu_binary: str
     machine: str
     accel: Accel
@@ -76,36 +78,54 @@ class Plan:
     cmdline: str
     memory_mib: int
     vcpus: int
-    qemu_extra_args: list[str]
+    qemu_extra_args: tuple[str, ...]
     builtin_guest: bool
-    command: list[str] | None
+    command: tuple[str, ...] | None
     timeouts: Timeouts
     work_dir: Path | None
     agent: Agent = Agent.CLAUDE
     agent_home: Path | None = None  # the default layout's agent home: .microvm-env and the dev shell go here
     env_file: launcher.EnvFile | None = None
     devshell: launcher.Devshell | None = None
-    forwards: list[launcher.Forward] = field(default_factory=list)
+    forwards: tuple[launcher.Forward, ...] = ()
     network: network.GuestNetwork | None = None  # our own QEMU's NIC (a runner brings its own)
-    runner: runner.RunnerPlan | None = None  # a microvm.nix runner instead of our own QEMU command
-    notes: list[str] = field(default_factory=list)  # warnings to log when the instance starts
+    runner: microvm_runner.RunnerPlan | None = None  # a microvm.nix runner instead of our own QEMU command
+    notes: tuple[str, ...] = ()  # warnings to log when the instance starts
     kvm_device: Path = kvm.DEFAULT_DEVICE  # what the supervisor checks and watches; QEMU opens /dev/kvm
     checks: tuple[checks.Check, ...] = ()  # the preflight, warnings included
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
     qemu_sandbox: str | None = SANDBOX  # -sandbox's options (qemu.sandbox_options); None: off
     egress: egress.NetworkPlan = field(default_factory=egress.NetworkPlan.legacy)  # mode, policy, proxy
+    ssh: sshkeys.SshPlan | None = None  # the built-in guest's SSH server and its host key dir
+
+    runner_taps: tuple[tap.TapSpec, ...] = ()  # a microvm.nix runner's taps, made before it starts
+
+    @property
+    def taps(self) -> tuple[tap.TapSpec, ...]:
+        """The taps the supervisor creates on the host for this instance (tap.attached)."""
+        own = self.network.tap.tap if self.network is not None and self.network.tap is not None else None
+        return (own,) if own is not None else self.runner_taps
+
+    @property
+    def hypervisor(self) -> Hypervisor:
+        """What runs the VM: our own QEMU, or a microvm.nix runner's hypervisor."""
+        return self.runner.hypervisor if self.runner is not None else Hypervisor.QEMU
+
+    @property
+    def files(self) -> runtime.InstanceDir:
+        return runtime.InstanceDir(self.instance_dir)
 
     @property
     def qmp_socket(self) -> Path:
-        return self.instance_dir / "qmp.sock"
+        return self.files.qmp_socket
 
     @property
     def console_socket(self) -> Path:
-        return self.instance_dir / "console.sock"
+        return self.files.console_socket
 
     @property
     def control_socket(self) -> Path:
-        return self.instance_dir / control.SOCKET_NAME
+        return self.files.control_socket
 
     def qemu_spec(
         self, *, private_qmp_fd: int, public_qmp_fd: int, status_fd: int, resize_fd: int | None = None
@@ -129,7 +149,7 @@ class Plan:
             private_qmp_fd=private_qmp_fd,
             public_qmp_fd=public_qmp_fd,
             status_fd=status_fd,
-            extra_args=self.qemu_extra_args,
+            extra_args=list(self.qemu_extra_args),
             network=self.network,
             resize_fd=resize_fd,
             sandbox=self.qemu_sandbox,
@@ -281,6 +301,62 @@ def _microvm_tsc_hint(machine: Machine) -> str:
     return f"tsc_early_khz={khz}" if khz else ""
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Inputs:
+    """What every guest mode plans from: the checked inputs shared by the three."""
+
+    env: Mapping[str, str]
+    cwd: Path
+    euid: int
+    console: ConsoleSettings
+    work_dir: Path | None
+    agent_home: Path | None
+    default_layout: Mapping[str, Share]  # the launcher's layout (work, agent-home, cri-storage)
+    base: Path
+    instance: str
+    forwards: tuple[launcher.Forward, ...]
+    kvm_device: Path
+    kvm_rows: tuple[checks.Check, ...]  # into the preflight after the input checks, as `doctor` lists them
+    chosen_accel: Accel | None  # None only in a lenient preflight, which already has the failure
+    accel: Accel
+    accel_reason: str
+    prefix: str  # the VM's name, without the instance's random part (tap and SSH key names)
+    egress: egress.NetworkPlan  # the network mode, and the allow-list's policy and proxy socket
+    notes: tuple[str, ...] = ()  # warnings to log when the instance starts
+
+    @property
+    def instance_dir(self) -> Path:
+        return self.base / self.instance
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Guest:
+    """What a guest mode decides: how the VM is run and what it boots."""
+
+    builtin: bool
+    runner: microvm_runner.RunnerPlan | None
+    cmdline: str
+    kernel: Path | None
+    initrd: Path | None
+    command: tuple[str, ...] | None
+    network: network.GuestNetwork | None  # our own QEMU's NIC (a runner brings its own)
+    ssh: sshkeys.SshPlan | None = None
+    runner_taps: tuple[tap.TapSpec, ...] = ()
+    qemu_args: tuple[str, ...] = ()  # the agent guest's root image disk (agentguest.py)
+    memory_mib: int = DEFAULT_MEMORY_MIB  # defaults of the mode; the config's values win
+    vcpus: int = DEFAULT_VCPUS
+
+
+@dataclass(frozen=True)
+class _Shares:
+    specs: tuple[ShareSpec, ...]
+    sockets: tuple[tuple[Path, str], ...]  # every socket path in the instance dir, with what it is
+    env_file: launcher.EnvFile | None
+    devshell: launcher.Devshell | None
+    agent_home: Path | None
+    notes: tuple[str, ...]  # e.g. a dev shell refused (devallow)
+
+
 def build_plan(
     config: Config,
     *,
@@ -295,210 +371,356 @@ def build_plan(
 
     The preconditions go through `preflight`: a strict one (the default: `run`) raises the first
     failing check's error; a lenient one (`doctor`) records every check, and the plan it returns
-    only serves that report.
+    only serves that report. Each guest mode is planned by a function of its own.
     """
     preflight = preflight if preflight is not None else checks.Preflight(strict=True)
-    euid = os.geteuid()
-    console_plan = console_settings(config.console, env)
-    agent = config.agent
-    work_raw, work_named_by = launcher.work_dir_source(config.work_dir, env)
-    work_dir: Path | None = None
-    if config.shares is None or config.runner is not None or work_raw is not None:
-        raw_work = Path(work_raw).expanduser() if work_raw else cwd
-        if not raw_work.is_absolute():
-            raw_work = cwd / raw_work
-        if not raw_work.is_dir():
+    inputs = _inputs(config, env=env, cwd=cwd, kvm_assessment=kvm_assessment)
+    if config.guest is GuestKind.AGENT and (config.runner is not None or config.qemu.kernel is not None):
+        raise SupervisorError(
+            'guest = "agent" (or --guest agent) boots our own QEMU with the agent guest, but the config '
+            "also names a runner or a qemu.kernel: remove one of them (or pass --guest builtin)",
+        )
+    if config.runner is not None:
+        return _plan_microvm_runner(config, inputs, command, preflight, kvm_assessment)
+    if config.qemu.kernel is not None:
+        return _plan_own_kernel(config, inputs, command, preflight)
+    return _plan_builtin_guest(config, inputs, command, terminal_size, preflight)
+
+
+def _plan_builtin_guest(
+    config: Config,
+    inputs: _Inputs,
+    command: Sequence[str] | None,
+    terminal_size: tuple[int, int] | None,
+    preflight: checks.Preflight,
+) -> Plan:
+    """Our own guest (guest/): it mounts the shares, runs the command, reports its status."""
+    ssh_plan = _ssh(config, inputs, builtin=True)
+    shares_config = _configured_shares(config, inputs)
+    if ssh_plan is not None:  # the host key dir, shared read-only at /etc/ssh/host-keys
+        shares_config = [*shares_config, ssh_plan.share()]
+    shares = _plan_shares(config, inputs, shares_config)
+    guest_net = _guest_network(config, inputs, builtin=True)
+    net_args = guest_net.kernel_args() if guest_net is not None else []  # network.py: eth0 in the guest
+    ssh_args = ssh_plan.kernel_args() if ssh_plan is not None else []
+    extra = [
+        _microvm_tsc_hint(config.qemu.machine),
+        *net_args,
+        *ssh_args,
+        inputs.egress.guest_cmdline(),
+        config.qemu.cmdline,
+    ]
+    first = shares.specs[0].ids
+    cmdline = guest.guest_cmdline(
+        mounts=[(share.tag, share.guest_path) for share in shares.specs],
+        command=list(command) if command else None,
+        guest_uid=first.guest_uid,
+        guest_gid=first.guest_gid,
+        term=inputs.env.get("TERM"),
+        rows=terminal_size[0] if terminal_size else None,
+        cols=terminal_size[1] if terminal_size else None,
+        extra=" ".join(filter(None, extra)),
+    )
+    checked = _check_environment(config, inputs, shares, preflight, builtin=True, runner=None)
+    assets = checked.assets
+    if assets is None:  # lenient preflight without a built guest: where it will be
+        assets = guest.GuestAssets(guest.cache_root(inputs.env) / f"guest-{guest.assets_hash()}")
+    planned = _Guest(
+        builtin=True,
+        runner=None,
+        cmdline=cmdline,
+        kernel=assets.kernel,
+        initrd=assets.initrd,
+        command=tuple(command) if command else None,
+        network=guest_net,
+        ssh=ssh_plan,
+    )
+    if config.guest is GuestKind.AGENT:  # the same host contract, another kernel, initramfs and root
+        agent_plan = agentguest.plan_guest(config.agent, inputs.env, config.qemu.machine, preflight=preflight)
+        planned = replace(
+            planned,
+            kernel=agent_plan.kernel,
+            initrd=agent_plan.initrd,
+            qemu_args=tuple(agent_plan.qemu_args),
+            memory_mib=agent_plan.memory_mib,
+            vcpus=agent_plan.vcpus,
+        )
+    return _assemble(config, inputs, planned=planned, shares=shares, checked=checked, preflight=preflight)
+
+
+def _plan_own_kernel(
+    config: Config, inputs: _Inputs, command: Sequence[str] | None, preflight: checks.Preflight
+) -> Plan:
+    """qemu.kernel (and qemu.initrd): our QEMU command line, the guest's own userland."""
+    shares = _plan_shares(config, inputs, _configured_shares(config, inputs))
+    if command:
+        raise SupervisorError(
+            "a guest command (after --) needs the built-in guest, which knows how to run it and report "
+            "its status; with your own qemu.kernel, put the command in the guest's own configuration",
+        )
+    _ssh(config, inputs, builtin=False)  # only to refuse ssh.enable: the guest runs its own server
+    guest_net = _guest_network(config, inputs, builtin=False)
+    for what, maybe in (("qemu.kernel", config.qemu.kernel), ("qemu.initrd", config.qemu.initrd)):
+        if maybe is not None and not Path(maybe).expanduser().is_file():
             raise SupervisorError(
-                f"the work dir {raw_work} (from {work_named_by}) does not exist or is not a directory: "
-                "pass an existing directory with --work-dir, work-dir in the config, or WORK_DIR",
+                f"{what} {Path(maybe).expanduser()} does not exist: fix the path in the config",
                 exit_code=ExitCode.NO_INPUT,
             )
-        work_dir = raw_work.resolve()
+    checked = _check_environment(config, inputs, shares, preflight, builtin=False, runner=None)
+    planned = _Guest(
+        builtin=False,
+        runner=None,
+        cmdline=config.qemu.cmdline,
+        kernel=Path(str(config.qemu.kernel)).expanduser(),
+        initrd=Path(config.qemu.initrd).expanduser() if config.qemu.initrd else None,
+        command=None,
+        network=guest_net,
+    )
+    return _assemble(config, inputs, planned=planned, shares=shares, checked=checked, preflight=preflight)
+
+
+def _plan_microvm_runner(
+    config: Config,
+    inputs: _Inputs,
+    command: Sequence[str] | None,
+    preflight: checks.Preflight,
+    kvm_assessment: kvm.KvmAssessment | None,
+) -> Plan:
+    """A microvm.nix runner: its script, rewritten for this instance, runs its own hypervisor."""
+    assert config.runner is not None
+    if command:
+        raise SupervisorError(
+            "a guest command (after --) needs the built-in guest; a microvm.nix runner runs what its "
+            "NixOS configuration says (claude-microvm: the agent, on login)",
+        )
+    if config.qemu.kernel is not None:
+        raise SupervisorError(
+            "the config sets both runner.script and qemu.kernel: a microvm.nix runner brings its own "
+            "kernel; remove one of them",
+        )
+    script = microvm_runner.read_script(config.runner.script, inputs.cwd)
+    hypervisor = microvm_runner.detect_hypervisor(script, config.runner.hypervisor)
+    if hypervisor is not Hypervisor.QEMU:
+        assessment = kvm_assessment if kvm_assessment is not None else kvm.assess_kvm(inputs.kvm_device)
+        accel, reason, note = _runner_accel(config, assessment)
+        inputs = replace(inputs, accel=accel, accel_reason=reason, notes=(*inputs.notes, *note))
+    runner_plan = microvm_runner.plan_runner(
+        script,
+        hypervisor,
+        inputs.instance_dir,
+        microvm_runner.Overrides(
+            instance=inputs.instance,
+            accel=inputs.accel,
+            cpu=config.qemu.cpu,
+            memory_mib=config.qemu.memory_mib,
+            vcpus=config.qemu.vcpus,
+            forwards=list(inputs.forwards),
+            cmdline=config.qemu.cmdline,
+            tsc_khz=host_tsc_khz(),
+            netdev_extra=tuple(inputs.egress.netdev_extra() or ()),
+        ),
+        _runner_cwd(config.runner.cwd, inputs.cwd),
+    )
+    inputs = replace(inputs, notes=(*inputs.notes, *runner_plan.notes))
+    _ssh(config, inputs, builtin=False)  # only to refuse ssh.enable: the runner's guest has its own
+    runner_taps = network.plan_runner_taps(config.network, list(runner_plan.taps))
+    declared = microvm_runner.declared_sources(script)
+    shares = _plan_shares(
+        config, inputs, _runner_shares(config, runner_plan, inputs.default_layout, declared)
+    )
+    checked = _check_environment(config, inputs, shares, preflight, builtin=False, runner=runner_plan)
+    planned = _Guest(
+        builtin=False,
+        runner=runner_plan,
+        cmdline="",
+        kernel=None,
+        initrd=None,
+        command=None,
+        network=None,
+        runner_taps=runner_taps,
+    )
+    return _assemble(config, inputs, planned=planned, shares=shares, checked=checked, preflight=preflight)
+
+
+# ---- the shared parts --------------------------------------------------------------------------
+
+
+def _ssh(config: Config, inputs: _Inputs, *, builtin: bool) -> sshkeys.SshPlan | None:
+    tap_network = config.network.mode is NetworkMode.TAP
+    return sshkeys.plan_ssh(config.ssh, inputs.env, inputs.prefix, tap_network=tap_network, builtin=builtin)
+
+
+def _guest_network(config: Config, inputs: _Inputs, *, builtin: bool) -> network.GuestNetwork | None:
+    """Our QEMU's NIC: the mode's netdev (egress), or a tap on the bridge (tap.py)."""
+    return network.plan_network(
+        inputs.forwards,
+        builtin_guest=builtin,
+        egress=inputs.egress.netdev_extra(),
+        config=config.network,
+        vm_name=inputs.prefix,
+    )
+
+
+def _inputs(
+    config: Config, *, env: Mapping[str, str], cwd: Path, kvm_assessment: kvm.KvmAssessment | None
+) -> _Inputs:
+    euid = os.geteuid()
+    console_plan = console_settings(config.console, env)
+    work_dir = _work_dir(config, env, cwd)
     default_layout: dict[str, Share] = {}
     agent_home: Path | None = None
     if work_dir is not None and (config.shares is None or config.runner is not None):
         agent_home = launcher.resolve_agent_home(
-            config.agent_home, env, work_dir=work_dir, agent=agent, cwd=cwd
+            config.agent_home, env, work_dir=work_dir, agent=config.agent, cwd=cwd
         )
         default_layout = {share.tag: share for share in _default_shares(work_dir, agent_home)}
-
     base = Path(config.runtime_dir) if config.runtime_dir else runtime.default_base(env, euid)
     if not base.is_absolute():
         raise SupervisorError(f"runtime-dir '{base}' is relative: give an absolute path")
-    prefix = config.name or launcher.instance_prefix(work_dir or cwd.resolve(), agent)
-    instance = runtime.new_instance_id(prefix)
-    instance_dir = base / instance
+    prefix = config.name or launcher.instance_prefix(work_dir or cwd.resolve(), config.agent)
     forwards = launcher.parse_forwards(config.forwards)
-    notes: list[str] = []
+    # The KVM rows are worked out now (a runner is rewritten for the accelerator) but go into the
+    # preflight after the input checks, in the order `doctor` lists them.
+    kvm_device = Path(config.qemu.kvm_device).expanduser()
+    kvm_rows, chosen_accel, accel_reason = checks.kvm_checks(kvm_device, config.qemu.accel, kvm_assessment)
+    instance = runtime.new_instance_id(prefix)
     egress_plan = egress.plan_network(
         config.network,
-        agent=agent,
+        agent=config.agent,
         agent_guest=config.guest is GuestKind.AGENT,  # allowlist by default
         runner=config.runner is not None,
         instance=instance,
-        instance_dir=instance_dir,
+        instance_dir=base / instance,
         forwards=len(forwards),
         env=env,
     )
+    return _Inputs(
+        env=env,
+        cwd=cwd,
+        euid=euid,
+        console=console_plan,
+        work_dir=work_dir,
+        agent_home=agent_home,
+        default_layout=default_layout,
+        base=base,
+        instance=instance,
+        forwards=tuple(forwards),
+        kvm_device=kvm_device,
+        kvm_rows=tuple(kvm_rows),
+        chosen_accel=chosen_accel,
+        accel=chosen_accel or Accel.TCG,
+        accel_reason=accel_reason,
+        prefix=prefix,
+        egress=egress_plan,
+    )
 
-    # The KVM rows are worked out now (a runner is rewritten for the accelerator) but go into the
-    # preflight below, after the input checks, in the order `doctor` lists them.
-    kvm_device = Path(config.qemu.kvm_device).expanduser()
-    kvm_rows, chosen_accel, accel_reason = checks.kvm_checks(kvm_device, config.qemu.accel, kvm_assessment)
-    accel = chosen_accel or Accel.TCG  # None only in a lenient preflight, which already has the failure
 
-    runner_plan: runner.RunnerPlan | None = None
-    if config.runner is not None:
-        if command:
-            raise SupervisorError(
-                "a guest command (after --) needs the built-in guest; a microvm.nix runner runs what its "
-                "NixOS configuration says (claude-microvm: the agent, on login)",
-            )
-        if config.qemu.kernel is not None:
-            raise SupervisorError(
-                "the config sets both runner.script and qemu.kernel: a microvm.nix runner brings its own "
-                "kernel; remove one of them",
-            )
-        script = runner.read_script(config.runner.script, cwd)
-        hypervisor = runner.detect_hypervisor(script, config.runner.hypervisor)
-        if hypervisor is not Hypervisor.QEMU:
-            assessment = kvm_assessment if kvm_assessment is not None else kvm.assess_kvm(kvm_device)
-            accel, accel_reason = _runner_accel(config, assessment, notes)
-        runner_plan = runner.plan_runner(
-            script,
-            hypervisor,
-            instance_dir,
-            runner.Overrides(
-                instance=instance,
-                accel=accel,
-                cpu=config.qemu.cpu,
-                memory_mib=config.qemu.memory_mib,
-                vcpus=config.qemu.vcpus,
-                forwards=forwards,
-                cmdline=config.qemu.cmdline,
-                tsc_khz=host_tsc_khz(),
-                netdev_extra=tuple(egress_plan.netdev_extra() or ()),
-            ),
-            _runner_cwd(config.runner.cwd, cwd),
+def _work_dir(config: Config, env: Mapping[str, str], cwd: Path) -> Path | None:
+    """The project dir: needed by the launcher's layout, a runner, or when named explicitly."""
+    work_raw, work_named_by = launcher.work_dir_source(config.work_dir, env)
+    if not (config.shares is None or config.runner is not None or work_raw is not None):
+        return None
+    raw_work = Path(work_raw).expanduser() if work_raw else cwd
+    if not raw_work.is_absolute():
+        raw_work = cwd / raw_work
+    if not raw_work.is_dir():
+        raise SupervisorError(
+            f"the work dir {raw_work} (from {work_named_by}) does not exist or is not a directory: "
+            "pass an existing directory with --work-dir, work-dir in the config, or WORK_DIR",
+            exit_code=ExitCode.NO_INPUT,
         )
-        notes += runner_plan.notes
-        shares_config = _runner_shares(config, runner_plan, default_layout, runner.declared_sources(script))
-    elif config.shares is None:
-        shares_config = list(default_layout.values())
-    else:
-        shares_config = list(config.shares)
-    if not shares_config and runner_plan is None:
-        raise SupervisorError("the config lists no shares: add at least one [[shares]] entry")
+    return raw_work.resolve()
 
-    owner_path = work_dir
+
+def _configured_shares(config: Config, inputs: _Inputs) -> list[Share]:
+    shares = list(inputs.default_layout.values()) if config.shares is None else list(config.shares)
+    if not shares:
+        raise SupervisorError("the config lists no shares: add at least one [[shares]] entry")
+    return shares
+
+
+def _plan_shares(config: Config, inputs: _Inputs, shares_config: Sequence[Share]) -> _Shares:
+    """Each share checked and resolved (no symlink in its path, see sharedirs), with its socket."""
+    files = runtime.InstanceDir(inputs.instance_dir)
     seen: set[str] = set()
-    shares: list[ShareSpec] = []
-    sockets: list[tuple[Path, str]] = []
+    specs: list[ShareSpec] = []
     lexical = [_lexical_source(share, index) for index, share in enumerate(shares_config)]
     for index, share in enumerate(shares_config):
         if share.tag in seen:
             raise SupervisorError(f"two shares use the tag '{share.tag}': every share needs its own tag")
         seen.add(share.tag)
         source = _check_source(share, index, lexical[index], lexical[:index] + lexical[index + 1 :])
-        owner = (owner_path or _nearest_existing(source)).stat()
-        ids = _resolve_ids(share, index, source, owner, euid)
-        socket_path = instance_dir / f"{share.tag}.sock"
-        sockets.append((socket_path, f"share '{share.tag}'"))
-        shares.append(
+        owner = (inputs.work_dir or _nearest_existing(source)).stat()
+        specs.append(
             ShareSpec(
                 tag=share.tag,
                 source=source,
                 guest_path=share.guest_path or f"/mnt/{share.tag}",
                 read_only=share.read_only,
-                ids=ids,
+                ids=_resolve_ids(share, index, source, owner, inputs.euid),
                 xattr=share.xattr,
                 xattrmap=share.xattrmap,
                 cache=share.cache,
-                socket_path=socket_path,
+                socket_path=files.share_socket(share.tag),
                 create=share.create,
             )
         )
-    shares = [_with_owner_check(share, shares) for share in shares]
-    # The launcher's files go to the agent home only when it is what the guest mounts at agent-home.
-    layout_home = default_layout.get("agent-home")
+    specs = [_with_owner_check(share, specs) for share in specs]
+    sockets = [(share.socket_path, f"share '{share.tag}'") for share in specs] + files.named_sockets()
+    env_file, devshell, agent_home, notes = _launcher_files(config, inputs, shares_config, specs)
+    return _Shares(tuple(specs), tuple(sockets), env_file, devshell, agent_home, notes)
+
+
+def _launcher_files(
+    config: Config, inputs: _Inputs, shares_config: Sequence[Share], specs: Sequence[ShareSpec]
+) -> tuple[launcher.EnvFile | None, launcher.Devshell | None, Path | None, tuple[str, ...]]:
+    """The launcher's files go to the agent home only when it is what the guest mounts at agent-home."""
+    layout_home = inputs.default_layout.get("agent-home")
     uses_layout_home = any(share is layout_home for share in shares_config)
-    home_share = next((s for s in shares if uses_layout_home and s.tag == "agent-home"), None)
-    env_file: launcher.EnvFile | None = None
-    devshell: launcher.Devshell | None = None
-    if home_share is not None and agent_home is not None and work_dir is not None:
-        owner_ids = (home_share.ids.host_uid, home_share.ids.host_gid) if euid == 0 else None
-        agent_home = home_share.source  # the link-free path of the directory the guest mounts
-        env_file = launcher.plan_env_file(
-            agent_home, env, agent, owner_ids, extra=sorted(egress_plan.guest_env().items())
-        )
-        devshell = launcher.plan_devshell(
-            work_dir, agent_home, launcher.child_environment(env, {}), owner_ids
-        )
-        refused = devallow.refusal(work_dir, env) if devshell is not None else None
-        if refused is not None:  # the guest can edit the Nix code the host would evaluate
-            notes.append(refused)
-            devshell = None
-    else:
-        agent_home = None
-    sockets += [
-        (instance_dir / "qmp.sock", "QMP"),
-        (instance_dir / "console.sock", "the console"),
-        (instance_dir / control.SOCKET_NAME, "the control socket"),
-        (instance_dir / runner.API_SOCKET, "the runner's API"),
-        (instance_dir / egress.SOCKET_NAME, "the egress proxy"),
-    ]
-
-    builtin = config.qemu.kernel is None and runner_plan is None
-    if config.guest is GuestKind.AGENT and not builtin:
-        raise SupervisorError(
-            'guest = "agent" (or --guest agent) boots our own QEMU with the agent guest, but the config '
-            "also names a runner or a qemu.kernel: remove one of them (or pass --guest builtin)",
-        )
-    if not builtin and command:
-        raise SupervisorError(
-            "a guest command (after --) needs the built-in guest, which knows how to run it and report "
-            "its status; with your own qemu.kernel, put the command in the guest's own configuration",
-        )
-    guest_net = (
-        None
-        if runner_plan is not None
-        else network.plan_network(forwards, builtin_guest=builtin, egress=egress_plan.netdev_extra())
+    home_share = next((s for s in specs if uses_layout_home and s.tag == "agent-home"), None)
+    agent_home, work_dir = inputs.agent_home, inputs.work_dir
+    if home_share is None or agent_home is None or work_dir is None:
+        return None, None, None, ()
+    owner_ids = (home_share.ids.host_uid, home_share.ids.host_gid) if inputs.euid == 0 else None
+    agent_home = home_share.source  # the link-free path of the directory the guest mounts
+    proxy_env = sorted(inputs.egress.guest_env().items())  # a runner's guest reads it from .microvm-env
+    env_file = launcher.plan_env_file(agent_home, inputs.env, config.agent, owner_ids, extra=proxy_env)
+    devshell = launcher.plan_devshell(
+        work_dir, agent_home, launcher.child_environment(inputs.env, {}), owner_ids
     )
-    net_args = guest_net.kernel_args() if guest_net is not None else []  # network.py: eth0 in the guest
-    if runner_plan is not None:
-        cmdline = ""
-    elif builtin:
-        first = shares[0].ids
-        extra = [
-            _microvm_tsc_hint(config.qemu.machine),
-            *net_args,
-            egress_plan.guest_cmdline(),
-            config.qemu.cmdline,
-        ]
-        cmdline = guest.guest_cmdline(
-            mounts=[(share.tag, share.guest_path) for share in shares],
-            command=list(command) if command else None,
-            guest_uid=first.guest_uid,
-            guest_gid=first.guest_gid,
-            term=env.get("TERM"),
-            rows=terminal_size[0] if terminal_size else None,
-            cols=terminal_size[1] if terminal_size else None,
-            extra=" ".join(filter(None, extra)),
-        )
-    else:
-        for what, maybe in (("qemu.kernel", config.qemu.kernel), ("qemu.initrd", config.qemu.initrd)):
-            if maybe is not None and not Path(maybe).expanduser().is_file():
-                raise SupervisorError(
-                    f"{what} {Path(maybe).expanduser()} does not exist: fix the path in the config",
-                    exit_code=ExitCode.NO_INPUT,
-                )
-        cmdline = config.qemu.cmdline
+    refused = devallow.refusal(work_dir, inputs.env) if devshell is not None else None
+    if refused is not None:  # the guest can edit the Nix code the host would evaluate
+        return env_file, None, agent_home, (refused,)
+    return env_file, devshell, agent_home, ()
 
-    # The environment's preconditions, in the order `doctor` lists them.
-    known = Facts(facts_dir(env), store=preflight.strict)  # doctor reads, never writes
-    for row in kvm_rows:
+
+@dataclass(frozen=True)
+class _Environment:
+    """What the preflight found: the binaries to run and the sandbox virtiofsd gets."""
+
+    shares: tuple[ShareSpec, ...]  # without a user namespace when the sandbox fell back
+    sandbox: str
+    virtiofsd_binary: str
+    qemu_binary: str
+    assets: guest.GuestAssets | None
+
+
+def _check_environment(
+    config: Config,
+    inputs: _Inputs,
+    shares: _Shares,
+    preflight: checks.Preflight,
+    *,
+    builtin: bool,
+    runner: microvm_runner.RunnerPlan | None,
+) -> _Environment:
+    """The environment's preconditions, in the order `doctor` lists them."""
+    known = Facts(facts_dir(inputs.env), store=preflight.strict)  # doctor reads, never writes
+    for row in inputs.kvm_rows:
         preflight.add(row)
+    euid = inputs.euid
     sandbox = config.virtiofsd.sandbox
+    specs = shares.specs
     fallback_sandbox = "chroot" if euid == 0 else "none"  # chroot needs CAP_SYS_CHROOT
     namespaces = preflight.add(
         checks.check_namespaces(
@@ -511,112 +733,116 @@ def build_plan(
     )
     if namespaces.facts.get("fallback"):
         sandbox = fallback_sandbox
-        shares = [_without_user_namespace(share) for share in shares]
+        specs = tuple(_without_user_namespace(share) for share in specs)
     preflight.add(checks.check_pidfd())
     preflight.add(checks.check_id_maps(config.virtiofsd.extra_args, euid))
+    virtiofsd_binary, assets = _check_virtiofsd(
+        config, inputs, specs, sandbox, preflight, builtin=builtin, known=known
+    )
+    if runner is None:
+        row = preflight.add(
+            checks.check_qemu(config.qemu.binary, config.qemu.machine, inputs.chosen_accel, known=known)
+        )
+        qemu_binary = str(row.facts.get("path") or config.qemu.binary)
+        preflight.add(checks.check_qemu_sandbox(qemu_binary, enabled=config.qemu.sandbox, qemu_ok=row))
+    else:
+        qemu_binary = runner.script.program
+        preflight.add(
+            checks.skip("qemu", f"the runner {runner.script.path} brings its own hypervisor ({qemu_binary})")
+        )
+    preflight.add(egress.check_egress(inputs.egress))
+    preflight.add(checks.check_memfd())
+    preflight.add(checks.check_runtime_dir(inputs.base))
+    preflight.add(checks.check_socket_paths(list(shares.sockets)))
+    return _Environment(specs, sandbox, virtiofsd_binary, qemu_binary, assets)
 
+
+def _check_virtiofsd(
+    config: Config,
+    inputs: _Inputs,
+    specs: Sequence[ShareSpec],
+    sandbox: str,
+    preflight: checks.Preflight,
+    *,
+    builtin: bool,
+    known: Facts,
+) -> tuple[str, guest.GuestAssets | None]:
+    """The virtiofsd to run: the configured one, the built-in guest's, or one on PATH."""
     assets: guest.GuestAssets | None = None
     virtiofsd_name = config.virtiofsd.binary
     if builtin or virtiofsd_name is None:
         if virtiofsd_name is None and not builtin and shutil.which("virtiofsd"):
             virtiofsd_name = "virtiofsd"
         else:
-            row, assets = checks.check_guest(env, build=preflight.strict)
+            row, assets = checks.check_guest(inputs.env, build=preflight.strict)
             preflight.add(row)
-    # the agent guest (agentguest.py): its own kernel, initramfs and root image, same host contract
-    agent_plan = (
-        agentguest.plan_guest(agent, env, config.qemu.machine, preflight=preflight)
-        if config.guest is GuestKind.AGENT
-        else None
-    )
     if virtiofsd_name is None and assets is not None:
         virtiofsd_name = str(assets.virtiofsd)
     if virtiofsd_name is None:
         preflight.add(checks.skip("virtiofsd", "the built-in guest's virtiofsd comes with the guest build"))
-        virtiofsd_binary = "virtiofsd"
-    else:
-        needed = _virtiofsd_flags_used(
-            shares,
-            socket_mode=config.virtiofsd.socket_mode,
-            sandbox=sandbox,
-            extra_args=config.virtiofsd.extra_args,
-        )
-        row = preflight.add(checks.check_virtiofsd(virtiofsd_name, needed, known=known))
-        virtiofsd_binary = str(row.facts.get("path") or virtiofsd_name)
-    if runner_plan is None:
-        row = preflight.add(
-            checks.check_qemu(config.qemu.binary, config.qemu.machine, chosen_accel, known=known)
-        )
-        qemu_binary = str(row.facts.get("path") or config.qemu.binary)
-        preflight.add(checks.check_qemu_sandbox(qemu_binary, enabled=config.qemu.sandbox, qemu_ok=row))
-    else:
-        qemu_binary = runner_plan.script.program
-        preflight.add(
-            checks.skip(
-                "qemu", f"the runner {runner_plan.script.path} brings its own hypervisor ({qemu_binary})"
-            )
-        )
-    preflight.add(egress.check_egress(egress_plan))
-    preflight.add(checks.check_memfd())
-    preflight.add(checks.check_runtime_dir(base))
-    preflight.add(checks.check_socket_paths(sockets))
-
-    cpu = config.qemu.cpu or ("host" if accel is Accel.KVM else "max")
-    kernel: Path | None
-    initrd: Path | None
-    if runner_plan is not None:
-        kernel, initrd = None, None
-    elif builtin:
-        if assets is None:  # lenient preflight without a built guest: where it will be
-            assets = guest.GuestAssets(guest.cache_root(env) / f"guest-{guest.assets_hash()}")
-        kernel, initrd = assets.kernel, assets.initrd
-        if agent_plan is not None:
-            kernel, initrd = agent_plan.kernel, agent_plan.initrd
-    else:
-        kernel = Path(str(config.qemu.kernel)).expanduser()
-        initrd = Path(config.qemu.initrd).expanduser() if config.qemu.initrd else None
-
-    return Plan(
-        instance=instance,
-        instance_dir=instance_dir,
-        base_dir=base,
-        shares=shares,
-        virtiofsd_binary=virtiofsd_binary,
+        return "virtiofsd", assets
+    needed = _virtiofsd_flags_used(
+        specs,
         socket_mode=config.virtiofsd.socket_mode,
         sandbox=sandbox,
-        virtiofsd_extra_args=list(config.virtiofsd.extra_args),
-        qemu_binary=qemu_binary,
+        extra_args=config.virtiofsd.extra_args,
+    )
+    row = preflight.add(checks.check_virtiofsd(virtiofsd_name, needed, known=known))
+    return str(row.facts.get("path") or virtiofsd_name), assets
+
+
+def _assemble(
+    config: Config,
+    inputs: _Inputs,
+    *,
+    planned: _Guest,
+    shares: _Shares,
+    checked: _Environment,
+    preflight: checks.Preflight,
+) -> Plan:
+    return Plan(
+        instance=inputs.instance,
+        instance_dir=inputs.instance_dir,
+        base_dir=inputs.base,
+        shares=checked.shares,
+        virtiofsd_binary=checked.virtiofsd_binary,
+        socket_mode=config.virtiofsd.socket_mode,
+        sandbox=checked.sandbox,
+        virtiofsd_extra_args=tuple(config.virtiofsd.extra_args),
+        qemu_binary=checked.qemu_binary,
         machine=config.qemu.machine.value,
-        accel=accel,
-        accel_reason=accel_reason,
-        cpu=cpu,
-        kernel=kernel,
-        initrd=initrd,
-        cmdline=cmdline,
-        memory_mib=config.qemu.memory_mib or (agent_plan.memory_mib if agent_plan else DEFAULT_MEMORY_MIB),
-        vcpus=config.qemu.vcpus or (agent_plan.vcpus if agent_plan else DEFAULT_VCPUS),
-        qemu_extra_args=(agent_plan.qemu_args if agent_plan else []) + list(config.qemu.extra_args),
-        builtin_guest=builtin,
-        command=list(command) if command else None,
+        accel=inputs.accel,
+        accel_reason=inputs.accel_reason,
+        cpu=config.qemu.cpu or ("host" if inputs.accel is Accel.KVM else "max"),
+        kernel=planned.kernel,
+        initrd=planned.initrd,
+        cmdline=planned.cmdline,
+        memory_mib=config.qemu.memory_mib or planned.memory_mib,
+        vcpus=config.qemu.vcpus or planned.vcpus,
+        qemu_extra_args=(*planned.qemu_args, *config.qemu.extra_args),
+        builtin_guest=planned.builtin,
+        command=planned.command,
         timeouts=config.timeouts,
-        work_dir=work_dir,
-        agent=agent,
-        agent_home=agent_home,
-        env_file=env_file,
-        devshell=devshell,
-        forwards=forwards,
-        network=guest_net,
-        egress=egress_plan,
-        runner=runner_plan,
-        notes=notes,
-        kvm_device=kvm_device,
+        work_dir=inputs.work_dir,
+        agent=config.agent,
+        agent_home=shares.agent_home,
+        env_file=shares.env_file,
+        devshell=shares.devshell,
+        forwards=inputs.forwards,
+        network=planned.network,
+        egress=inputs.egress,
+        runner=planned.runner,
+        notes=(*inputs.notes, *shares.notes),
+        kvm_device=inputs.kvm_device,
         checks=tuple(preflight.checks),
-        console=console_plan,
-        qemu_sandbox=sandbox_options(spawn=egress_plan.needs_spawn) if config.qemu.sandbox else None,
+        console=inputs.console,
+        qemu_sandbox=sandbox_options(spawn=inputs.egress.needs_spawn) if config.qemu.sandbox else None,
+        ssh=planned.ssh,
+        runner_taps=planned.runner_taps,
     )
 
 
-def _runner_accel(config: Config, assessment: kvm.KvmAssessment, notes: list[str]) -> tuple[Accel, str]:
+def _runner_accel(config: Config, assessment: kvm.KvmAssessment) -> tuple[Accel, str, tuple[str, ...]]:
     """cloud-hypervisor has no TCG to fall back to (QEMU runners choose like our own QEMU)."""
     if config.qemu.accel is Accel.TCG:
         raise SupervisorError(
@@ -624,12 +850,13 @@ def _runner_accel(config: Config, assessment: kvm.KvmAssessment, notes: list[str
             '--accel auto (or kvm), or build the VM with microvm.hypervisor = "qemu"',
             exit_code=ExitCode.UNAVAILABLE,
         )
+    notes: tuple[str, ...] = ()
     if not assessment.usable:
-        notes.append(
+        notes = (
             f"cloud-hypervisor needs KVM, and {assessment.reason}; starting it anyway (a guest kernel "
-            f"built for this host may still boot). Remedy: {assessment.remedy}"
+            f"built for this host may still boot). Remedy: {assessment.remedy}",
         )
-    return Accel.KVM, "cloud-hypervisor runs on KVM only"
+    return Accel.KVM, "cloud-hypervisor runs on KVM only", notes
 
 
 def _runner_cwd(raw: str | None, cwd: Path) -> Path | None:
@@ -648,7 +875,7 @@ def _runner_cwd(raw: str | None, cwd: Path) -> Path | None:
 
 def _runner_shares(
     config: Config,
-    planned: runner.RunnerPlan,
+    planned: microvm_runner.RunnerPlan,
     default_layout: Mapping[str, Share],
     declared: Mapping[str, str],
 ) -> list[Share]:

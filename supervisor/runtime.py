@@ -1,9 +1,12 @@
-"""The per-instance runtime dir: sockets, the state file, the console log.
+"""The per-instance runtime dir: the one owner of its layout, and finding instances in it.
 
 Layout: BASE/INSTANCE/ where BASE is `runtime-dir` from the config, else $XDG_RUNTIME_DIR/agentvm,
 else /run/agentvm for root, else /tmp/agentvm-UID. BASE and every instance dir are 0700 and must be
 owned by the invoking user. INSTANCE/state.json records the supervisor and its process groups so a
 later start (or `list`) can recognise, and clean up after, a supervisor that died without cleaning.
+Every file name in INSTANCE/ is named by `InstanceDir` (and nowhere else); `find_instance` is the
+one way `attach`, `status` and `stop` turn a name into an instance, and `scan` the one way `list`
+and they see what runs.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import signal
 import stat
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -27,6 +31,60 @@ from supervisor.errors import ExitCode, SupervisorError
 
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the terminating NUL
 STATE_FILE = "state.json"
+PROG = "agentvm-supervise"
+
+
+@dataclass(frozen=True)
+class InstanceDir:
+    """BASE/INSTANCE/ and every file the supervisor and its children keep in it."""
+
+    path: Path
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / STATE_FILE
+
+    @property
+    def control_socket(self) -> Path:
+        return self.path / "control.sock"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.path / "console.sock"
+
+    @property
+    def qmp_socket(self) -> Path:
+        """QEMU's public QMP socket (the private channel is a passed fd)."""
+        return self.path / "qmp.sock"
+
+    @property
+    def api_socket(self) -> Path:
+        """cloud-hypervisor's API socket (a microvm.nix runner's --api-socket, moved here)."""
+        return self.path / "api.sock"
+
+    @property
+    def egress_socket(self) -> Path:
+        """Where the egress proxy takes the guest's connections (supervisor/egress)."""
+        return self.path / "egress.sock"
+
+    @property
+    def runner_script(self) -> Path:
+        """The rewritten copy of a microvm.nix runner."""
+        return self.path / "microvm-run"
+
+    def share_socket(self, tag: str) -> Path:
+        """The vhost-user socket of share `tag` (virtiofsd serves it, the VM connects)."""
+        return self.path / f"{tag}.sock"
+
+    def named_sockets(self) -> list[tuple[Path, str]]:
+        """The sockets besides the shares', each with what it is (for the path-length check)."""
+        return [
+            (self.qmp_socket, "QMP"),
+            (self.console_socket, "the console"),
+            (self.control_socket, "the control socket"),
+            (self.api_socket, "the runner's API"),
+            (self.egress_socket, "the egress proxy"),
+        ]
 
 
 class GroupRecord(msgspec.Struct, frozen=True):
@@ -129,7 +187,7 @@ def create_instance_dir(base: Path, instance: str) -> Path:
 
 def write_state(path: Path, state: InstanceState) -> None:
     """Replace INSTANCE/state.json atomically (readers never see half a file)."""
-    temporary = path / f".{STATE_FILE}.tmp"
+    temporary = path / f".{STATE_FILE}.tmp"  # beside it: rename is atomic within one dir
     try:
         temporary.write_bytes(msgspec.json.encode(state))
         temporary.replace(path / STATE_FILE)
@@ -143,6 +201,41 @@ def write_state(path: Path, state: InstanceState) -> None:
             "programs out of the runtime dir, or choose another with --runtime-dir",
             exit_code=ExitCode.CANT_CREATE,
         ) from None
+
+
+class StateFile:
+    """INSTANCE/state.json kept current: the supervisor and each process group it has started."""
+
+    def __init__(self, files: InstanceDir, *, instance: str, work_dir: Path | None) -> None:
+        self._files = files
+        self._instance = instance
+        self._work_dir = str(work_dir) if work_dir else None
+        self._created = now()  # the instance's start, kept across rewrites
+        self._ticks = 0
+        self._groups: list[GroupRecord] = []
+
+    def begin(self) -> None:
+        """The first write, once the instance dir exists."""
+        self._ticks = read_start_ticks(os.getpid())
+        self._write()
+
+    def add_group(self, name: str, pgid: int, start_ticks: int) -> None:
+        self._groups.append(GroupRecord(name, pgid, start_ticks))
+        self._write()
+
+    def _write(self) -> None:
+        write_state(
+            self._files.path,
+            InstanceState(
+                instance=self._instance,
+                supervisor_pid=os.getpid(),
+                supervisor_start_ticks=self._ticks,
+                created=self._created,
+                work_dir=self._work_dir,
+                groups=tuple(self._groups),
+                pid_ns=pid_namespace(),
+            ),
+        )
 
 
 def read_state(path: Path) -> InstanceState | None:
@@ -214,6 +307,78 @@ def remove_instance_dir(path: Path) -> None:
         for directory, _, _ in os.walk(path):
             Path(directory).chmod(0o700)
     shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Found:
+    """An instance dir with its state: what a lookup under BASE returns."""
+
+    path: Path
+    state: InstanceState
+
+    @property
+    def files(self) -> InstanceDir:
+        return InstanceDir(self.path)
+
+    @property
+    def control_socket(self) -> Path:
+        return self.files.control_socket
+
+
+def scan(base: Path) -> tuple[list[Found], list[Found]]:
+    """(live, stale) instances under `base`, each list oldest first (then by id)."""
+    live: list[Found] = []
+    stale: list[Found] = []
+    try:
+        entries = sorted(base.iterdir())
+    except OSError:
+        return [], []
+    for entry in entries:
+        state = read_state(entry) if trust.instance_trusted(entry) else None
+        if state is None:
+            continue  # not an instance dir (or not ours alone), or one being created
+        (stale if is_stale(state) else live).append(Found(entry, state))
+    live.sort(key=lambda found: found.state.created)
+    return live, stale
+
+
+def find_instance(base: Path, name: str | None, *, verb: str) -> Found:
+    """The live instance `name` names: its full id, else a prefix of exactly one live id (e.g.
+    the --name it was started with); None when exactly one instance runs. `verb` is the command
+    the messages suggest (attach, status, stop)."""
+    trust.check_base(base)
+    live, stale = scan(base)
+    ids = [found.state.instance for found in live]
+    if name is None:
+        if len(live) == 1:
+            return live[0]
+        if not live:
+            raise SupervisorError(
+                f"no running agentvm instance of this user under {base}: start one with '{PROG} run', "
+                "or pass the --runtime-dir it was started with",
+                exit_code=ExitCode.NO_INPUT,
+            )
+        raise SupervisorError(
+            f"{len(live)} instances are running ({', '.join(ids)}): name one, as in '{PROG} {verb} {ids[0]}'"
+        )
+    exact = [found for found in live if found.state.instance == name]
+    matches = exact or [found for found in live if found.state.instance.startswith(name)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        names = ", ".join(found.state.instance for found in matches)
+        raise SupervisorError(f"'{name}' matches {len(matches)} instances ({names}): give more of the id")
+    if any(found.state.instance.startswith(name) for found in stale):
+        raise SupervisorError(
+            f"no running instance is called '{name}': its supervisor is gone, and '{PROG} list' "
+            "cleans up after it",
+            exit_code=ExitCode.NO_INPUT,
+        )
+    raise SupervisorError(
+        f"no running instance is called '{name}' under {base} (running: {', '.join(ids) or 'none'}); "
+        f"see '{PROG} list'",
+        exit_code=ExitCode.NO_INPUT,
+    )
 
 
 def now() -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def virtiofsd_argv(
     socket_mode: SocketMode,
     fd: int | None,
     sandbox: str,
-    extra_args: list[str],
+    extra_args: Sequence[str],
     source_fd: int | None = None,
 ) -> list[str]:
     """virtiofsd's command line; with `source_fd` it exports that open directory (see sharedirs)."""

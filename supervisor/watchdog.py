@@ -81,6 +81,13 @@ class Watchdog:
     def release_group(self, pgid: int) -> None:
         self._send(f"release {pgid}")
 
+    def guard_tap(self, name: str) -> None:
+        """A tap (tap.py) to delete if the supervisor dies, if it still carries the supervisor's mark."""
+        self._send(f"tap {name}")
+
+    def release_tap(self, name: str) -> None:
+        self._send(f"untap {name}")
+
     def guard_terminal_modes(self, reset: bytes) -> None:
         """Bytes that undo the modes the guest left on in the terminal (the console keeps this current)."""
         self._send(f"tty-reset {reset.hex()}")

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import termios
+import time
 
 TYPE_CHECKING = False  # typing itself is more to import than this whole process needs
 if TYPE_CHECKING:
@@ -62,13 +63,32 @@ def _remove_dir(path: str) -> None:
         os.rmdir(path)  # noqa: PTH106
 
 
+def _remove_taps(names: set[str], supervisor: int) -> None:
+    """Taps need netlink (pyroute2, tap.py): a helper run only now, on this rare path, does it:
+    `python -m supervisor.tap PID NAME...` deletes each tap still marked with the dead supervisor's
+    pid (and a bridge it made, once unused). Bounded: a stuck helper must not keep the watchdog."""
+    # -I: not the cwd (often the agent's writable project dir) nor PYTHON* variables on the path
+    argv = [sys.executable, "-I", "-m", "supervisor.tap", str(supervisor), *sorted(names)]
+    with contextlib.suppress(OSError):
+        pid = os.posix_spawn(sys.executable, argv, dict(os.environ))
+        for _ in range(200):  # 10 s
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
 def main(argv: list[str]) -> None:
+    supervisor = os.getppid()  # while it lives: it started this process
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGTSTP):
         signal.signal(signum, signal.SIG_IGN)
     read_fd = int(argv[1])
     tty_fd = int(argv[2]) if len(argv) > 2 else None
     dirs: list[str] = []
     groups: set[int] = set()
+    taps: set[str] = set()
     saved_tty: tuple[list[Any], int] | None = None
     tty_reset = b""
     buffer = b""
@@ -89,6 +109,10 @@ def main(argv: list[str]) -> None:
                 groups.add(int(arg))
             elif verb == "release":
                 groups.discard(int(arg))
+            elif verb == "tap":
+                taps.add(arg)
+            elif verb == "untap":
+                taps.discard(arg)
             elif verb == "tty-saved":
                 saved_tty = _saved_tty(arg)
             elif verb == "tty-reset":
@@ -98,6 +122,8 @@ def main(argv: list[str]) -> None:
             os.killpg(pgid, signal.SIGKILL)
     for path in dirs:
         _remove_dir(path)
+    if taps:  # after the kill: the runner no longer holds them
+        _remove_taps(taps, supervisor)
     if tty_fd is not None and saved_tty is not None:
         with contextlib.suppress(OSError, termios.error):
             termios.tcsetattr(tty_fd, termios.TCSANOW, saved_tty[0])

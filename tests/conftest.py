@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from supervisor import guest, termfilter
+from supervisor import guest
+from supervisor.console import filter as termfilter
 from tests.faults import (
     CASES_ENV,
     FAULT_SETTINGS,
@@ -53,13 +54,15 @@ def udp_echo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.param(
             termfilter.C_SAFE_RUN_END,
             id="c-scan",
-            marks=pytest.mark.skipif(not termfilter.FAST_SCAN, reason="supervisor/_scan.c is not built"),
+            marks=pytest.mark.skipif(
+                not termfilter.FAST_SCAN, reason="supervisor/console/_scan.c is not built"
+            ),
         ),
         pytest.param(termfilter.safe_run_end_re, id="re-scan"),
     ],
 )
 def scan(request: pytest.FixtureRequest) -> termfilter.SafeRunEnd:
-    """Each implementation of the filter's fast path: supervisor/_scan.c, and the regex it replaces."""
+    """Each implementation of the filter's fast path: supervisor/console/_scan.c, and the regex it replaces."""
     implementation: termfilter.SafeRunEnd = request.param
     return implementation
 

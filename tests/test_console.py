@@ -17,24 +17,18 @@ import anyio
 import pytest
 import structlog.testing
 
-from supervisor import attach, runtime
+from supervisor import runtime
 from supervisor.children import read_start_ticks
-from supervisor.console import (
-    Console,
-    ConsolePty,
-    ConsoleSettings,
-    EscapeReader,
-    bind_console_socket,
-    get_window_size,
-    open_console_pty,
-    parse_escape_key,
-    set_window_size,
-)
-from supervisor.consolelog import ReplayBuffer, open_log
+from supervisor.console import attach
+from supervisor.console.escape import EscapeReader
+from supervisor.console.filter import SafeRunEnd
+from supervisor.console.hub import Console, bind_console_socket
+from supervisor.console.log import ReplayBuffer, open_log
+from supervisor.console.modes import TerminalModes
+from supervisor.console.settings import ConsoleSettings, parse_escape_key
+from supervisor.console.terminal import ConsolePty, get_window_size, open_console_pty, set_window_size
 from supervisor.errors import SupervisorError
 from supervisor.qemu import QemuSpec, qemu_argv
-from supervisor.termfilter import SafeRunEnd
-from supervisor.termmodes import TerminalModes
 from tests.support import base_env, run_supervisor, supervisor_argv
 
 pytestmark = pytest.mark.anyio
@@ -423,7 +417,7 @@ def test_a_log_that_cannot_be_written_stops_logging_and_says_so(tmp_path: Path) 
 
 
 def test_terminal_modes_undo_and_redo_what_the_guest_turned_on() -> None:
-    from supervisor.termfilter import OutputFilter
+    from supervisor.console.filter import OutputFilter
 
     modes = TerminalModes()
     parser = OutputFilter(on_sequence=modes.sequence)
@@ -454,7 +448,7 @@ def test_qemu_gets_the_resize_port(tmp_path: Path) -> None:
 def test_the_filter_hands_every_mode_switch_to_the_tracker_however_the_output_is_split(
     scan: SafeRunEnd,
 ) -> None:
-    from supervisor.termfilter import OutputFilter
+    from supervisor.console.filter import OutputFilter
 
     switches = (
         b"\x1b[?1049h",

@@ -17,19 +17,13 @@ from pathlib import Path
 import anyio
 import pytest
 
-from supervisor import console as console_module
-from supervisor import consoleproto as proto
-from supervisor.console import (
-    BACKLOG,
-    LOG_FLUSH_DELAY,
-    Console,
-    ConsolePty,
-    ConsoleSettings,
-    bind_console_socket,
-    open_console_pty,
-)
-from supervisor.consolelog import open_log
-from supervisor.consoleout import Sink
+from supervisor.console import hub as console_module
+from supervisor.console import protocol as proto
+from supervisor.console.hub import BACKLOG, LOG_FLUSH_DELAY, Console, bind_console_socket
+from supervisor.console.log import open_log
+from supervisor.console.output import Sink
+from supervisor.console.settings import ConsoleSettings
+from supervisor.console.terminal import ConsolePty, open_console_pty
 
 pytestmark = pytest.mark.anyio
 

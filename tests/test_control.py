@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from supervisor import control, guest, manage, outputs
+from supervisor import control, guest, outputs, runtime
 from tests.container_support import Launched, fake_runner_config
 from tests.support import base_env, children_of, is_watchdog, leftovers, supervisor_argv, wait_until_gone
 
@@ -31,11 +31,11 @@ class Live:
     runtime: Path
 
 
-def _start(tmp_path: Path, name: str) -> tuple[Launched, manage.Found]:
+def _start(tmp_path: Path, name: str) -> tuple[Launched, runtime.Found]:
     config = fake_runner_config(tmp_path, name)
     sup = Launched([*supervisor_argv(), "run", "--config", str(config)], tmp_path)
     sup.read_until(b"RUNNER-UP")
-    live, _ = manage.scan(tmp_path / "rt")
+    live, _ = runtime.scan(tmp_path / "rt")
     [found] = [found for found in live if found.state.instance.startswith(f"{name}-")]
     return sup, found
 
@@ -45,7 +45,7 @@ def live(guest_assets: guest.GuestAssets, tmp_path_factory: pytest.TempPathFacto
     """One instance for the whole module; the last test stops it."""
     tmp = tmp_path_factory.mktemp("control")
     sup, found = _start(tmp, "ctl")
-    yield Live(sup, found.socket, tmp / "rt")
+    yield Live(sup, found.control_socket, tmp / "rt")
     sup.kill()
 
 
@@ -223,8 +223,10 @@ def test_list_shows_the_live_instance_and_cleans_up_the_stale_one(
 def test_verbs_name_what_is_wrong(tmp_path: Path) -> None:
     runtime = tmp_path / "rt"
     none = _cli("status", "--runtime-dir", str(runtime))
-    assert none.returncode == 66 and f"no instance is running under {runtime}" in none.stderr
+    assert (
+        none.returncode == 66 and f"no running agentvm instance of this user under {runtime}" in none.stderr
+    )
     missing = _cli("stop", "nope", "--runtime-dir", str(runtime))
-    assert missing.returncode == 66 and "no running instance 'nope'" in missing.stderr
+    assert missing.returncode == 66 and "no running instance is called 'nope'" in missing.stderr
     empty = _cli("list", "--runtime-dir", str(runtime))
     assert empty.returncode == 0 and "no instances are running" in empty.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.console import get_window_size, set_window_size
+from supervisor.console.terminal import get_window_size, set_window_size
 from tests.support import REPO
 
 NIX = REPO / "nix"

@@ -167,6 +167,7 @@ STUB_PKGS = """{
   writeText = name: text: { outPath = "CONFIG<<" + text + ">>"; };
   writeShellScriptBin = name: text: { inherit name text; };
   virtiofsd = "/nix/store/vvvv-virtiofsd";
+  openssh = "/nix/store/oooo-openssh";
 }"""
 
 
@@ -225,28 +226,43 @@ STUB_LIB = """{
   mkOption = o: o;
   mkDefault = v: v;
   mkIf = cond: content: { _if = cond; inherit content; };
+  mkMerge = parts: { _merge = parts; };
   optional = c: x: if c then [ x ] else [ ];
+  optionalString = c: s: if c then s else "";
+  concatStringsSep = builtins.concatStringsSep;
+  mapAttrsToList = f: attrs: map (n: f n attrs.${n}) (builtins.attrNames attrs);
   nameValuePair = name: value: { inherit name value; };
   mapAttrs' = f: attrs: builtins.listToAttrs (map (n: f n attrs.${n}) (builtins.attrNames attrs));
   types = rec {
     nullOr = t: t; enum = v: v; listOf = t: t; attrsOf = t: t; submodule = m: m;
-    raw = "raw"; package = "package"; str = "str"; bool = "bool"; number = "number";
+    raw = "raw"; package = "package"; str = "str"; bool = "bool"; number = "number"; int = "int";
     ints.positive = "int";
   };
 }"""
 
 
-def _module_unit(tmp_path: Path, vm: str) -> dict[str, Any]:
+NO_NETWORK = '{ bridge = null; hostAddress = "192.168.83.1"; prefixLength = 24; externalInterface = null; }'
+
+
+def _module_config(tmp_path: Path, vm: str, network: str = NO_NETWORK) -> list[Any]:
+    """The module's config: its mkMerge parts, each an mkIf {_if, content}."""
     expression = f"""
       let
         m = import ./nix/module.nix {{
           lib = {STUB_LIB};
           pkgs = {STUB_PKGS};
-          config.services.agentvm = {{ package = "{REPO / ".venv"}"; vms.emacsvm = {vm}; }};
+          config.services.agentvm = {{
+            package = "{REPO / ".venv"}"; stateDir = "/var/lib/agentvm"; network = {network};
+            vms.emacsvm = {vm};
+          }};
         }};
-      in m.config.content.systemd.services
+      in m.config._merge
     """
-    return dict(nix_eval(expression, tmp_path))
+    return list(nix_eval(expression, tmp_path))
+
+
+def _module_unit(tmp_path: Path, vm: str) -> dict[str, Any]:
+    return dict(_module_config(tmp_path, vm)[0]["content"]["systemd"]["services"])
 
 
 VM = """{
@@ -271,6 +287,9 @@ VM = """{
   timeouts = { graceful-stop = 20; };
   environmentFile = "/run/secrets/emacsvm.env";
   autostart = true;
+  network = "user";
+  ipAddress = null;
+  sshHostKey = false;
 }"""
 
 
@@ -324,8 +343,52 @@ def test_nixos_module_declares_a_notify_unit_per_vm_that_systemd_verifies(tmp_pa
     assert verify.returncode == 0 and verify.stderr.strip() == "", verify.stderr
 
     assert "set `microvm` (the VM's config.microvm) or `runner`" in nix_error(
-        f"""(import ./nix/module.nix {{ lib = {STUB_LIB}; pkgs = {STUB_PKGS};
-             config.services.agentvm = {{ package = "/p"; vms.x = {VM} // {{ microvm = null; }}; }}; }})
-           .config.content.systemd.services.agentvm-x.serviceConfig.ExecStart""",
+        f"""(builtins.elemAt (import ./nix/module.nix {{ lib = {STUB_LIB}; pkgs = {STUB_PKGS};
+             config.services.agentvm = {{ package = "/p"; stateDir = "/s"; network.bridge = null;
+               vms.x = {VM} // {{ microvm = null; }}; }}; }}).config._merge 0)
+           .content.systemd.services.agentvm-x.serviceConfig.ExecStart""",
+        tmp_path,
+    )
+
+
+def test_nixos_module_seed_003_network_a_tap_vm_and_its_host_key(tmp_path: Path) -> None:
+    """services.agentvm.network makes seed 003's bridge, NAT and trusted interface; a VM with
+    network = "tap" gets its taps created on that bridge (CAP_NET_ADMIN) and a host key on activation."""
+    vm = VM.replace('network = "user";', 'network = "tap";').replace(
+        "sshHostKey = false;", "sshHostKey = true;"
+    )
+    network = (
+        '{ bridge = "microbr"; hostAddress = "192.168.83.1"; prefixLength = 24; externalInterface = "eno1"; }'
+    )
+    units, host = _module_config(tmp_path, vm, network)
+    assert host["_if"] is True
+    net = host["content"]["networking"]
+    assert net["bridges"] == {"microbr": {"interfaces": []}}
+    assert net["interfaces"]["microbr"]["ipv4"]["addresses"] == [
+        {"address": "192.168.83.1", "prefixLength": 24}
+    ]
+    assert net["firewall"]["trustedInterfaces"] == ["microbr"]
+    assert net["nat"]["content"] == {
+        "enable": True,
+        "internalInterfaces": ["microbr"],
+        "externalInterface": "eno1",
+    }
+    service = units["content"]["systemd"]["services"]["agentvm-emacsvm"]["serviceConfig"]
+    assert service["AmbientCapabilities"] == "CAP_NET_ADMIN"
+    match = re.search(r"CONFIG<<(.*)>>", service["ExecStart"], re.DOTALL)
+    assert match
+    path = tmp_path / "vm.toml"
+    path.write_text(match.group(1))
+    loaded = config.load(path)
+    assert loaded.network == config.Network(mode=config.NetworkMode.TAP, bridge="microbr")
+    script = units["content"]["system"]["activationScripts"]["agentvm-ssh-host-keys"]["text"]
+    assert "ssh-keygen -q -t ed25519" in script and "/var/lib/agentvm/emacsvm/ssh-host-keys" in script
+    assert "chown -R michael" in script
+
+    assert "needs services.agentvm.network.bridge" in nix_error(
+        f"""(builtins.elemAt (import ./nix/module.nix {{ lib = {STUB_LIB}; pkgs = {STUB_PKGS};
+             config.services.agentvm = {{ package = "/p"; stateDir = "/s"; network.bridge = null;
+               vms.x = {vm}; }}; }}).config._merge 0)
+           .content.systemd.services.agentvm-x.serviceConfig.ExecStart""",
         tmp_path,
     )

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from supervisor import config, guest, kvm, plan, qemu, runner
+from supervisor import config, guest, kvm, microvm_runner, plan, qemu
 from supervisor.config import Hypervisor
 from supervisor.errors import ExitCode, SupervisorError
 from tests.runner_fixtures import (
@@ -31,7 +31,7 @@ KVM = kvm.KvmAssessment(True, "the test says KVM is usable")
 
 
 def _values(line: str) -> list[str | None]:
-    return [word.value for word in runner.split_words(line)]
+    return [word.value for word in microvm_runner.split_words(line)]
 
 
 # ---- shell words -------------------------------------------------------------------------------
@@ -39,7 +39,7 @@ def _values(line: str) -> list[str | None]:
 
 def test_split_words_keeps_raw_text_and_values() -> None:
     line = """exec -a "microvm@vm" /bin/q 'a b' c\\ d "x\\"y" ${runtime_args:-} "$HOME" '$lit' # c"""
-    words = runner.split_words(line)
+    words = microvm_runner.split_words(line)
     assert [w.raw for w in words] == [
         "exec", "-a", '"microvm@vm"', "/bin/q", "'a b'", "c\\ d", '"x\\"y"', "${runtime_args:-}", '"$HOME"',
         "'$lit'",
@@ -54,7 +54,7 @@ def test_split_words_keeps_raw_text_and_values() -> None:
 )
 def test_split_words_refuses_shell_syntax_it_does_not_expect(line: str) -> None:
     with pytest.raises(ValueError):
-        runner.split_words(line)
+        microvm_runner.split_words(line)
 
 
 # ---- the QEMU rewrite, by inspection ---------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_cloud_hypervisor_runner_is_rewritten(guest_assets: guest.GuestAssets, t
     assert _arg(words, "--platform") == [""]
     assert f"rm -f {rt}/api.sock" in rendered.split("\n")
     assert f"rm -f '{HOST}.sock'" not in rendered
-    assert checked.notes == []
+    assert checked.notes == ()
 
 
 def test_cloud_hypervisor_cannot_do_tcg_or_user_networking(

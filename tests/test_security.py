@@ -26,7 +26,7 @@ import pytest
 
 from supervisor import config, guest, launcher, plan, qemu, runtime, statusport
 from supervisor.children import read_start_ticks
-from supervisor.consolelog import open_log
+from supervisor.console.log import open_log
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.watchdog import Watchdog
 from tests.faults import Case, Player, _cmdline, check, fixed_case, report

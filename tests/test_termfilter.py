@@ -2,8 +2,8 @@
 
 The safety oracle is written independently of the filter's state machine: it tokenizes the whole
 output at once with one regular expression and checks every escape sequence in it against the
-policy in supervisor/termfilter.py's docstring. Tests that take the `scan` fixture (conftest) run
-with each implementation of the fast path: supervisor/_scan.c and the regex it replaces.
+policy in supervisor/console/filter.py's docstring. Tests that take the `scan` fixture (conftest) run
+with each implementation of the fast path: supervisor/console/_scan.c and the regex it replaces.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from supervisor import termfilter
-from supervisor.termfilter import OutputFilter, SafeRunEnd, safe_run_end_re
+from supervisor.console import filter as termfilter
+from supervisor.console.filter import OutputFilter, SafeRunEnd, safe_run_end_re
 
 # ---- the oracle ----------------------------------------------------------------------------------
 
@@ -320,7 +320,9 @@ def test_the_safe_run_ends_where_the_contract_says(scan: SafeRunEnd, data: bytes
 
 def test_the_c_scanner_is_built() -> None:
     """install.sh installs a C compiler, so a missing extension is a failed build, not a choice."""
-    assert termfilter.FAST_SCAN, "supervisor/_scan.c did not build: see the output of pip install -e ."
+    assert termfilter.FAST_SCAN, (
+        "supervisor/console/_scan.c did not build: see the output of pip install -e ."
+    )
 
 
 _SCAN_BYTES = st.sampled_from(
@@ -367,14 +369,14 @@ def _at_a_position(draw: st.DrawFn) -> tuple[bytes, int]:
     return data, draw(st.integers(0, len(data)))
 
 
-@pytest.mark.skipif(not termfilter.FAST_SCAN, reason="supervisor/_scan.c is not built")
+@pytest.mark.skipif(not termfilter.FAST_SCAN, reason="supervisor/console/_scan.c is not built")
 @settings(max_examples=3000)
 @given(case=_at_a_position())
 @example(case=(b"\x1b[" + b";" * 251 + b"m", 0))
 @example(case=(b"\x1b[1" + b"/" * 5 + b"m", 0))
 @example(case=(b"a\xf0\x9f\x98", 0))
 def test_the_c_scanner_agrees_with_the_regex(case: tuple[bytes, int]) -> None:
-    from supervisor._scan import safe_run_end as c_scan
+    from supervisor.console._scan import safe_run_end as c_scan
 
     data, pos = case
     expected = safe_run_end_re(data, pos)
@@ -383,9 +385,9 @@ def test_the_c_scanner_agrees_with_the_regex(case: tuple[bytes, int]) -> None:
     assert c_scan(memoryview(data + b"\x80\xbf\x80m")[: len(data)], pos) == expected
 
 
-@pytest.mark.skipif(not termfilter.FAST_SCAN, reason="supervisor/_scan.c is not built")
+@pytest.mark.skipif(not termfilter.FAST_SCAN, reason="supervisor/console/_scan.c is not built")
 def test_the_c_scanner_takes_any_buffer_and_checks_its_arguments() -> None:
-    from supervisor._scan import safe_run_end as c_scan
+    from supervisor.console._scan import safe_run_end as c_scan
 
     data = b"ab\x1b[1mc\x1b[?"
     assert c_scan(data, 0) == c_scan(bytearray(data), 0) == c_scan(memoryview(data), 0) == 7

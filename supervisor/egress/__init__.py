@@ -31,10 +31,10 @@ from supervisor.egress import audit
 from supervisor.egress.proxy import Proxy
 from supervisor.egress.rules import Policy, RuleError, build_policy
 from supervisor.errors import ExitCode, SupervisorError
+from supervisor.runtime import InstanceDir
 
 GUEST_PROXY_ADDRESS = "10.0.2.100"  # inside QEMU's 10.0.2.0/24, clear of .2 (host), .3 (DNS), .15 (guest)
 GUEST_PROXY_PORT = 3128
-SOCKET_NAME = "egress.sock"
 HANDOFF = Path(__file__).with_name("handoff.py")
 HANDOFF_BINARY = Path(__file__).with_name("agentvm-handoff")  # handoff.c, built by setup.py when it can
 _UNSAFE_IN_CMD = (" ", ",", "\t", "\n")  # fork_exec splits on spaces; QEMU's option parser on commas
@@ -86,7 +86,7 @@ class NetworkPlan:
         """For network.plan_network: None for no NIC (mode none), else the extra -netdev user options."""
         if self.mode is NetworkMode.NONE:
             return None
-        if self.mode is NetworkMode.OPEN:
+        if self.mode in (NetworkMode.OPEN, NetworkMode.TAP):  # tap: network.plan_network's own NIC
             return []
         command = " ".join(self.handoff_argv)
         return ["restrict=on", f"guestfwd=tcp:{GUEST_PROXY_ADDRESS}:{GUEST_PROXY_PORT}-cmd:{command}"]
@@ -164,7 +164,7 @@ def plan_network(
             f'network: {exc}. Rules look like "example.com", "*.example.com:443", "10.1.2.3" or '
             '"[::1]:8080" (see docs/egress.md)'
         ) from None
-    socket_path = instance_dir / SOCKET_NAME
+    socket_path = InstanceDir(instance_dir).egress_socket
     return NetworkPlan(
         mode=mode,
         why=why,

@@ -4,7 +4,8 @@
 # Produces, without root and without installing anything (it only downloads .debs and unpacks them):
 #   OUT_DIR/vmlinuz     Debian 12's linux-image-6.1.0-*-cloud-amd64 kernel (LZ4, boots fast under TCG)
 #   OUT_DIR/initrd.gz   busybox initramfs: busybox-static, the virtio/virtiofs/virtio-net modules,
-#                       /init = init.sh, /etc/agentvm/agent-env.sh = agent-env.sh
+#                       /init = init.sh, /etc/agentvm/agent-env.sh = agent-env.sh, and Debian 12's
+#                       dropbear (with the glibc and libraries it links) for guests on a tap network
 #   OUT_DIR/virtiofsd   wrapper running Debian 13's virtiofsd 1.13 with Debian 13's glibc (OUT_DIR/trixie)
 #   OUT_DIR/VERSIONS    key=value lines: kernel, busybox, virtiofsd, glibc versions
 #
@@ -176,10 +177,13 @@ KPKG=$(apt-cache "${APT_OPTS_bookworm[@]}" depends linux-image-cloud-amd64 2>"$W
 	awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-cloud-amd64$/ { print $2; exit }') || true
 [ -n "$KPKG" ] || die "could not find the current Debian 12 cloud kernel (apt-cache depends \
 linux-image-cloud-amd64 named no linux-image-6.1.0-*-cloud-amd64 package)." "$WORK/apt-cache.log"
-step 2 "downloading Debian 12 $KPKG and busybox-static..."
-apt_download bookworm "the Debian 12 kernel and busybox" "$KPKG" busybox-static
+# the SSH server: dropbear is small, and with its libraries the initramfs grows by about 1.5 MB
+SSH_PKGS=(dropbear-bin libtomcrypt1 libtommath1 libgmp10 libcrypt1 zlib1g libc6)
+step 2 "downloading Debian 12 $KPKG, busybox-static and dropbear..."
+apt_download bookworm "the Debian 12 kernel, busybox and dropbear" "$KPKG" busybox-static "${SSH_PKGS[@]}"
 KDEB=$(deb_of bookworm "$KPKG")
 BBDEB=$(deb_of bookworm busybox-static)
+DBDEB=$(deb_of bookworm dropbear-bin)
 
 # --- 3. virtiofsd ----------------------------------------------------------------------------
 step 3 "downloading Debian 13 virtiofsd and libc6..."
@@ -221,6 +225,25 @@ while read -r a; do
 	ln -s /bin/busybox "$R/$a"
 done <"$WORK/applets"
 [ -L "$R/bin/sh" ] || die "busybox-static has no sh applet: update build-assets.sh."
+
+# dropbear and dropbearconvert (the host key comes in OpenSSH's format) with the shared libraries
+# they link, at the paths their ELF interpreter and the default library path look in
+D=$WORK/dropbear
+for p in "${SSH_PKGS[@]}"; do
+	dpkg -x "$(deb_of bookworm "$p")" "$D" || die "dpkg -x of the Debian 12 package $p failed (disk full?)."
+done
+[ -x "$D/usr/sbin/dropbear" ] && [ -x "$D/usr/bin/dropbearconvert" ] ||
+	die "the dropbear-bin package has no usr/sbin/dropbear or usr/bin/dropbearconvert: update build-assets.sh."
+cp "$D/usr/sbin/dropbear" "$R/usr/sbin/dropbear"
+cp "$D/usr/bin/dropbearconvert" "$R/usr/bin/dropbearconvert"
+mkdir -p "$R/lib/x86_64-linux-gnu" "$R/lib64"
+for lib in ld-linux-x86-64.so.2 libc.so.6 libcrypt.so.1 libz.so.1 libtomcrypt.so.1 libtommath.so.1 libgmp.so.10; do
+	f=$(find "$D" -name "$lib" \( -type f -o -type l \) -print -quit)
+	[ -n "$f" ] || die "$lib is in none of ${SSH_PKGS[*]}: their layout changed, update build-assets.sh."
+	cp -L "$f" "$R/lib/x86_64-linux-gnu/$lib"
+done
+ln -s /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "$R/lib64/ld-linux-x86-64.so.2"
+printf 'passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n' >"$R/etc/nsswitch.conf"
 
 MODDIR=$K/lib/modules/$KVER
 MODS_IN=() # load order: every module after the modules it depends on
@@ -314,6 +337,7 @@ cat >"$STAGE/VERSIONS" <<EOF
 kernel=$KVER
 kernel_package=$KPKG $(deb_version "$KDEB")
 busybox=$(deb_version "$BBDEB")
+dropbear=$(deb_version "$DBDEB")
 virtiofsd=$VFSVER
 virtiofsd_package=virtiofsd $(deb_version "$VDEB")
 glibc_package=libc6 $(deb_version "$LDEB")

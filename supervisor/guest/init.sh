@@ -12,8 +12,13 @@
 #     agentvm.rows=R agentvm.cols=C         initial size of hvc0 (default 24x80)
 #     agentvm.proxy=http://ADDR:PORT        egress allow-list mode: /run/agentvm/net.env exports
 #                                           HTTP(S)_PROXY, http(s)_proxy, NO_PROXY/no_proxy
-#     agentvm.net=ADDR/PREFIX,GATEWAY,DNS   the first NIC's static address on QEMU's user network
-#                                           (supervisor/network.py); absent: no network setup
+#     agentvm.net=ADDR/PREFIX,GATEWAY,DNS   the first NIC's static address (QEMU's user network or
+#                                           a tap on a host bridge: supervisor/network.py); absent:
+#                                           no network setup
+#     agentvm.ssh=DIR                       run an SSH server (dropbear, port 22, keys only, no root)
+#                                           with the host key DIR/ssh_host_ed25519_key (OpenSSH
+#                                           format, a read-only share: supervisor/sshkeys.py);
+#                                           DIR/authorized_keys becomes agent's ~/.ssh/authorized_keys
 #   virtio-serial ports (found by name under /sys/class/virtio-ports):
 #     org.agentvm.status  the guest writes exactly one line, then powers off:
 #                           agentvm-exit-status=N      the command ran and exited with N
@@ -144,6 +149,7 @@ term=xterm-256color
 rows=24 # a 0x0 window confuses full-screen programs: the host passes the real size
 cols=80
 net=
+ssh=
 read -r cmdline </proc/cmdline
 set -f # split the cmdline on whitespace, never glob it
 for arg in $cmdline; do
@@ -157,6 +163,7 @@ for arg in $cmdline; do
 	agentvm.cols=*) cols=${arg#*=} ;;
 	agentvm.proxy=*) proxy=${arg#*=} ;;
 	agentvm.net=*) net=${arg#*=} ;;
+	agentvm.ssh=*) ssh=${arg#*=} ;;
 	esac
 done
 set +f
@@ -245,6 +252,28 @@ for m in "$@"; do
 	err=$(mount -t virtiofs "$tag" "$path" 2>&1) ||
 		fail "mounting virtiofs tag $tag on $path failed: ${err##*: }"
 done
+
+# --- SSH server ------------------------------------------------------------------------------
+# ssh_up DIR: dropbear with the VM's host key (converted: dropbear has its own key format), keys
+# only, no root. authorized_keys is written as agent, so its owner is right on any uid mapping.
+ssh_up() {
+	_key=$1/ssh_host_ed25519_key
+	[ -r "$_key" ] || fail "agentvm.ssh is set but $_key cannot be read (the host key share is not mounted?)"
+	mkdir -p /run/dropbear
+	chmod 0700 /run/dropbear
+	err=$(dropbearconvert openssh dropbear "$_key" /run/dropbear/ed25519 2>&1) ||
+		fail "converting the SSH host key $_key failed: ${err##*: }"
+	if [ -r "$1/authorized_keys" ]; then
+		# shellcheck disable=SC2016 # expanded by agent's shell
+		su agent -c 'umask 077 && mkdir -p "$HOME/.ssh" && cat >"$HOME/.ssh/authorized_keys"' <"$1/authorized_keys" ||
+			fail "writing agent's ~/.ssh/authorized_keys failed"
+	fi
+	err=$(dropbear -r /run/dropbear/ed25519 -p 22 -s -g -w -P /run/dropbear.pid 2>&1) ||
+		fail "the SSH server (dropbear) did not start: ${err##*: }"
+}
+if [ -n "$ssh" ]; then
+	ssh_up "$ssh"
+fi
 
 # --- terminal resize -------------------------------------------------------------------------
 # A read returns EOF while no host end is connected to the port, so the loop reopens it.

@@ -1,4 +1,4 @@
-/* The console filter's fast path in C: supervisor/termfilter.py's `_SAFE_RUN` regex and the UTF-8
+/* The console filter's fast path in C: supervisor/console/filter.py's `_SAFE_RUN` regex and the UTF-8
  * check after it (`safe_run_end_re`), as one loop. The regex engine costs a Python-level iteration
  * per alternative matched, and SGR-dense output has an escape sequence every ~17 bytes.
  *
@@ -124,7 +124,7 @@ static Py_ssize_t scan(const unsigned char *s, Py_ssize_t pos, Py_ssize_t length
 PyDoc_STRVAR(safe_run_end_doc,
              "safe_run_end($module, data, pos, /)\n--\n\n"
              "Where the run of certainly safe output that starts at `pos` ends: exactly what\n"
-             "supervisor.termfilter.safe_run_end_re returns. `data` is bytes or another buffer;\n"
+             "supervisor.console.filter.safe_run_end_re returns. `data` is bytes or another buffer;\n"
              "0 <= pos <= len(data).");
 
 static PyObject *safe_run_end(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
@@ -167,8 +167,8 @@ static PyModuleDef_Slot slots[] = {{0, NULL}};
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "supervisor._scan",
-    .m_doc = "The console filter's fast path in C (supervisor/termfilter.py falls back to a regex).",
+    .m_name = "supervisor.console._scan",
+    .m_doc = "The console filter's fast path in C (supervisor/console/filter.py falls back to a regex).",
     .m_size = 0,
     .m_methods = methods,
     .m_slots = slots,

@@ -4,7 +4,7 @@ A TUI in the guest switches the user's terminal into modes that outlive it: the 
 mouse and focus reporting, bracketed paste, application cursor keys, the kitty keyboard protocol,
 synchronized output, a scroll region. Detaching (or the VM dying) in such a state leaves the user's
 shell receiving `^[[I` on focus and mouse garbage on every click. `TerminalModes` is handed each
-escape sequence of the output by the filter's parser (termfilter.OutputFilter's `on_sequence`, which
+escape sequence of the output by the filter's parser (filter.OutputFilter's `on_sequence`, which
 parses as the terminal does) and gives the bytes that undo what is on, and the bytes that bring a
 fresh terminal into the same modes before and after a replay. It only looks; it changes nothing.
 """

@@ -1,18 +1,18 @@
-"""The VM console: a PTY the supervisor owns, shown in the user's terminal and on console.sock.
+"""The console hub: the PTY master fanned out to one attached terminal, replay and log.
 
     guest hvc0 - QEMU stdio = PTY slave | master - Console -+- the supervisor's own terminal
                                                             +- console.sock <- `agentvm-supervise attach`
                                                             +- replay buffer, console log
                                                             +- resize port -> the guest's stty
 
-Output is read from the master, passed through the hostile-output filter (termfilter), kept in
-the replay buffer and the log (consolelog), and written to the attached terminal, all by a thread
-of its own (consoleout: a copy loop costs far less per read than a round of the event loop). Input,
+Output is read from the master, passed through the hostile-output filter (filter), kept in
+the replay buffer and the log (log), and written to the attached terminal, all by a thread
+of its own (output: a copy loop costs far less per read than a round of the event loop). Input,
 attaches and resizes are event-loop tasks. Input comes from the attached terminal only, with the
 escape key taken out. One terminal is attached at a time and
 the newest attach takes over: the one it displaces is told so and detached, and gets the console
 back the same way. The supervisor's own terminal is attached at start; it is in raw mode only while
-attached and gets its settings (and the modes the guest switched on, see termmodes) back when it
+attached and gets its settings (and the modes the guest switched on, see modes) back when it
 detaches and on every way out. When stdin is not a terminal there is no raw mode and no escape key:
 output still goes to stdout (always, even while an attach holds the console), and input is
 forwarded while no attach holds it.
@@ -25,19 +25,13 @@ virtconsole itself does not carry the size (microvm.nix#123).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import signal
 import socket
-import stat
-import struct
-import termios
 import threading
 import time
-import tty
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -46,273 +40,34 @@ import anyio.abc
 import anyio.to_thread
 import structlog
 
-from supervisor import consoleproto as proto
-from supervisor.consolelog import ConsoleLog, ReplayBuffer
-from supervisor.consoleout import OutputPump, Sink
-from supervisor.termfilter import OutputFilter
-from supervisor.termmodes import TerminalModes
+from supervisor.console import protocol as proto
+from supervisor.console.escape import escape_reader
+from supervisor.console.filter import OutputFilter
+from supervisor.console.log import ConsoleLog, ReplayBuffer
+from supervisor.console.modes import TerminalModes
+from supervisor.console.output import OutputPump, Sink
+from supervisor.console.settings import MSG, ConsoleSettings
+from supervisor.console.terminal import (
+    ConsolePty,
+    TerminalMode,
+    Writer,
+    get_window_size,
+    read_some,
+    recv_some,
+    set_window_size,
+    terminal_alive,
+)
+from supervisor.peer import peer_of
 
-ESCAPE_DEFAULT = 0x1D  # Ctrl-]
 BACKLOG = 256 << 10  # output waiting for the terminal that shows it before the guest is slowed down
 CLIENT_STALL = 10.0  # seconds an attach client may take nothing, its backlog full, before it goes
 INPUT_BACKLOG = 1 << 20  # input waiting for a guest that does not read before it is dropped
-READ_SIZE = 64 << 10
 HELLO_TIMEOUT = 10.0
 # Connections console.sock holds at once (as control.MAX_CONNECTIONS): a flood of them held the
 # supervisor at its fd limit. A client past the cap is closed at once.
 MAX_CONNECTIONS = 16
 DRAIN_TIMEOUT = 1.0
 LOG_FLUSH_DELAY = 0.2
-MSG = "agentvm-supervise"
-
-
-def parse_escape_key(text: str) -> int | None:
-    """'ctrl-]', 'C-]', '^]', a single character, or 'none'; ValueError names the valid forms."""
-    lowered = text.strip().lower()
-    if lowered == "none":
-        return None
-    for prefix in ("ctrl-", "c-", "^"):
-        if lowered.startswith(prefix) and len(lowered) == len(prefix) + 1:
-            code = ord(lowered[-1].upper()) ^ 0x40
-            if 0 <= code < 32:
-                return code
-    if len(text) == 1 and ord(text) < 128:
-        return ord(text)
-    raise ValueError(
-        f"invalid escape key '{text}': use ctrl-X (e.g. ctrl-], ctrl-^), ^X, a single ASCII character, "
-        "or none"
-    )
-
-
-def describe_key(code: int) -> str:
-    return f"Ctrl-{chr(code ^ 0x40)}" if code < 32 else chr(code)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ConsoleSettings:
-    escape: int | None = ESCAPE_DEFAULT
-    filter: bool = True
-    replay_bytes: int = 64 << 10
-    log_dir: Path | None = None  # None: no console log
-    log_max_bytes: int = 4 << 20
-    log_keep: int = 20
-
-
-# ---- the PTY and the user's terminal ---------------------------------------------------------
-
-
-@dataclass
-class ConsolePty:
-    master: int
-    slave: int
-
-    def close_slave(self) -> None:
-        if self.slave >= 0:
-            os.close(self.slave)
-            self.slave = -1
-
-    def close(self) -> None:
-        self.close_slave()
-        if self.master >= 0:
-            os.close(self.master)
-            self.master = -1
-
-
-def open_console_pty(size: tuple[int, int] | None) -> ConsolePty:
-    master, slave = os.openpty()
-    os.set_inheritable(master, False)
-    attrs = termios.tcgetattr(slave)
-    # QEMU makes the tty raw but leaves output processing on: without this the guest's \r\n
-    # would reach the user as \r\r\n.
-    attrs[1] &= ~termios.ONLCR
-    termios.tcsetattr(slave, termios.TCSANOW, attrs)
-    if size is not None:
-        set_window_size(master, size)
-    os.set_blocking(master, False)
-    return ConsolePty(master, slave)
-
-
-def get_window_size(fd: int) -> tuple[int, int] | None:
-    try:
-        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
-    except OSError:
-        return None
-    return (rows, cols) if rows and cols else None
-
-
-def set_window_size(fd: int, size: tuple[int, int]) -> None:
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
-
-
-class TerminalMode:
-    """Raw mode on a terminal on demand; its settings and file flags exactly as before afterwards.
-
-    Restoring never raises and never waits (TCSANOW): the terminal may be hung up (its tmux pane
-    closed), and a terminal that does not drain must not keep the supervisor from exiting.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._saved = termios.tcgetattr(fd)
-        self._flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        self.raw = False
-
-    def enter_raw(self) -> None:
-        tty.setraw(self._fd, termios.TCSANOW)
-        self.raw = True
-
-    def leave_raw(self) -> None:
-        self.raw = False
-        with contextlib.suppress(OSError, termios.error):
-            termios.tcsetattr(self._fd, termios.TCSANOW, self._saved)
-
-    def close(self) -> None:
-        self.leave_raw()
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(self._fd, fcntl.F_SETFL, self._flags)
-
-
-def terminal_alive(fd: int) -> bool:
-    """False once the terminal is hung up (a closed pane): its ioctls then fail with EIO."""
-    try:
-        termios.tcgetattr(fd)
-    except (termios.error, OSError):
-        return False
-    return True
-
-
-# ---- reading and writing without blocking the event loop -------------------------------------
-
-
-def _pollable(fd: int) -> bool:
-    """epoll refuses regular files and /dev/null (EPERM); those never block, but can't be awaited."""
-    info = os.fstat(fd)
-    return not (stat.S_ISREG(info.st_mode) or (stat.S_ISCHR(info.st_mode) and os.major(info.st_rdev) == 1))
-
-
-async def read_some(fd: int) -> bytes:
-    """Read what is there; b"" at end of file (EIO on a PTY master whose slave is gone)."""
-    if not _pollable(fd):
-        return await anyio.to_thread.run_sync(os.read, fd, READ_SIZE, abandon_on_cancel=True)
-    while True:
-        await anyio.wait_readable(fd)
-        try:
-            return os.read(fd, READ_SIZE)
-        except BlockingIOError:
-            continue
-        except OSError as exc:
-            if exc.errno == errno.EIO:
-                return b""
-            raise
-
-
-class Writer:
-    """Writes to a non-blocking fd in order, never blocking the caller: what the fd does not take
-    at once waits in a queue that `run` (a task) writes out as the fd becomes writable. For input
-    and the attach client; output to terminals goes through consoleout."""
-
-    def __init__(self, fd: int, on_error: Callable[[OSError], None]) -> None:
-        self._fd = fd
-        self._on_error = on_error
-        self._queue = bytearray()
-        self._queued = anyio.Event()
-        self._room = anyio.Event()
-        self.failed = False
-
-    @property
-    def backlog(self) -> int:
-        return len(self._queue)
-
-    def write(self, data: bytes) -> None:
-        if self.failed or not data:
-            return
-        view = memoryview(data)
-        if not self._queue:
-            try:
-                written = os.write(self._fd, view)
-            except BlockingIOError:
-                written = 0
-            except OSError as exc:
-                self._fail(exc)
-                return
-            view = view[written:]
-            if not view:
-                return
-        self._queue += view
-        self._queued.set()
-
-    async def run(self) -> None:
-        while not self.failed:
-            await self._queued.wait()
-            self._queued = anyio.Event()
-            while self._queue and not self.failed:
-                await anyio.wait_writable(self._fd)
-                try:
-                    written = os.write(self._fd, self._queue)
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    self._fail(exc)
-                    break
-                del self._queue[:written]
-                self._wake_waiters()
-
-    def abandon(self) -> None:
-        """Stop writing; what is queued is dropped."""
-        self.failed = True
-        self._queue.clear()
-        self._wake_waiters()
-
-    async def wait_below(self, limit: int) -> None:
-        while len(self._queue) > limit and not self.failed:
-            await self._room.wait()
-
-    def _wake_waiters(self) -> None:
-        self._room.set()
-        self._room = anyio.Event()
-
-    def _fail(self, exc: OSError) -> None:
-        self.abandon()
-        self._on_error(exc)
-
-
-# ---- the escape key --------------------------------------------------------------------------
-
-
-class EscapeReader:
-    """Finds the escape key in the user's input; returns what goes to the guest."""
-
-    def __init__(self, escape: int | None, on_command: Callable[[str], None]) -> None:
-        self._escape = escape
-        self._pending = False
-        self._on_command = on_command
-
-    def feed(self, data: bytes) -> bytes:
-        if self._escape is None:
-            return data
-        if not self._pending and self._escape not in data:
-            return data
-        out = bytearray()
-        for byte in data:
-            if self._pending:
-                self._pending = False
-                if byte == self._escape:
-                    out.append(byte)
-                else:
-                    self._on_command(chr(byte))
-            elif byte == self._escape:
-                self._pending = True
-            else:
-                out.append(byte)
-        return bytes(out)
-
-
-def help_text(escape: int) -> bytes:
-    key = describe_key(escape)
-    return (
-        f"\r\n[{MSG} console, {key} then:  . stop the VM  |  d detach  |  ? this help  |  "
-        f"{key} send {key} to the guest]\r\n"
-    ).encode()
 
 
 # ---- attachments -----------------------------------------------------------------------------
@@ -353,7 +108,9 @@ class _LocalTerminal:
         os.set_blocking(stdout, False)
         self.out = Sink(stdout, wake_pump=console.wake_pump, on_error=self._output_failed)
         escape = console.settings.escape if self.interactive else None
-        self._escapes = EscapeReader(escape, self._command)
+        self._escapes = escape_reader(
+            escape, stop=console.on_stop, detach=self._detach_by_key, show=self.out.write
+        )
         self.attached = False
         self.gone = False
         self._seen = 0  # replay offset up to which this terminal has shown the output
@@ -409,24 +166,12 @@ class _LocalTerminal:
             self._reset_told = reset
             self._console.on_terminal_reset(reset)
 
-    def _command(self, key: str) -> None:
-        escape = self._console.settings.escape
-        assert escape is not None
-        if key == ".":
-            self.out.write(f"\r\n[{MSG}: stopping the VM]\r\n".encode())
-            self._console.on_stop()
-        elif key == "d":
-            instance = self._console.instance
-            self.detach(
-                f"\r\n[{MSG}: detached; the VM keeps running. Attach with "
-                f"'agentvm-supervise attach {instance}', or press Enter here.]\r\n"
-            )
-        elif key == "?":
-            self.out.write(help_text(escape))
-        else:
-            self.out.write(
-                f"\r\n[{MSG}: {describe_key(escape)} {key!r} means nothing; ? for help]\r\n".encode()
-            )
+    def _detach_by_key(self) -> None:
+        instance = self._console.instance
+        self.detach(
+            f"\r\n[{MSG}: detached; the VM keeps running. Attach with "
+            f"'agentvm-supervise attach {instance}', or press Enter here.]\r\n"
+        )
 
     # -- the terminal going away
 
@@ -565,11 +310,7 @@ class _SocketClient:
 
     async def _next_frames(self) -> list[tuple[proto.Kind, bytes]]:
         while True:
-            try:
-                data = self._conn.recv(65536)
-            except BlockingIOError:
-                await anyio.wait_readable(self._conn)
-                continue
+            data = await recv_some(self._conn)
             if not data:
                 raise EOFError
             frames = self._frames.feed(data)
@@ -619,12 +360,6 @@ class _SocketClient:
                 self._console.on_stop()
         else:
             raise proto.ProtocolError(f"unexpected {kind.name} frame from a client")
-
-
-def _peer(conn: socket.socket) -> tuple[int, int]:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _ = struct.unpack("3i", creds)
-    return pid, uid
 
 
 def bind_console_socket(path: Path) -> socket.socket:
@@ -847,11 +582,13 @@ class Console:
     async def _serve_connection(self, conn: socket.socket) -> None:
         with conn:
             conn.setblocking(False)
-            pid, uid = _peer(conn)
-            if uid not in (os.geteuid(), 0):
-                self._logger.warning("refused a console connection from another user", uid=uid, pid=pid)
+            peer = peer_of(conn)
+            if not peer.allowed:
+                self._logger.warning(
+                    "refused a console connection from another user", uid=peer.uid, pid=peer.pid
+                )
                 return
-            client = _SocketClient(self, conn, pid)
+            client = _SocketClient(self, conn, peer.pid)
             self._clients.append(client)
             self._sinks = (*self._sinks, client.out)
             try:

@@ -64,7 +64,7 @@ _GROUND_SPECIAL = re.compile(rb"\x1b|\xc2[\x80-\x9f]")
 # which the split property test checks. Sequences that switch modes take the exact path, which
 # hands every sequence it passes on to `on_sequence` (the console's TerminalModes). (No possessive
 # quantifiers: CPython 3.11.2's `re` lets a nested `++` match an incomplete CSI.)
-# supervisor/_scan.c does the same in one loop when it is built; this is its contract.
+# supervisor/console/_scan.c does the same in one loop when it is built; this is its contract.
 _SAFE_RUN = re.compile(
     rb"(?:[\x00-\x1a\x1c-\xc1\xc3-\xff]+|\xc2[\xa0-\xbf]"
     rb"|\x1b\[[0-9:;]{0,250}[\x20-\x2f]{0,4}[\x40-\x62\x64-\x67\x6a\x6b\x6d-\x70\x73\x76-\x7e])+"
@@ -112,13 +112,13 @@ def _incomplete_character(tail: bytes) -> bool:
 
 def _c_safe_run_end() -> SafeRunEnd | None:
     try:
-        from supervisor._scan import safe_run_end
+        from supervisor.console._scan import safe_run_end
     except ImportError:  # built without a C compiler: the regex gives the same, ~10x slower
         return None
     return safe_run_end
 
 
-C_SAFE_RUN_END: Final = _c_safe_run_end()  # None when supervisor/_scan.c is not built
+C_SAFE_RUN_END: Final = _c_safe_run_end()  # None when supervisor/console/_scan.c is not built
 FAST_SCAN: Final = C_SAFE_RUN_END is not None
 safe_run_end: Final[SafeRunEnd] = C_SAFE_RUN_END or safe_run_end_re
 
@@ -161,7 +161,7 @@ class OutputFilter:
     """Feed it the guest's output as it arrives; write what `feed` returns to the terminal.
 
     `on_sequence`, if given, sees every escape sequence passed on except SGR-like CSIs without a
-    private marker: in particular each one that switches a terminal mode (see termmodes). `scan` is
+    private marker: in particular each one that switches a terminal mode (see modes.py). `scan` is
     the fast path (`safe_run_end`: the C one when it is built); the tests pass each implementation.
     """
 

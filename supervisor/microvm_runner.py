@@ -1,4 +1,4 @@
-"""microvm.nix runners: run any VM's `bin/microvm-run` as the supervisor's runner.
+"""microvm.nix runners: run any VM's `bin/microvm-run` as the VM process (the runner script).
 
 microvm.nix writes a shell script that ends in `exec [-a microvm@HOST] HYPERVISOR ARGS... ${runtime_args:-}`.
 Its sockets are relative by default (`<hostName>.sock` for QMP or cloud-hypervisor's API,
@@ -28,16 +28,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anyio
-
 from supervisor.config import Accel, Hypervisor
 from supervisor.errors import ExitCode, SupervisorError
 from supervisor.launcher import Forward
 from supervisor.qemu import qemu_escape
+from supervisor.runtime import InstanceDir
 
 SCRIPT_NAME = "microvm-run"
-QMP_SOCKET = "qmp.sock"
-API_SOCKET = "api.sock"
 PRIVATE_QMP_ID = "agentvm-qmp"
 
 # QEMU options that take no argument; every other option takes exactly one.
@@ -154,10 +151,10 @@ def _get_option(value: str, key: str) -> str | None:
 @dataclass(frozen=True)
 class RunnerScript:
     path: Path  # bin/microvm-run as given (not resolved: its dir is the runner package)
-    lines: list[str]
+    lines: tuple[str, ...]
     exec_line: int  # index into lines
-    words: list[Word]  # of the exec line
-    interpreter: list[str]  # from the #! line
+    words: tuple[Word, ...]  # of the exec line
+    interpreter: tuple[str, ...]  # from the #! line
 
     @property
     def runner_dir(self) -> Path | None:
@@ -216,7 +213,7 @@ def read_script(raw: str, cwd: Path) -> RunnerScript:
     if len(found) != 1:
         raise _error(path, f"has {len(found)} exec lines where microvm.nix writes exactly one")
     index, words = found[0]
-    script = RunnerScript(path, lines, index, words, interpreter)
+    script = RunnerScript(path, tuple(lines), index, tuple(words), tuple(interpreter))
     if len(words) <= script.program_index:
         raise _error(path, f"has an exec line (line {index + 1}) without a program")
     return script
@@ -311,15 +308,57 @@ class _Edit:
 
 
 @dataclass(frozen=True)
+class RunnerTap:
+    """A tap interface the runner opens by name (microvm.interfaces type "tap"): it must exist first."""
+
+    name: str
+    multi_queue: bool  # QEMU queues=N>1, cloud-hypervisor num_queues>2: the tap needs IFF_MULTI_QUEUE
+
+
+UNSUPPORTED_NIC = (
+    "; agentvm-supervise creates tap interfaces the runner opens by name (microvm.interfaces "
+    'type "tap", -netdev tap,ifname=... / --net tap=...) on [network] bridge; macvtap, fd-passed '
+    "taps and QEMU's bridge helper are not supported: use a tap interface, or start the VM with "
+    "microvm.nix's own host units"
+)
+
+
+def _qemu_tap(script: Path, value: str) -> RunnerTap | None:
+    kind = value.split(",", maxsplit=1)[0]
+    if kind == "bridge" or (kind == "tap" and _get_option(value, "helper") is not None):
+        raise _error(script, f"has -netdev {value!r}, which needs QEMU's bridge helper{UNSUPPORTED_NIC}")
+    if kind != "tap":
+        return None
+    if _get_option(value, "fd") is not None or _get_option(value, "fds") is not None:
+        raise _error(script, f"has -netdev {value!r}, a tap passed as an fd (macvtap){UNSUPPORTED_NIC}")
+    name = _get_option(value, "ifname")
+    if name is None:
+        raise _error(script, f"has -netdev {value!r} without ifname={UNSUPPORTED_NIC}")
+    queues = _get_option(value, "queues") or "1"
+    return RunnerTap(name, queues.isdigit() and int(queues) > 1)
+
+
+def _ch_tap(script: Path, value: str) -> RunnerTap | None:
+    if _get_option(value, "fd") is not None:
+        raise _error(script, f"has --net {value!r}, a tap passed as an fd (macvtap){UNSUPPORTED_NIC}")
+    name = _get_option(value, "tap")
+    if name is None:
+        return None
+    queues = _get_option(value, "num_queues") or "2"
+    return RunnerTap(name, queues.isdigit() and int(queues) > 2)
+
+
+@dataclass(frozen=True)
 class RunnerPlan:
     script: RunnerScript
     hypervisor: Hypervisor
-    share_tags: list[str]  # virtiofs tags, in the order the hypervisor names them
+    share_tags: tuple[str, ...]  # virtiofs tags, in the order the hypervisor names them
     cwd: Path | None  # None: the instance dir
-    raw_words: list[str]  # the rewritten exec line, with {qmp_fd} not yet filled in
+    raw_words: tuple[str, ...]  # the rewritten exec line, with {qmp_fd} not yet filled in
     rm_line: int | None  # cloud-hypervisor: the `rm -f SOCKET` line to point at the new socket
     qmp_fd_word: int | None  # index of the word holding the private QMP fd (QEMU)
-    notes: list[str] = field(default_factory=list)  # warnings for the log
+    notes: tuple[str, ...] = ()  # warnings for the log
+    taps: tuple[RunnerTap, ...] = ()  # created by the supervisor before the runner starts
 
     def render(self, instance_dir: Path, private_qmp_fd: int | None) -> str:
         words = list(self.raw_words)
@@ -331,11 +370,18 @@ class RunnerPlan:
         line = lines[self.script.exec_line]
         lines[self.script.exec_line] = line[: len(line) - len(line.lstrip())] + " ".join(words)
         if self.rm_line is not None:
-            lines[self.rm_line] = "rm -f " + _quote(str(instance_dir / API_SOCKET))
+            lines[self.rm_line] = "rm -f " + _quote(str(InstanceDir(instance_dir).api_socket))
         return "\n".join(lines)
 
     def argv(self, rendered_path: Path) -> list[str]:
         return [*self.script.interpreter, str(rendered_path)]
+
+    def write(self, instance_dir: Path, private_qmp_fd: int | None) -> Path:
+        """The rewritten copy, in the instance dir (read and run by its owner only)."""
+        script = InstanceDir(instance_dir).runner_script
+        script.write_text(self.render(instance_dir, private_qmp_fd))
+        script.chmod(0o500)
+        return script
 
 
 def _rewrite_argv0(edit: _Edit, instance: str) -> None:
@@ -347,11 +393,43 @@ def plan_qemu(script: RunnerScript, instance_dir: Path, overrides: Overrides) ->
     edit = _Edit(script)
     _rewrite_argv0(edit, overrides.instance)
     tcg = overrides.accel is Accel.TCG
-    fs_chardevs: dict[str, str] = {}  # chardev id -> tag
-    positions: dict[str, list[int]] = {}  # option -> indexes of its argument
+    positions, fs_chardevs, drop = _scan_qemu_options(edit, tcg=tcg)
+    notes = _rewrite_qemu_machine(edit, positions, overrides, tcg=tcg)
+    _rewrite_qemu_resources(edit, positions, overrides)
+    _rewrite_qemu_sockets(edit, positions, fs_chardevs, InstanceDir(instance_dir))
+    if overrides.forwards:
+        _add_qemu_forwards(edit, positions, overrides.forwards)
+    if overrides.netdev_extra:
+        _restrict_network(edit, positions, overrides.netdev_extra)
+    taps = [
+        tap for i in positions.get("-netdev", []) if (tap := _qemu_tap(script.path, edit.value(i, "-netdev")))
+    ]
+    tail = edit.tail_index()
+    extra = [_quote("-chardev"), "", _quote("-mon"), _quote(f"chardev={PRIVATE_QMP_ID},mode=control")]
+    raw = [word for index, word in enumerate(edit.raw) if index not in drop]
+    tail -= sum(1 for index in drop if index < tail)
+    raw[tail:tail] = extra
+    return RunnerPlan(
+        script=script,
+        hypervisor=Hypervisor.QEMU,
+        share_tags=tuple(fs_chardevs.values()),
+        cwd=None,
+        raw_words=tuple(raw),
+        rm_line=None,
+        qmp_fd_word=tail + 1,
+        notes=tuple(notes),
+        taps=tuple(taps),
+    )
+
+
+def _scan_qemu_options(edit: _Edit, *, tcg: bool) -> tuple[dict[str, list[int]], dict[str, str], list[int]]:
+    """(option -> indexes of its argument, virtiofs chardev id -> tag, indexes of words to drop)."""
+    script = edit.script
+    fs_chardevs: dict[str, str] = {}
+    positions: dict[str, list[int]] = {}
+    drop: list[int] = []
     i = script.program_index + 1
     end = edit.tail_index()
-    drop: list[int] = []
     while i < end:
         option = edit.values[i]
         if option is None or not option.startswith("-"):
@@ -369,6 +447,13 @@ def plan_qemu(script: RunnerScript, instance_dir: Path, overrides: Overrides) ->
                 raise _error(script.path, f"has a vhost-user-fs device without chardev= or tag=: {value!r}")
             fs_chardevs[chardev] = tag
         i += 2
+    return positions, fs_chardevs, drop
+
+
+def _rewrite_qemu_machine(
+    edit: _Edit, positions: dict[str, list[int]], overrides: Overrides, *, tcg: bool
+) -> list[str]:
+    """-name, the accelerator, the kernel command line and the CPU model; returns notes for the log."""
     for index in positions.get("-name", []):
         edit.set(index, overrides.instance)
     for option in ("-M", "-machine"):
@@ -406,54 +491,52 @@ def plan_qemu(script: RunnerScript, instance_dir: Path, overrides: Overrides) ->
             edit.set(index, overrides.cpu)
         elif tcg and model == "host":
             edit.set(index, "max")
+    return notes
+
+
+def _rewrite_qemu_resources(edit: _Edit, positions: dict[str, list[int]], overrides: Overrides) -> None:
+    """--mem and --vcpus."""
     if overrides.memory_mib is not None:
         _set_qemu_memory(edit, positions, overrides.memory_mib)
     if overrides.vcpus is not None:
         for index in positions.get("-smp", []):
             value = edit.value(index, "-smp")
             if not value.isdigit():
-                raise _error(script.path, f"has -smp {value!r}, which --vcpus cannot replace (only -smp N)")
+                raise _error(
+                    edit.script.path, f"has -smp {value!r}, which --vcpus cannot replace (only -smp N)"
+                )
             edit.set(index, str(overrides.vcpus))
+
+
+def _rewrite_qemu_sockets(
+    edit: _Edit, positions: dict[str, list[int]], fs_chardevs: dict[str, str], files: InstanceDir
+) -> None:
+    """The public QMP socket and each virtiofs socket move into the instance dir."""
     qmps = positions.get("-qmp", [])
     if len(qmps) > 1:
-        raise _error(script.path, "has more than one -qmp")
+        raise _error(edit.script.path, "has more than one -qmp")
     for index in qmps:
         match = re.fullmatch(r"unix:([^,]*)(,.*)?", edit.value(index, "-qmp"))
         if match:
-            edit.set(index, f"unix:{qemu_escape(str(instance_dir / QMP_SOCKET))}{match.group(2) or ''}")
+            edit.set(index, f"unix:{qemu_escape(str(files.qmp_socket))}{match.group(2) or ''}")
     for index in positions.get("-chardev", []):
         value = edit.value(index, "-chardev")
         tag = fs_chardevs.get(_get_option(value, "id") or "")
         if tag is not None and value.split(",")[0] == "socket" and _get_option(value, "path") is not None:
-            edit.set(index, _set_option(value, "path", str(instance_dir / f"{tag}.sock")))
-    if overrides.forwards:
-        users = [i for i in positions.get("-netdev", []) if edit.value(i, "-netdev").split(",")[0] == "user"]
-        if not users:
-            raise _error(
-                script.path,
-                "has no user-mode network (-netdev user,...), which --forward needs: add microvm.interfaces "
-                '= [ { type = "user"; id = "usernet"; mac = "..."; } ] (or claude-microvm\'s '
-                "qemu.extraArgs) to the VM",
-            )
-        value = edit.value(users[0], "-netdev")
-        edit.set(users[0], ",".join([value, *(forward.hostfwd() for forward in overrides.forwards)]))
-    if overrides.netdev_extra:
-        _restrict_network(edit, positions, overrides.netdev_extra)
-    tail = edit.tail_index()
-    extra = [_quote("-chardev"), "", _quote("-mon"), _quote(f"chardev={PRIVATE_QMP_ID},mode=control")]
-    raw = [word for index, word in enumerate(edit.raw) if index not in drop]
-    tail -= sum(1 for index in drop if index < tail)
-    raw[tail:tail] = extra
-    return RunnerPlan(
-        script=script,
-        hypervisor=Hypervisor.QEMU,
-        share_tags=list(fs_chardevs.values()),
-        cwd=None,
-        raw_words=raw,
-        rm_line=None,
-        qmp_fd_word=tail + 1,
-        notes=notes,
-    )
+            edit.set(index, _set_option(value, "path", str(files.share_socket(tag))))
+
+
+def _add_qemu_forwards(edit: _Edit, positions: dict[str, list[int]], forwards: Sequence[Forward]) -> None:
+    users = [i for i in positions.get("-netdev", []) if edit.value(i, "-netdev").split(",")[0] == "user"]
+    if not users:
+        raise _error(
+            edit.script.path,
+            "has no user-mode network (-netdev user,...), which --forward needs: add microvm.interfaces "
+            '= [ { type = "user"; id = "usernet"; mac = "..."; } ] (or claude-microvm\'s '
+            "qemu.extraArgs) to the VM",
+        )
+    value = edit.value(users[0], "-netdev")
+    edit.set(users[0], ",".join([value, *(forward.hostfwd() for forward in forwards)]))
 
 
 def _restrict_network(edit: _Edit, positions: dict[str, list[int]], extra: Sequence[str]) -> None:
@@ -514,6 +597,7 @@ def plan_cloud_hypervisor(script: RunnerScript, instance_dir: Path, overrides: O
     _rewrite_argv0(edit, overrides.instance)
     tags: list[str] = []
     api: list[int] = []
+    taps: list[RunnerTap] = []
     i = script.program_index + 1
     end = edit.tail_index()
     while i < end:
@@ -527,10 +611,12 @@ def plan_cloud_hypervisor(script: RunnerScript, instance_dir: Path, overrides: O
                 tag = _get_option(value, "tag")
                 if tag is None or _get_option(value, "socket") is None:
                     raise _error(script.path, f"has --fs {value!r} without socket= or tag=")
-                edit.set(j, _set_option(value, "socket", str(instance_dir / f"{tag}.sock")))
+                edit.set(j, _set_option(value, "socket", str(InstanceDir(instance_dir).share_socket(tag))))
                 tags.append(tag)
             elif option == "--api-socket":
                 api.append(j)
+            elif option == "--net" and (tap := _ch_tap(script.path, value)) is not None:
+                taps.append(tap)
             elif option == "--memory" and overrides.memory_mib is not None:
                 if _get_option(value, "hotplug_method") is not None:
                     raise _error(script.path, "uses memory hotplug, whose size --mem cannot replace")
@@ -541,7 +627,7 @@ def plan_cloud_hypervisor(script: RunnerScript, instance_dir: Path, overrides: O
         i = j
     if len(api) > 1:
         raise _error(script.path, "has more than one --api-socket")
-    new_api = str(instance_dir / API_SOCKET)
+    new_api = str(InstanceDir(instance_dir).api_socket)
     rm_line = None
     if api:
         old = edit.value(api[0], "--api-socket")
@@ -565,11 +651,12 @@ def plan_cloud_hypervisor(script: RunnerScript, instance_dir: Path, overrides: O
     return RunnerPlan(
         script=script,
         hypervisor=Hypervisor.CLOUD_HYPERVISOR,
-        share_tags=tags,
+        share_tags=tuple(tags),
         cwd=None,
-        raw_words=edit.raw,
+        raw_words=tuple(edit.raw),
         rm_line=rm_line,
         qmp_fd_word=None,
+        taps=tuple(taps),
     )
 
 
@@ -584,34 +671,3 @@ def plan_runner(
     if duplicates:
         raise _error(script.path, f"names the virtiofs tag {duplicates[0]!r} twice")
     return dataclasses.replace(planned, cwd=cwd)
-
-
-# ---- cloud-hypervisor's API ----------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    pass
-
-
-async def ch_api_put(socket_path: Path, endpoint: str, *, timeout: float = 5.0) -> int:
-    """PUT /api/v1/ENDPOINT on cloud-hypervisor's API socket; returns the HTTP status."""
-    request = (
-        f"PUT /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n"
-        "Content-Length: 0\r\nConnection: close\r\n\r\n"
-    ).encode()
-    try:
-        with anyio.fail_after(timeout):
-            async with await anyio.connect_unix(socket_path) as stream:
-                await stream.send(request)
-                received = b""
-                while b"\r\n" not in received:
-                    try:
-                        received += await stream.receive()
-                    except anyio.EndOfStream:
-                        break
-    except (OSError, TimeoutError, anyio.BrokenResourceError) as exc:
-        raise ApiError(f"{endpoint} on {socket_path}: {exc}") from None
-    match = re.match(rb"HTTP/1\.[01] (\d{3})", received)
-    if not match:
-        raise ApiError(f"{endpoint} on {socket_path}: not an HTTP reply: {received[:80]!r}")
-    return int(match.group(1))

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import anyio
 import anyio.to_thread
 
-from supervisor.consolelog import ConsoleLog
+from supervisor.console.log import ConsoleLog
 
 READ_SIZE = 64 << 10  # a PTY gives at most 4 KiB per read; a pipe (tests, bench) more
 HELD_BACK_RECHECK_MS = 1000  # while output waits for a terminal, `paused` is asked this often too
