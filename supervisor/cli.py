@@ -55,7 +55,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         help="TOML config file (docs/config.md; default: $XDG_CONFIG_HOME/agentvm-supervise/config.toml)",
     )
     parser.add_argument(
-        "--agent", choices=["claude", "gemini", "codex"], help="agent flavor: names the agent home (claude)"
+        "--agent",
+        choices=["claude", "gemini", "codex"],
+        help="agent flavor: names the agent home (claude); given here without --runner, it also "
+        "boots that flavor's agent guest (--guest agent)",
+    )
+    parser.add_argument(
+        "--guest",
+        choices=["builtin", "agent"],
+        help="what our own QEMU boots: the busybox guest (builtin), or the agent flavor's Debian guest",
     )
     parser.add_argument(
         "--work-dir", help="project dir mounted at /work (default: $WORK_DIR, else current dir)"
@@ -134,7 +142,7 @@ def _add_run_parser(commands: Any) -> None:
 
 
 def _parser() -> _Parser:
-    from supervisor import manage
+    from supervisor import guestcmd, manage
 
     parser = _Parser(prog=PROG, description="Run an AI coding agent in a throw-away microVM.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -163,6 +171,7 @@ def _parser() -> _Parser:
     att.add_argument("--escape-key", help="console escape key: ctrl-X, ^X, or none (default: ctrl-])")
     att.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     manage.add_parsers(commands)
+    guestcmd.add_parser(commands)
     allow_cmd = commands.add_parser(
         "allow",
         help="allow the host to evaluate this project's dev shell (DIRENV_ALLOW=1) as it is now",
@@ -247,6 +256,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "sandbox-fallback": args.sandbox_fallback,
     }
     result: dict[str, Any] = {key: value for key, value in top.items() if value is not None}
+    # `run --agent claude` means claude's agent guest (unless a runner is given: it names the home)
+    guest_kind = args.guest or ("agent" if args.agent and not args.runner else None)
+    if guest_kind is not None:
+        result["guest"] = guest_kind
     runner = {"script": args.runner}
     console_section = {
         "escape-key": getattr(args, "escape_key", None),
@@ -278,10 +291,22 @@ def _check_paths(cfg: config.Config) -> None:
     config.check_environment_paths(os.environ, cwd)
 
 
-def _doctor(args: argparse.Namespace) -> int:
-    from supervisor import config, doctor
+def _load_config(args: argparse.Namespace) -> config.Config:
+    import msgspec
+
+    from supervisor import config
 
     cfg = config.load(_config_file(args), _overrides(args))
+    if args.guest is None and (cfg.runner is not None or cfg.qemu.kernel is not None):
+        # --agent only implied the agent guest: a config's runner or kernel keeps its own guest
+        cfg = msgspec.structs.replace(cfg, guest=config.GuestKind.BUILTIN)
+    return cfg
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from supervisor import doctor
+
+    cfg = _load_config(args)
     _check_paths(cfg)
     report = doctor.diagnose(cfg, env=os.environ, cwd=Path.cwd())
     if args.json:
@@ -320,7 +345,7 @@ def _log_warnings(checked: plan.Plan) -> None:
 def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
     import anyio
 
-    from supervisor import config, launcher, logs, plan
+    from supervisor import launcher, logs, plan
     from supervisor.console.terminal import get_window_size
     from supervisor.notify import Notifier, extending
     from supervisor.vm import Host, Instance, Stdio
@@ -337,7 +362,7 @@ def _run(args: argparse.Namespace, stop_signals: pid1.StopSignals) -> int:
     # /proc/PID/environ of the supervisor itself would show the API key otherwise (children, the
     # watchdog included, get an environment without it).
     launcher.scrub_proc_environ()
-    cfg = config.load(_config_file(args), _overrides(args))
+    cfg = _load_config(args)
     _check_paths(cfg)
     notifier = Notifier.from_env(os.environ)
     try:
@@ -445,6 +470,10 @@ def main(argv: Sequence[str] | None = None, *, unblock: Iterable[int] = ()) -> i
         logs.configure(json=fmt, level=level)
         if args.command == "allow":
             return _allow(args)
+        if args.command == "guest":
+            from supervisor import guestcmd
+
+            return guestcmd.run(args)
         if args.command != "run":
             from supervisor import config, manage
 

@@ -71,6 +71,13 @@ class Agent(enum.StrEnum):
     CODEX = "codex"
 
 
+class GuestKind(enum.StrEnum):
+    """What our own QEMU boots when there is no runner and no qemu.kernel."""
+
+    BUILTIN = "builtin"  # the busybox guest (guest/init.sh): a shell or the command after --
+    AGENT = "agent"  # the agent flavor's Debian guest (agentguest.py): the agent, or the command
+
+
 class Hypervisor(enum.StrEnum):
     AUTO = "auto"  # the runner's share/microvm/hypervisor, else the program its exec line runs
     QEMU = "qemu"
@@ -190,6 +197,7 @@ class Network(_Strict, frozen=True):
 class Config(_Strict, frozen=True):
     name: Name | None = None  # None: <basename>-<agent>-vm, as claude-microvm names its VMs
     agent: Agent = Agent.CLAUDE
+    guest: GuestKind = GuestKind.BUILTIN
     runtime_dir: str | None = None  # base dir for instance dirs; None: $XDG_RUNTIME_DIR/agentvm, ...
     work_dir: str | None = None  # the project dir (/work); None: $WORK_DIR, else the current directory
     agent_home: str | None = None  # None: $AGENT_HOME, else $XDG_DATA_HOME/<agent>-microvm/<basename>-<hash>

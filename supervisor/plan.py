@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from supervisor import (
+    agentguest,
     checks,
     devallow,
     egress,
@@ -35,6 +36,7 @@ from supervisor.config import (
     Agent,
     Config,
     ConsoleConfig,
+    GuestKind,
     Hypervisor,
     Machine,
     NetworkMode,
@@ -340,6 +342,9 @@ class _Guest:
     network: network.GuestNetwork | None  # our own QEMU's NIC (a runner brings its own)
     ssh: sshkeys.SshPlan | None = None
     runner_taps: tuple[tap.TapSpec, ...] = ()
+    qemu_args: tuple[str, ...] = ()  # the agent guest's root image disk (agentguest.py)
+    memory_mib: int = DEFAULT_MEMORY_MIB  # defaults of the mode; the config's values win
+    vcpus: int = DEFAULT_VCPUS
 
 
 @dataclass(frozen=True)
@@ -370,6 +375,11 @@ def build_plan(
     """
     preflight = preflight if preflight is not None else checks.Preflight(strict=True)
     inputs = _inputs(config, env=env, cwd=cwd, kvm_assessment=kvm_assessment)
+    if config.guest is GuestKind.AGENT and (config.runner is not None or config.qemu.kernel is not None):
+        raise SupervisorError(
+            'guest = "agent" (or --guest agent) boots our own QEMU with the agent guest, but the config '
+            "also names a runner or a qemu.kernel: remove one of them (or pass --guest builtin)",
+        )
     if config.runner is not None:
         return _plan_microvm_runner(config, inputs, command, preflight, kvm_assessment)
     if config.qemu.kernel is not None:
@@ -425,6 +435,16 @@ def _plan_builtin_guest(
         network=guest_net,
         ssh=ssh_plan,
     )
+    if config.guest is GuestKind.AGENT:  # the same host contract, another kernel, initramfs and root
+        agent_plan = agentguest.plan_guest(config.agent, inputs.env, config.qemu.machine, preflight=preflight)
+        planned = replace(
+            planned,
+            kernel=agent_plan.kernel,
+            initrd=agent_plan.initrd,
+            qemu_args=tuple(agent_plan.qemu_args),
+            memory_mib=agent_plan.memory_mib,
+            vcpus=agent_plan.vcpus,
+        )
     return _assemble(config, inputs, planned=planned, shares=shares, checked=checked, preflight=preflight)
 
 
@@ -567,7 +587,7 @@ def _inputs(
     egress_plan = egress.plan_network(
         config.network,
         agent=config.agent,
-        agent_guest=False,  # the agent guest (issue 13) passes True: allowlist by default
+        agent_guest=config.guest is GuestKind.AGENT,  # allowlist by default
         runner=config.runner is not None,
         instance=instance,
         instance_dir=base / instance,
@@ -797,9 +817,9 @@ def _assemble(
         kernel=planned.kernel,
         initrd=planned.initrd,
         cmdline=planned.cmdline,
-        memory_mib=config.qemu.memory_mib or DEFAULT_MEMORY_MIB,
-        vcpus=config.qemu.vcpus or DEFAULT_VCPUS,
-        qemu_extra_args=tuple(config.qemu.extra_args),
+        memory_mib=config.qemu.memory_mib or planned.memory_mib,
+        vcpus=config.qemu.vcpus or planned.vcpus,
+        qemu_extra_args=(*planned.qemu_args, *config.qemu.extra_args),
         builtin_guest=planned.builtin,
         command=planned.command,
         timeouts=config.timeouts,
