@@ -170,9 +170,9 @@ def _handler(script: Script, lock: threading.Lock) -> type[BaseHTTPRequestHandle
 
 
 @contextmanager
-def serve(script: Script) -> Iterator[int]:
-    """Serve `script` on 127.0.0.1; yields the port."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(script, threading.Lock()))
+def serve(script: Script, host: str = "127.0.0.1") -> Iterator[int]:
+    """Serve `script` on `host` (a loopback address); yields the port."""
+    server = ThreadingHTTPServer((host, 0), _handler(script, threading.Lock()))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -321,6 +321,49 @@ def test_a_full_agent_turn_as_an_unprivileged_user(
 
 
 @pytest.mark.vm
+def test_egress_agent_turn(
+    claude_guest: agentguest.AgentGuest, tmp_path: Path
+) -> None:
+    """The agent guest's default network: the fake API reached only through the supervisor's proxy
+    when its address is allowed; not allowed, the agent fails on the 403 and the log says why."""
+    script = fake_anthropic.Script(
+        tool="Write",
+        tool_input={"file_path": "/work/hello.txt", "content": "through the proxy\n"},
+        final_text="I wrote /work/hello.txt.",
+    )
+    # 127.0.0.2: not in the guest's NO_PROXY (localhost, 127.0.0.1), so claude goes through the proxy,
+    # which refuses loopback addresses unless that exact address is allowed.
+    with fake_anthropic.serve(script, host="127.0.0.2") as port:
+        command = [
+            "env", f"ANTHROPIC_BASE_URL=http://127.0.0.2:{port}",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1", "DISABLE_AUTOUPDATER=1",
+            "claude", "-p", "Write hello.txt", "--allowedTools", "Write",
+        ]  # fmt: skip
+        outcomes = {}
+        requests_when_allowed = 0
+        for case, allow in (("allowed", f'["127.0.0.2:{port}"]'), ("denied", "[]")):
+            config = tmp_path / f"{case}.toml"
+            config.write_text(f'[network]\nmode = "allowlist"\nallow = {allow}\n')
+            outcomes[case] = run_supervisor(
+                [*_run_args(tmp_path, f"ag-eg-{case[:2]}"), "--config", str(config), "--", *command],
+                env={"ANTHROPIC_API_KEY": "sk-ant-fake"},
+                cwd=tmp_path,
+                timeout=BOOT_TIMEOUT,
+            )
+            if case == "allowed":
+                requests_when_allowed = len(script.requests)
+    allowed, denied = outcomes["allowed"], outcomes["denied"]
+    assert allowed.returncode == 0, (allowed.stdout, allowed.stderr)
+    assert (tmp_path / "work" / "hello.txt").read_text() == "through the proxy\n"
+    assert denied.returncode != 0, (denied.stdout, denied.stderr)
+    assert len(script.requests) == requests_when_allowed  # nothing reached the API when denied
+    denials = [line for line in denied.stderr.splitlines() if '"egress denied"' in line]
+    assert denials and '"host": "127.0.0.2"' in denials[0], denied.stderr
+    _assert_nothing_left("ag-eg-al", tmp_path / "rt")
+    _assert_nothing_left("ag-eg-de", tmp_path / "rt")
+
+
+@pytest.mark.vm
 @pytest.mark.parametrize("flavor", ["gemini", "codex"])
 def test_other_flavors_build_and_report_their_version(
     flavor: str, guest_assets: guest.GuestAssets, tmp_path: Path
