@@ -38,7 +38,8 @@ static void mark(const char *what, long long value) {
 
 int main(int argc, char **argv) {
     long long started = now_ns();
-    if ((argc == 2 && strcmp(argv[1], "-version") == 0) || (argc == 3 && strcmp(argv[2], "help") == 0)) {
+    /* A probe: `-version`, `-X help`, or the sandbox probe `-sandbox ... -device help` (checks.py). */
+    if ((argc == 2 && strcmp(argv[1], "-version") == 0) || (argc >= 3 && strcmp(argv[argc - 1], "help") == 0)) {
         const char *qemu = getenv("BENCH_QEMU");
         if (!qemu || !*qemu) qemu = "/usr/bin/qemu-system-x86_64";
         argv[0] = (char *)qemu;
