@@ -321,9 +321,7 @@ def test_a_full_agent_turn_as_an_unprivileged_user(
 
 
 @pytest.mark.vm
-def test_egress_agent_turn(
-    claude_guest: agentguest.AgentGuest, tmp_path: Path
-) -> None:
+def test_egress_agent_turn(claude_guest: agentguest.AgentGuest, tmp_path: Path) -> None:
     """The agent guest's default network: the fake API reached only through the supervisor's proxy
     when its address is allowed; not allowed, the agent fails on the 403 and the log says why."""
     script = fake_anthropic.Script(

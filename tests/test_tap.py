@@ -154,7 +154,7 @@ def _ssh(ns: Netns, tmp_path: Path, address: str, command: str, *, first: bool) 
 
 
 @pytest.mark.vm
-def test_two_guests_on_a_bridge_reach_each_other_the_host_reaches_both_over_http_and_ssh(
+def test_two_guests_on_a_bridge_ping_and_reach_each_other_the_host_reaches_both_over_http_and_ssh(
     guest_assets: guest.GuestAssets, netns: Netns, tmp_path: Path
 ) -> None:
     """And each guest's host key, pinned by the first ssh, is the same after a stop and a start."""
@@ -170,7 +170,11 @@ def test_two_guests_on_a_bridge_reach_each_other_the_host_reaches_both_over_http
     # b boots beside a: it tries until a's server answers (600 x 0.2 s at most)
     fetch_a = (
         f"n=0; until wget -q -O /work/from-a http://{SUBNET}.2:8080/hello; do n=$((n+1)); "
-        '[ "$n" -lt 600 ] || break; sleep 0.2; done; echo $n > /work/fetched; '
+        '[ "$n" -lt 600 ] || break; sleep 0.2; done; '
+        # ICMP too, as the agent user: iputils' ping needs no raw socket (ping_group_range); by its
+        # path, since the guest's busybox shell prefers its own applet, which needs root
+        f"/bin/ping -c 2 -W 5 {SUBNET}.2 > /work/ping 2>&1; echo $? > /work/ping-status; "
+        "echo $n > /work/fetched; "
     )
     procs = [_start(netns, a_cfg, SERVE), _start(netns, b_cfg, f"{fetch_a}{SERVE}")]
     try:
@@ -179,6 +183,9 @@ def test_two_guests_on_a_bridge_reach_each_other_the_host_reaches_both_over_http
         _wait_for(b_work / "fetched", procs[1])
         assert int((b_work / "fetched").read_text()) < 600
         assert (b_work / "from-a").read_text() == "from a\n"  # guest to guest, over the bridge
+        ping = (b_work / "ping").read_text()
+        assert (b_work / "ping-status").read_text() == "0\n", ping  # guest to guest ping
+        assert "2 received" in ping, ping
         assert _fetch(netns, f"http://{SUBNET}.2:8080/hello") == "from a\n\n"  # the host to each guest
         assert _fetch(netns, f"http://{SUBNET}.3:8080/hello") == "from b\n\n"
         for address, name in ((f"{SUBNET}.2", "a"), (f"{SUBNET}.3", "b")):

@@ -179,8 +179,12 @@ KPKG=$(apt-cache "${APT_OPTS_bookworm[@]}" depends linux-image-cloud-amd64 2>"$W
 linux-image-cloud-amd64 named no linux-image-6.1.0-*-cloud-amd64 package)." "$WORK/apt-cache.log"
 # the SSH server: dropbear is small, and with its libraries the initramfs grows by about 1.5 MB
 SSH_PKGS=(dropbear-bin libtomcrypt1 libtommath1 libgmp10 libcrypt1 zlib1g libc6)
+# iputils' ping: busybox's needs a raw socket (root); this one uses ICMP datagram sockets, which
+# init.sh opens to the agent user (net.ipv4.ping_group_range), so `ping` works on tap networks
+PING_PKGS=(iputils-ping libcap2 libidn2-0 libunistring2)
 step 2 "downloading Debian 12 $KPKG, busybox-static and dropbear..."
-apt_download bookworm "the Debian 12 kernel, busybox and dropbear" "$KPKG" busybox-static "${SSH_PKGS[@]}"
+apt_download bookworm "the Debian 12 kernel, busybox, dropbear and ping" "$KPKG" busybox-static \
+	"${SSH_PKGS[@]}" "${PING_PKGS[@]}"
 KDEB=$(deb_of bookworm "$KPKG")
 BBDEB=$(deb_of bookworm busybox-static)
 DBDEB=$(deb_of bookworm dropbear-bin)
@@ -229,17 +233,21 @@ done <"$WORK/applets"
 # dropbear and dropbearconvert (the host key comes in OpenSSH's format) with the shared libraries
 # they link, at the paths their ELF interpreter and the default library path look in
 D=$WORK/dropbear
-for p in "${SSH_PKGS[@]}"; do
+for p in "${SSH_PKGS[@]}" "${PING_PKGS[@]}"; do
 	dpkg -x "$(deb_of bookworm "$p")" "$D" || die "dpkg -x of the Debian 12 package $p failed (disk full?)."
 done
 [ -x "$D/usr/sbin/dropbear" ] && [ -x "$D/usr/bin/dropbearconvert" ] ||
 	die "the dropbear-bin package has no usr/sbin/dropbear or usr/bin/dropbearconvert: update build-assets.sh."
 cp "$D/usr/sbin/dropbear" "$R/usr/sbin/dropbear"
 cp "$D/usr/bin/dropbearconvert" "$R/usr/bin/dropbearconvert"
+[ -x "$D/bin/ping" ] || die "the iputils-ping package has no bin/ping: update build-assets.sh."
+rm -f "$R/bin/ping" # busybox's applet link: it needs a raw socket
+cp "$D/bin/ping" "$R/bin/ping"
 mkdir -p "$R/lib/x86_64-linux-gnu" "$R/lib64"
-for lib in ld-linux-x86-64.so.2 libc.so.6 libcrypt.so.1 libz.so.1 libtomcrypt.so.1 libtommath.so.1 libgmp.so.10; do
+for lib in ld-linux-x86-64.so.2 libc.so.6 libcrypt.so.1 libz.so.1 libtomcrypt.so.1 libtommath.so.1 libgmp.so.10 \
+	libcap.so.2 libidn2.so.0 libunistring.so.2; do
 	f=$(find "$D" -name "$lib" \( -type f -o -type l \) -print -quit)
-	[ -n "$f" ] || die "$lib is in none of ${SSH_PKGS[*]}: their layout changed, update build-assets.sh."
+	[ -n "$f" ] || die "$lib is in none of ${SSH_PKGS[*]} ${PING_PKGS[*]}: their layout changed, update build-assets.sh."
 	cp -L "$f" "$R/lib/x86_64-linux-gnu/$lib"
 done
 ln -s /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "$R/lib64/ld-linux-x86-64.so.2"

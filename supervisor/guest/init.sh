@@ -203,6 +203,9 @@ net_up() {
 	err=$(ip addr add "$_addr" dev "$_dev" 2>&1) || fail "ip addr add $_addr dev $_dev failed: ${err##*: }"
 	err=$(ip link set "$_dev" up 2>&1) || fail "ip link set $_dev up failed: ${err##*: }"
 	err=$(ip route add default via "$_gw" dev "$_dev" 2>&1) || fail "ip route add default via $_gw failed: ${err##*: }"
+	# ping without a raw socket (iputils' ping, ICMP datagram sockets), for every user, as most
+	# distributions allow
+	echo "0 2147483647" >/proc/sys/net/ipv4/ping_group_range
 	printf 'nameserver %s\n' "$_dns" >/etc/resolv.conf
 	printf '127.0.0.1 localhost\n%s agentvm\n' "${_addr%/*}" >/etc/hosts
 	mkdir -p /run/agentvm
