@@ -23,9 +23,6 @@ import re
 import shutil
 import signal
 import subprocess
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -150,6 +147,11 @@ def _node_spec(engines: object) -> str:
 
 def resolve_release(env: Mapping[str, str], flavor: Agent, version: str | None = None) -> Release:
     """Ask the npm registry for the CLI's version (`latest` unless given) and its node needs."""
+    # Here, not at the top: only a build asks the registry, and http.client costs every start ~8 ms.
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
     package = CLI_PACKAGES[flavor]
     registry = (env.get("npm_config_registry") or "https://registry.npmjs.org").rstrip("/")
     url = f"{registry}/{urllib.parse.quote(package, safe='@')}/{urllib.parse.quote(version or 'latest')}"
