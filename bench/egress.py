@@ -123,7 +123,7 @@ def flood(root: Path, connections: int) -> None:
             started = time.monotonic()
             status = control.call(InstanceDir(instance).control_socket, control.StatusRequest())
             times.append((time.monotonic() - started) * 1000)
-            active = int(str((status.egress or {}).get("active", 0)))
+            active = status.egress.active if status.egress is not None else 0
             if active > peak:
                 peak, steady_since = active, time.monotonic()
             time.sleep(0.2)

@@ -87,6 +87,23 @@ class ShareInfo(msgspec.Struct, frozen=True, kw_only=True):
     socket: str
 
 
+class EgressInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """The allow-list's counts (supervisor/egress: egress_info)."""
+
+    mode: str
+    proxy: str
+    log: str | None
+    connections: int
+    active: int
+    allowed: int
+    denied: int
+    errors: int
+    busy: int
+    bytes_up: int
+    bytes_down: int
+    top_denied: list[str]  # "HOST:PORT (COUNT)", the most denied first
+
+
 class InstanceStatus(msgspec.Struct, frozen=True, kw_only=True):
     instance: str
     phase: Phase
@@ -105,7 +122,7 @@ class InstanceStatus(msgspec.Struct, frozen=True, kw_only=True):
     stop_cause: str | None
     children: list[ChildInfo]
     shares: list[ShareInfo]
-    egress: dict[str, object] | None = None  # allowlist mode: supervisor.egress.egress_info
+    egress: EgressInfo | None = None  # allowlist mode
 
 
 class Response(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

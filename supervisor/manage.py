@@ -228,13 +228,11 @@ def format_status(status: control.InstanceStatus) -> str:
     egress = status.egress
     if egress is not None:  # allowlist mode (supervisor/egress)
         lines.append(
-            f"egress    allowlist via {egress.get('proxy')}: {egress.get('allowed')} allowed, "
-            f"{egress.get('denied')} denied, {egress.get('errors')} failed, {egress.get('active')} open; "
-            f"log {egress.get('log')}"
+            f"egress    allowlist via {egress.proxy}: {egress.allowed} allowed, {egress.denied} denied, "
+            f"{egress.errors} failed, {egress.active} open; log {egress.log}"
         )
-        denied = egress.get("top_denied")
-        if isinstance(denied, list) and denied:
-            lines.append(f"          most denied: {', '.join(str(item) for item in denied)}")
+        if egress.top_denied:
+            lines.append(f"          most denied: {', '.join(egress.top_denied)}")
     return "\n".join(line for line in lines if line)
 
 

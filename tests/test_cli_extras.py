@@ -85,7 +85,7 @@ def test_bash_completion_offers_commands_flags_and_values() -> None:
     assert result.returncode == 0, result.stderr
     script = result.stdout
     assert _complete(script, "agentvm-supervise ") == [
-        "run", "doctor", "attach", "status", "stop", "list", "allow", "schema", "completion", "-h", "--help",
+        "run", "doctor", "attach", "status", "stop", "list", "guest", "allow", "schema", "completion", "-h", "--help",
         "--version",
     ]  # fmt: skip
     assert _complete(script, "agentvm-supervise st") == ["status", "stop"]

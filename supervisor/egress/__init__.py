@@ -27,6 +27,7 @@ from pathlib import Path
 
 from supervisor import checks, children
 from supervisor.config import Agent, Network, NetworkMode
+from supervisor.control import EgressInfo
 from supervisor.egress import audit
 from supervisor.egress.proxy import Proxy
 from supervisor.egress.rules import Policy, RuleError, build_policy
@@ -99,23 +100,23 @@ def make_proxy(network: NetworkPlan) -> Proxy | None:
     return Proxy(network.policy, audit.Audit(network.log_path))
 
 
-def egress_info(proxy: Proxy, network: NetworkPlan) -> dict[str, object]:
+def egress_info(proxy: Proxy, network: NetworkPlan) -> EgressInfo:
     """The counts `status` shows."""
     stats = proxy.audit.stats
-    return {
-        "mode": network.mode.value,
-        "proxy": network.proxy_url,
-        "log": str(network.log_path) if network.log_path else None,
-        "connections": stats.connections,
-        "active": stats.active,
-        "allowed": stats.allowed,
-        "denied": stats.denied,
-        "errors": stats.errors,
-        "busy": stats.busy,
-        "bytes_up": stats.bytes_up,
-        "bytes_down": stats.bytes_down,
-        "top_denied": [f"{host} ({count})" for host, count in stats.denied_hosts.most_common(5)],
-    }
+    return EgressInfo(
+        mode=network.mode.value,
+        proxy=network.proxy_url,
+        log=str(network.log_path) if network.log_path else None,
+        connections=stats.connections,
+        active=stats.active,
+        allowed=stats.allowed,
+        denied=stats.denied,
+        errors=stats.errors,
+        busy=stats.busy,
+        bytes_up=stats.bytes_up,
+        bytes_down=stats.bytes_down,
+        top_denied=[f"{host} ({count})" for host, count in stats.denied_hosts.most_common(5)],
+    )
 
 
 def handoff_argv(socket_path: Path, *, binary: bool | None = None) -> tuple[str, ...]:
