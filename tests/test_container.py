@@ -280,7 +280,9 @@ def _pod_from_job(key_dir: Path, claim: str) -> dict[str, Any]:
         i = supervisor_args.index("--network")
         del supervisor_args[i : i + 2]
     script = '. /home/agent/.microvm-env; printf %s "$ANTHROPIC_API_KEY" > /work/key; exit 3'
-    container["args"] = [*supervisor_args, "--", "sh", "-c", script]
+    # The image has the built-in guest only (Containerfile, AGENT GUESTS): the Job's `--agent claude`
+    # would pick the agent guest and try to build it; this shell command is the built-in guest's.
+    container["args"] = [*supervisor_args, "--guest", "builtin", "--", "sh", "-c", script]
     for volume in spec["volumes"]:
         if "secret" in volume:
             # Podman 4.3 (Debian 12) panics on a secret volume in kube play (a nil SecretsManager
