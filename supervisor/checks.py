@@ -251,7 +251,7 @@ def check_qemu(name: str, machine: Machine, accel: Accel | None, *, known: Facts
     return ok("qemu", f"QEMU {version} at {path}: machine {machine.value}, {fs_device}", facts)
 
 
-def check_qemu_sandbox(path: str, *, enabled: bool, qemu_ok: Check) -> Check:
+def check_qemu_sandbox(path: str, *, enabled: bool, qemu_ok: Check, known: Facts | None = None) -> Check:
     """QEMU takes -sandbox SANDBOX: built with seccomp, and the kernel installs the filter.
 
     `-device help` is answered after QEMU's early options, which install the filter, so the probe
@@ -261,7 +261,9 @@ def check_qemu_sandbox(path: str, *, enabled: bool, qemu_ok: Check) -> Check:
         return skip("qemu-sandbox", "QEMU's seccomp sandbox is off ([qemu] sandbox = false)")
     if qemu_ok.status is not Status.OK:
         return skip("qemu-sandbox", "no usable QEMU to ask")
-    result = children.probe([path, "-sandbox", SANDBOX, "-machine", "none", "-device", "help"])
+    # A fact of this binary (built with seccomp or not), cached as the other QEMU probes are.
+    query = ["-sandbox", SANDBOX, "-machine", "none", "-device", "help"]
+    [result] = (known or Facts(None, store=False)).probe(path, [query])
     if result.status != 0:
         return fail(
             "qemu-sandbox",

@@ -744,7 +744,9 @@ def _check_environment(
             checks.check_qemu(config.qemu.binary, config.qemu.machine, inputs.chosen_accel, known=known)
         )
         qemu_binary = str(row.facts.get("path") or config.qemu.binary)
-        preflight.add(checks.check_qemu_sandbox(qemu_binary, enabled=config.qemu.sandbox, qemu_ok=row))
+        preflight.add(
+            checks.check_qemu_sandbox(qemu_binary, enabled=config.qemu.sandbox, qemu_ok=row, known=known)
+        )
     else:
         qemu_binary = runner.script.program
         preflight.add(

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from supervisor import guest
+from supervisor.qemu import SANDBOX
 from tests.container_support import FAKE_QEMU, Launched, fake_runner_config
 from tests.support import run_supervisor, supervisor_argv
 
@@ -44,6 +45,9 @@ def _start_and_stop(config: Path, tmp_path: Path, env: dict[str, str]) -> None:
         sup.kill()
 
 
+SANDBOX_PROBE = f"-sandbox {SANDBOX} -machine none -device help"  # checks.check_qemu_sandbox
+
+
 def _probes(log: Path) -> list[str]:
     calls = log.read_text().splitlines() if log.exists() else []
     log.unlink(missing_ok=True)
@@ -56,20 +60,25 @@ def test_a_second_start_runs_no_probe_and_a_new_binary_is_probed_again(
     config, log, env = _setup(tmp_path, guest_assets)
     _start_and_stop(config, tmp_path, env)
     assert sorted(_probes(log)) == sorted(
-        ["-version", "-machine help", "-device help", "-object help", "-accel help", "--version", "--help"]
+        [
+            "-version",
+            "-machine help",
+            "-device help",
+            "-object help",
+            "-accel help",
+            "--version",
+            "--help",
+            SANDBOX_PROBE,
+        ]
     )
     _start_and_stop(config, tmp_path, env)
     assert _probes(log) == []  # every answer came from the state dir
     # The same path, another binary (an upgrade): its answers are not the old one's.
     _logging_wrapper(tmp_path / "qemu", f"{sys.executable} {FAKE_QEMU}", log, extra=": upgraded\n")
     _start_and_stop(config, tmp_path, env)
-    assert sorted(_probes(log)) == [
-        "-accel help",
-        "-device help",
-        "-machine help",
-        "-object help",
-        "-version",
-    ]
+    assert sorted(_probes(log)) == sorted(
+        ["-accel help", "-device help", "-machine help", "-object help", "-version", SANDBOX_PROBE]
+    )
 
 
 def test_doctor_reads_the_cache_but_never_writes_it(guest_assets: guest.GuestAssets, tmp_path: Path) -> None:
@@ -77,7 +86,7 @@ def test_doctor_reads_the_cache_but_never_writes_it(guest_assets: guest.GuestAss
     for _ in range(2):
         result = run_supervisor(["doctor", "--json", "--config", str(config)], env=env)
         assert json.loads(result.stdout)["can_start"] is True, result.stdout
-        assert len(_probes(log)) == 7  # nothing kept: probed each time
+        assert len(_probes(log)) == 8  # nothing kept: probed each time
     assert not (tmp_path / "state").exists()
     _start_and_stop(config, tmp_path, env)
     _probes(log)
