@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from supervisor import checks, guest
+from supervisor import checks, diskfull, guest
 from supervisor.config import Agent, Machine
 from supervisor.errors import ExitCode, SupervisorError
 
@@ -49,6 +49,10 @@ DEFAULT_MEMORY_MIB = 2048
 DEFAULT_VCPUS = 2
 REGISTRY_TIMEOUT = 20.0
 BUILD_STOP_GRACE = 30.0  # mmdebstrap unmounts and removes its chroot on SIGTERM
+# What a build needs free in the cache: claude's root file system (1.1 GiB) and its erofs image
+# (0.65 GiB) side by side, plus the downloads; checked first, so a full disk fails at once and
+# clearly rather than minutes in, inside mmdebstrap or mkfs.erofs.
+BUILD_NEEDS_BYTES = 3 << 30
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,7 @@ def build(env: Mapping[str, str], release: Release) -> AgentGuest:
                 "cache dir you share with this user",
                 exit_code=ExitCode.UNAVAILABLE,
             )
+        _check_free_space(target.directory.parent, release)
         kernel_package = (
             guest.asset_versions(guest.ensure_assets(env)).get("kernel_package", "").split(" ")[0]
         )
@@ -243,6 +248,18 @@ def build(env: Mapping[str, str], release: Release) -> AgentGuest:
                 exit_code=ExitCode.UNAVAILABLE,
             )
         return target
+
+
+def _check_free_space(cache: Path, release: Release) -> None:
+    free = diskfull.free_bytes(cache)
+    if free is not None and free < BUILD_NEEDS_BYTES:
+        raise SupervisorError(
+            f"the disk holding the guest cache {cache} has {free >> 20} MiB free; building the "
+            f"{release.flavor.value} agent guest needs about {BUILD_NEEDS_BYTES >> 30} GiB there (its "
+            "root file system and image side by side): free some space, or point "
+            "AGENTVM_SUPERVISE_CACHE at a larger filesystem. Nothing was built.",
+            exit_code=ExitCode.CANT_CREATE,
+        )
 
 
 def _run_build(argv: list[str], env: Mapping[str, str], target: Path) -> int:

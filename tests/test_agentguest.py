@@ -138,6 +138,25 @@ def test_an_unprivileged_build_names_the_root_way(test_user: str, shared_tmp: Pa
     ] == []
 
 
+def test_a_full_disk_under_the_cache_is_one_paragraph_and_builds_nothing(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounts a small tmpfs as the cache")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(cache)], check=True)
+    try:
+        result = run_supervisor(
+            ["guest", "build", "--agent", "claude"], env={"AGENTVM_SUPERVISE_CACHE": str(cache)}
+        )
+        assert result.returncode == ExitCode.CANT_CREATE, result.stderr
+        assert f"the disk holding the guest cache {cache} has 64 MiB free" in result.stderr
+        assert "Nothing was built." in result.stderr and "Traceback" not in result.stderr
+        # no guest, half-built or not, nor the built-in guest's assets: only the build lock
+        assert [p.name for p in cache.iterdir()] == [".agent-build.lock"]
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+
+
 def test_doctor_reports_the_agent_guest(tmp_path: Path) -> None:
     (tmp_path / "work").mkdir()
     result = run_supervisor(
