@@ -23,7 +23,7 @@ done
 packages=(qemu-system-x86 python3 python3-venv python3-dev gcc libc6-dev cpio apt dpkg gzip
   ca-certificates
   # the agent guests (supervisor/guest/agent/build-agent.sh): a Debian root fs, packed as erofs
-  mmdebstrap erofs-utils debian-archive-keyring)
+  mmdebstrap erofs-utils debian-archive-keyring xz-utils mount util-linux)
 [ "$test_tools" = 1 ] && packages+=(tmux nix-bin systemd procps util-linux passwd iproute2 openssh-client)
 # The container tests (tests/test_container.py): build the Containerfile from a base made locally
 # by mmdebstrap (no registry), run it with runc (crun refuses hosts with hybrid cgroups);

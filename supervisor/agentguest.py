@@ -288,7 +288,26 @@ def ensure(env: Mapping[str, str], flavor: Agent) -> AgentGuest:
     found = find_built(env, flavor)
     if found is not None:
         return found
+    _check_cache_writable(env, flavor)
     return build(env, resolve_release(env, flavor))
+
+
+def _check_cache_writable(env: Mapping[str, str], flavor: Agent) -> None:
+    """A read-only cache (a container image's) cannot get a guest built into it: say which guests
+    it has and how to add this one, before asking the network anything."""
+    root = guest.cache_root(env)
+    existing = next(parent for parent in (root, *root.parents) if parent.exists())
+    if os.access(existing, os.W_OK):
+        return
+    have = sorted({g.versions().get("flavor", "?") for g in built_guests(env)})
+    raise SupervisorError(
+        f"the {flavor.value} agent guest is not built in {root}, which is read-only (a container "
+        f"image's cache, say), so it cannot be built at start; that cache has "
+        f"{', '.join(have) if have else 'no agent guest'}. Build the image with the flavor in it "
+        f'(podman build --build-arg AGENTS="{" ".join([*have, flavor.value])}" ...), choose a '
+        "flavor it has, or point AGENTVM_SUPERVISE_CACHE at a writable dir to build it there.",
+        exit_code=ExitCode.UNAVAILABLE,
+    )
 
 
 def remove(env: Mapping[str, str], flavor: Agent | None) -> list[Path]:
@@ -298,6 +317,20 @@ def remove(env: Mapping[str, str], flavor: Agent | None) -> list[Path]:
         pattern = f"agent-{flavor.value if flavor else '*'}-*"
         for path in sorted(root.glob(pattern)):
             if path.is_dir():
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
+
+
+def prune(env: Mapping[str, str]) -> list[Path]:
+    """Remove the agent guests no run would pick: each flavor keeps only find_built's choice (the
+    newest built by these sources); older CLI versions and builds of older scripts go."""
+    root = guest.cache_root(env)
+    removed = []
+    with _build_lock(root):
+        keep = {found.directory for flavor in Agent if (found := find_built(env, flavor)) is not None}
+        for path in sorted(root.glob("agent-*")):
+            if path.is_dir() and path not in keep:
                 shutil.rmtree(path)
                 removed.append(path)
     return removed

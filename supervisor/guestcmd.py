@@ -43,6 +43,10 @@ def add_parser(commands: Any) -> None:
     which = remove.add_mutually_exclusive_group(required=True)
     which.add_argument("--agent", type=_flavor, metavar="FLAVOR", help="the guests of this flavor")
     which.add_argument("--all", action="store_true", help="every agent guest")
+    verbs.add_parser(
+        "prune",
+        help="remove the agent guests no run would pick (older CLI versions, older build scripts)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,11 +71,14 @@ def run(args: argparse.Namespace) -> int:
             stale = "" if item.directory.name.endswith(current) else " (older build scripts: unused)"
             print(agentguest.describe(item) + stale)
         return ExitCode.OK
-    if args.guest_verb == "remove":
-        removed = agentguest.remove(env, None if args.all else args.agent)
+    if args.guest_verb in ("remove", "prune"):
+        if args.guest_verb == "prune":
+            removed = agentguest.prune(env)
+        else:
+            removed = agentguest.remove(env, None if args.all else args.agent)
         for path in removed:
             print(f"removed {path}")
         if not removed:
-            print("no agent guest to remove", file=sys.stderr)
+            print(f"no agent guest to {args.guest_verb}", file=sys.stderr)
         return ExitCode.OK
     raise SupervisorError(f"unknown guest verb {args.guest_verb}")

@@ -157,6 +157,50 @@ def test_a_full_disk_under_the_cache_is_one_paragraph_and_builds_nothing(tmp_pat
         subprocess.run(["umount", str(cache)], check=True)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="building an agent guest needs root")
+def test_a_build_that_cannot_mount_names_cap_sys_admin(guest_assets: guest.GuestAssets) -> None:
+    # What an image build or a container without --cap-add SYS_ADMIN is: root without the
+    # capability to mount the chroot's /proc. The build stops before mmdebstrap, naming the flag.
+    argv = ["setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin", "--",
+            *supervisor_argv(), "guest", "build", "--agent", "codex", "--cli-version", "0.169.0"]  # fmt: skip
+    result = subprocess.run(
+        argv, env=base_env(CACHE_ENV), capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == ExitCode.UNAVAILABLE, result.stderr
+    said = " ".join(result.stderr.split())  # the paragraph is folded at 100 columns
+    assert "this process cannot mount" in said and "CAP_SYS_ADMIN is missing" in said
+    assert "podman build --cap-add SYS_ADMIN" in said and "Traceback" not in said
+    assert "[1/6]" not in said, "it stops before mmdebstrap downloads anything"
+    assert sorted(p.name for p in TEST_CACHE.glob("*agent-codex-0.169.0-*")) == []
+
+
+def test_a_flavor_missing_from_a_read_only_cache_is_named_without_a_build(
+    guest_assets: guest.GuestAssets, tmp_path: Path
+) -> None:
+    """A container image's cache is read-only: `run --agent codex` with only a claude guest in it
+    names what the cache has and the build argument that adds codex, and asks no network."""
+    if os.geteuid() != 0:
+        pytest.skip("mounts a read-only cache")
+    cache = tmp_path / "cache"
+    shutil.copytree(guest_assets.directory, cache / guest_assets.directory.name, symlinks=True)
+    have = cache / f"agent-claude-2.0.0-{agentguest.sources_hash()}"
+    have.mkdir(parents=True)
+    for name in agentguest.FILES:
+        (have / name).write_text("flavor=claude\ncli_version=2.0.0\n")
+    subprocess.run(["mount", "--bind", "-o", "ro", str(cache), str(cache)], check=True)
+    try:
+        env = {"AGENTVM_SUPERVISE_CACHE": str(cache), "npm_config_registry": "http://127.0.0.1:9"}
+        result = run_supervisor([*_run_args(tmp_path, "ro-cache", "codex"), "--", "true"], env=env)
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+    assert result.returncode == ExitCode.UNAVAILABLE, result.stderr
+    said = " ".join(result.stderr.split())
+    assert f"the codex agent guest is not built in {cache}, which is read-only" in said
+    assert "that cache has claude" in said and '--build-arg AGENTS="claude codex"' in said
+    assert "npm registry" not in said and "Traceback" not in said
+    assert sorted(p.name for p in cache.iterdir()) == sorted([have.name, guest_assets.directory.name])
+
+
 def test_doctor_reports_the_agent_guest(tmp_path: Path) -> None:
     (tmp_path / "work").mkdir()
     result = run_supervisor(
@@ -407,3 +451,33 @@ def test_guest_list_and_remove(tmp_path: Path) -> None:
     removed = run_supervisor(["guest", "remove", "--agent", "codex"], env=env)
     assert removed.returncode == 0 and f"removed {fake}" in removed.stdout
     assert not fake.exists()
+
+
+def test_guest_prune_keeps_only_what_a_run_would_pick(tmp_path: Path) -> None:
+    """What the Containerfile's agent step runs after `guest build`: older CLI versions and builds
+    of older scripts go, the newest current build of each flavor stays."""
+    cache = tmp_path / "cache"
+    current = agentguest.sources_hash()
+
+    def fake(flavor: str, version: str, sources: str, age: int) -> Path:
+        directory = cache / f"agent-{flavor}-{version}-{sources}"
+        directory.mkdir(parents=True)
+        for name in agentguest.FILES:
+            (directory / name).write_text(f"flavor={flavor}\ncli_version={version}\n")
+        os.utime(directory, (time.time() - age, time.time() - age))
+        return directory
+
+    older = fake("codex", "0.1.0", current, age=200)
+    newest = fake("codex", "0.2.0", current, age=100)
+    old_scripts = fake("codex", "0.3.0", "000000000000", age=0)
+    claude = fake("claude", "2.0.0", current, age=300)
+    env = {"AGENTVM_SUPERVISE_CACHE": str(cache)}
+    assert agentguest.find_built(env, Agent.CODEX) == agentguest.AgentGuest(newest)
+    pruned = run_supervisor(["guest", "prune"], env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert sorted(line.split()[-1] for line in pruned.stdout.splitlines()) == sorted(
+        [str(older), str(old_scripts)]
+    )
+    assert sorted(p.name for p in cache.glob("agent-*")) == sorted([newest.name, claude.name])
+    again = run_supervisor(["guest", "prune"], env=env)
+    assert again.returncode == 0 and again.stdout == "" and "no agent guest to prune" in again.stderr

@@ -17,13 +17,11 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import select
 import shlex
 import signal
 import socket
 import subprocess
-import sys
 import termios
 import time
 import uuid
@@ -138,6 +136,32 @@ def test_container_passes_the_guest_commands_status_through(runs: Podman, work: 
     assert KEY not in result.stderr
     info = (work / "f").stat()
     assert (info.st_uid, info.st_gid) == (1234, 1234)  # the guest's uid 1000 became /work's owner
+
+
+def test_the_image_has_its_agent_guest_and_names_a_flavor_it_lacks(
+    runs: Podman, work: Path, key_dir: Path
+) -> None:
+    """The Containerfile builds the claude guest into the image (AGENTS): `guest list` shows it
+    current. A flavor the image lacks ends the container at once, under the Job's read-only root
+    and with no network, with the build argument that adds it (not a build at start)."""
+    listed = runs.run(
+        ["run", "--rm", "--network", "none", "--entrypoint", "agentvm-supervise", IMAGE, "guest", "list"]
+    )
+    assert "claude: @anthropic-ai/claude-code" in listed.stdout, listed.stdout
+    assert "older build scripts" not in listed.stdout and "gemini" not in listed.stdout
+    name = _name()
+    try:
+        missing = runs.run(
+            ["run", "--rm", "--name", name, "--network", "none", *job_security_flags(key_dir),
+             "-v", f"{work}:/work", IMAGE, "--agent", "gemini", "--", "true"],
+            check=False, timeout=120,
+        )  # fmt: skip
+    finally:
+        runs.remove(name)
+    assert missing.returncode == 69, missing.stderr
+    said = " ".join(missing.stderr.split())  # the preflight's paragraph
+    assert "the gemini agent guest is not built in /opt/agentvm-cache, which is read-only" in said
+    assert '--build-arg AGENTS="claude gemini"' in said, said
 
 
 def test_container_is_ready_after_qmp_and_stop_takes_the_graceful_path(
@@ -297,14 +321,14 @@ def _pod_from_job(key_dir: Path, claim: str) -> dict[str, Any]:
     container["image"] = IMAGE
     args = container["args"]
     supervisor_args = args[: args.index("--")]
-    if "--network" in supervisor_args and not _supervisor_knows("--network"):
-        # The egress allow-list (issue 14) is not in this build yet: play the rest of the spec.
-        i = supervisor_args.index("--network")
-        del supervisor_args[i : i + 2]
-    script = '. /home/agent/.microvm-env; printf %s "$ANTHROPIC_API_KEY" > /work/key; exit 3'
-    # The image has the built-in guest only (Containerfile, AGENT GUESTS): the Job's `--agent claude`
-    # would pick the agent guest and try to build it; this shell command is the built-in guest's.
-    container["args"] = [*supervisor_args, "--guest", "builtin", "--", "sh", "-c", script]
+    # The Job's own supervisor arguments (--network allowlist --agent claude) with a command that
+    # leaves evidence: the agent guest built into the image boots in a pod with no network at all
+    # (kube play --network none) and a read-only root, so nothing was built or downloaded at start.
+    script = (
+        '. /home/agent/.microvm-env; printf %s "$ANTHROPIC_API_KEY" > /work/key; '
+        "claude --version > /work/version; exit 3"
+    )
+    container["args"] = [*supervisor_args, "--", "sh", "-c", script]
     for volume in spec["volumes"]:
         if "secret" in volume:
             # Podman 4.3 (Debian 12) panics on a secret volume in kube play (a nil SecretsManager
@@ -318,23 +342,12 @@ def _pod_from_job(key_dir: Path, claim: str) -> dict[str, Any]:
     return pod
 
 
-def _supervisor_knows(flag: str) -> bool:
-    help_text = subprocess.run(
-        [sys.executable, "-m", "supervisor", "run", "--help"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=False,
-    ).stdout
-    return re.search(rf"(^|\s){re.escape(flag)}[\s=]", help_text) is not None
-
-
 def test_kube_play_runs_the_jobs_pod_to_the_agents_status(
     runs: Podman, tmp_path: Path, key_dir: Path
 ) -> None:
     """agent-job.yaml's pod (security context, read-only root, emptyDirs, the key as a file, the work
     volume from a claim) under `podman kube play`: the container ends with the command's status,
-    which is what the Job reports."""
+    which is what the Job reports; the Job's `--agent claude` boots the claude guest in the image."""
     claim = f"agentvm-work-{uuid.uuid4().hex[:6]}"
     pod = _pod_from_job(key_dir, claim)
     manifest = tmp_path / "pod.yaml"
@@ -346,6 +359,7 @@ def test_kube_play_runs_the_jobs_pod_to_the_agents_status(
         assert status == "3", runs.run(["logs", container]).stderr
         mountpoint = runs.run(["volume", "inspect", claim, "--format", "{{.Mountpoint}}"]).stdout.strip()
         assert (Path(mountpoint) / "key").read_text() == KEY
+        assert "(Claude Code)" in (Path(mountpoint) / "version").read_text()
         host_config = json.loads(runs.run(["inspect", container]).stdout)[0]["HostConfig"]
         assert host_config["ReadonlyRootfs"] is True
         assert host_config["Privileged"] is False

@@ -11,6 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from supervisor import agentguest
 from tests.support import REPO
 
 KUBERNETES_VERSION = "1.33.0"  # pinned: a schema change upstream must not change this test's verdict
@@ -179,3 +180,26 @@ def test_clone_job_clones_into_the_work_volume() -> None:
     assert clone["args"][0] == "clone"
     assert {"name": "work", "mountPath": "/work"} in clone["volumeMounts"]
     assert {"name": "work", "mountPath": "/work"} in agent_container(pod)["volumeMounts"]
+
+
+def _mebibytes(quantity: str) -> int:
+    units = {"Mi": 1, "Gi": 1024}
+    number, unit = quantity[:-2], quantity[-2:]
+    assert unit in units and number.isdigit(), f"write {quantity!r} in Mi or Gi"
+    return int(number) * units[unit]
+
+
+# What runs beside the guest's RAM in the pod: QEMU itself, three virtiofsd, the supervisor.
+POD_OVERHEAD_MIB = 512
+
+
+@pytest.mark.parametrize("path", JOBS, ids=lambda path: path.name)
+def test_job_memory_holds_the_agent_guest_it_boots(path: Path) -> None:
+    """The agent guest's RAM is QEMU's, inside the pod's memory limit: a limit below it gets the
+    pod OOM-killed mid-task (the Job had 1536Mi, sized for the 512 MiB shell guest)."""
+    agent = agent_container(agent_pod(path))
+    assert "--agent" in agent["args"][: agent["args"].index("--")]
+    resources = agent["resources"]
+    guest = agentguest.DEFAULT_MEMORY_MIB
+    assert _mebibytes(resources["limits"]["memory"]) >= guest + POD_OVERHEAD_MIB
+    assert _mebibytes(resources["requests"]["memory"]) >= guest + POD_OVERHEAD_MIB // 2

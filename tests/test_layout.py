@@ -30,3 +30,16 @@ def test_planning_imports_no_pty_or_thread_code() -> None:
     probe = "import sys, supervisor.plan; print(sorted(m for m in sys.modules if m.startswith('supervisor.console')))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "['supervisor.console', 'supervisor.console.settings']"
+
+
+def test_the_module_map_names_every_module() -> None:
+    """docs/architecture.md's package tree has a line for each module (agentguest.py and
+    guestcmd.py went unlisted for a whole issue before this test)."""
+    tree = (SUPERVISOR.parent / "docs" / "architecture.md").read_text()
+    modules = sorted(
+        path.name
+        for path in SUPERVISOR.rglob("*.py")
+        if path.name != "__init__.py" and "__pycache__" not in path.parts
+    )
+    unnamed = [name for name in modules if f" {name} " not in tree and f" {name}\n" not in tree]
+    assert unnamed == []

@@ -54,10 +54,21 @@ case $FLAVOR in claude | gemini | codex) ;; *) die "unknown flavor '$FLAVOR' (cl
 in a chroot): run 'sudo agentvm-supervise guest build --agent $FLAVOR' with AGENTVM_SUPERVISE_CACHE set \
 to a cache dir both of you use."
 need() { command -v "$1" >/dev/null 2>&1 || die "$1 not found: apt-get install $2 (as root; install.sh does it), then run this again."; }
-for pair in mmdebstrap:mmdebstrap mkfs.erofs:erofs-utils apt-get:apt dpkg-deb:dpkg cpio:cpio gzip:gzip; do
+for pair in mmdebstrap:mmdebstrap mkfs.erofs:erofs-utils apt-get:apt dpkg-deb:dpkg cpio:cpio gzip:gzip \
+	xz:xz-utils mount:mount unshare:util-linux; do
 	need "${pair%%:*}" "${pair#*:}"
 done
 [ -r "$KEYRING" ] || die "$KEYRING not found: apt-get install debian-archive-keyring (as root)."
+# mmdebstrap and the CLI's install run in a chroot with /proc, /sys and /dev mounted: that takes
+# CAP_SYS_ADMIN, which a container or an image build (podman build, docker build) lacks by default.
+# Probed in a mount namespace of its own, so nothing stays mounted.
+if ! MOUNT_ERR=$(unshare --mount --propagation private mount -t proc proc /proc 2>&1); then
+	die "building an agent guest mounts /proc, /sys and /dev in a chroot, and this process cannot \
+mount (${MOUNT_ERR:-unshare failed}: CAP_SYS_ADMIN is missing). In an image build pass --cap-add \
+SYS_ADMIN (podman build --cap-add SYS_ADMIN, see the Containerfile) or leave the agent guests out \
+(--build-arg AGENTS=); in a container, run the build with --cap-add SYS_ADMIN, or build on the host \
+and copy the guest's directory into the cache."
+fi
 for f in stage1.sh init.sh ../agent-env.sh; do [ -r "$HERE/$f" ] || die "$HERE/$f not found: build-agent.sh must stay next to it."; done
 
 umask 022
