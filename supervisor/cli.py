@@ -86,6 +86,19 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         help="guest network: user-mode NAT, only the egress proxy (allow-list), no device, or a tap on "
         "network.bridge",
     )
+    parser.add_argument(
+        "--allow",
+        action="append",
+        metavar="RULE",
+        help="also allow this host in allowlist mode: HOST, *.SUFFIX or ADDRESS, with an optional "
+        ":PORT (repeatable; added to network.allow)",
+    )
+    parser.add_argument(
+        "--deny",
+        action="append",
+        metavar="RULE",
+        help="also deny this host in allowlist mode (repeatable; added to network.deny, deny wins)",
+    )
     parser.add_argument("--runtime-dir", help="base dir for instance dirs (sockets, state)")
     parser.add_argument("--name", help="instance name prefix (default: <basename>-<agent>-vm)")
     parser.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default: auto)")
@@ -297,6 +310,12 @@ def _load_config(args: argparse.Namespace) -> config.Config:
     from supervisor import config
 
     cfg = config.load(_config_file(args), _overrides(args))
+    extra_allow, extra_deny = getattr(args, "allow", None) or [], getattr(args, "deny", None) or []
+    if extra_allow or extra_deny:  # added to the file's rules, where a list flag would replace them
+        network = msgspec.structs.replace(
+            cfg.network, allow=[*cfg.network.allow, *extra_allow], deny=[*cfg.network.deny, *extra_deny]
+        )
+        cfg = msgspec.structs.replace(cfg, network=network)
     if args.guest is None and (cfg.runner is not None or cfg.qemu.kernel is not None):
         # --agent only implied the agent guest: a config's runner or kernel keeps its own guest
         cfg = msgspec.structs.replace(cfg, guest=config.GuestKind.BUILTIN)

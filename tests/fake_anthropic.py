@@ -106,7 +106,9 @@ def _handler(script: Script, lock: threading.Lock) -> type[BaseHTTPRequestHandle
             except ValueError:
                 body = {}
             with lock:
-                script.requests.append({"path": self.path, "body": body})
+                script.requests.append(
+                    {"path": self.path, "body": body, "api_key": self.headers.get("x-api-key")}
+                )
             if "count_tokens" in self.path:
                 self._json({"input_tokens": 10})
                 return

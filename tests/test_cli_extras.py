@@ -95,3 +95,23 @@ def test_bash_completion_offers_commands_flags_and_values() -> None:
     assert _complete(script, "agentvm-supervise stop --j") == ["--json"]
     assert _complete(script, "agentvm-supervise run -- make --acc") == []  # the guest's argv: filenames
     assert "complete -o default -F _agentvm_supervise agentvm-supervise" in script
+
+
+def test_allow_and_deny_flags_add_to_the_files_rules(tmp_path: Path) -> None:
+    """`--allow`/`--deny` add to [network] allow/deny (a Job adds a host without replacing the
+    image's config); a bad rule from a flag is named like one from the file."""
+    config = tmp_path / "net.toml"
+    config.write_text('[network]\nmode = "allowlist"\nallow = ["a.example"]\npresets = []\n')
+
+    def egress(*flags: str) -> dict[str, Any]:
+        row: dict[str, Any] = _doctor(tmp_path, "--config", str(config), *flags, env={})["egress"]
+        return row
+
+    assert "(1 allow rules, 0 deny rules)" in egress()["summary"]
+    added = egress("--allow", "b.example:443", "--allow", "*.c.example", "--deny", "a.example")
+    assert "(3 allow rules, 1 deny rules)" in added["summary"]
+    bad = run_supervisor(["doctor", "--config", str(config), "--allow", "bad.example:99999"], env={})
+    assert bad.returncode == 64
+    assert "allow[1] 'bad.example:99999': the port must be a number from 1 to 65535" in " ".join(
+        bad.stdout.split()
+    )

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests import fake_anthropic
 from tests.container_support import Launched
 from tests.podman_support import IMAGE, Podman, build_image, cannot_run_containers, have_podman
 from tests.support import INSTANCE_ENV, REPO, processes_with_env
@@ -162,6 +163,51 @@ def test_the_image_has_its_agent_guest_and_names_a_flavor_it_lacks(
     said = " ".join(missing.stderr.split())  # the preflight's paragraph
     assert "the gemini agent guest is not built in /opt/agentvm-cache, which is read-only" in said
     assert '--build-arg AGENTS="claude gemini"' in said, said
+
+
+def test_the_jobs_agent_completes_a_turn_through_the_allowlist(
+    runs: Podman, work: Path, key_dir: Path
+) -> None:
+    """The Job's command line end to end in the image: the claude guest built into it, the API key
+    from the Secret's file, the egress allow-list with the API's address added by `--allow` (the
+    way a Job adds a host), and the agent's Write landing in /work as /work's owner. Host
+    networking only so that the container reaches the fake API on the host's 127.0.0.2 (which the
+    proxy refuses unless that exact address is allowed)."""
+    script = fake_anthropic.Script(
+        tool="Write",
+        tool_input={"file_path": "/work/hello.txt", "content": "from the Job\n"},
+        final_text="I wrote /work/hello.txt.",
+    )
+    args = _agent_container()["args"]
+    supervisor_args = args[: args.index("--")]
+    assert {"--agent", "claude", "--network", "allowlist"} <= set(supervisor_args)
+    name = _name()
+    with fake_anthropic.serve(script, host="127.0.0.2") as port:
+        command = [
+            "env", f"ANTHROPIC_BASE_URL=http://127.0.0.2:{port}",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1", "DISABLE_AUTOUPDATER=1",
+            "claude", "-p", "Write hello.txt", "--allowedTools", "Write",
+        ]  # fmt: skip
+        try:
+            result = runs.run(
+                ["run", "--rm", "--name", name, "--network", "host", "--device", "/dev/kvm",
+                 *job_security_flags(key_dir), "-v", f"{work}:/work", IMAGE,
+                 *supervisor_args, "--allow", f"127.0.0.2:{port}", "--", *command],
+                check=False, timeout=900,
+            )  # fmt: skip
+        finally:
+            runs.remove(name)
+    assert result.returncode == 0, (result.stdout, result.stderr[-3000:])
+    assert "I wrote /work/hello.txt." in result.stdout
+    hello = work / "hello.txt"
+    assert hello.read_text() == "from the Job\n"
+    assert (hello.stat().st_uid, hello.stat().st_gid) == (1234, 1234)
+    assert script.tool_results, "the CLI never sent the Write tool's result back"
+    assert {request["api_key"] for request in script.requests} == {KEY}  # from the file, nowhere else
+    passed = [
+        e for e in _events(result.stderr) if e.get("event") == "egress" and e.get("verdict") == "allowed"
+    ]
+    assert passed and {e.get("host") for e in passed} == {"127.0.0.2"}, result.stderr[-3000:]
 
 
 def test_container_is_ready_after_qmp_and_stop_takes_the_graceful_path(

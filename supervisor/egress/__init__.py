@@ -218,10 +218,11 @@ def check_egress(network: NetworkPlan) -> checks.Check:
             "install gcc and libc6-dev, then run ./install.sh again (it builds egress/agentvm-handoff)",
             facts,
         )
+    policy = network.policy
     return checks.ok(
         "egress",
         f"allowlist: the guest's only way out is the proxy at {network.proxy_url} "
-        f"({len(network.policy.allow) if network.policy else 0} allow rules)",
+        f"({len(policy.allow) if policy else 0} allow rules, {len(policy.deny) if policy else 0} deny rules)",
         facts,
     )
 
