@@ -40,9 +40,9 @@ CLI_PACKAGES: Mapping[Agent, str] = {
 }
 DEBIAN_NODE_MAJOR = 20  # Debian 13's nodejs
 FILES = ("vmlinuz", "initrd.gz", "rootfs.erofs", "VERSIONS")
-# what goes into the image: a change to any of them is a new guest (guest/agent-env.sh is the
-# built-in guest's agent environment, shared)
-SOURCES = ("agent/build-agent.sh", "agent/stage1.sh", "agent/init.sh", "agent-env.sh")
+# what goes into the image: a change to any of them is a new guest (guest/agent-env.sh and
+# guest/init-lib.sh are shared with the built-in guest)
+SOURCES = ("agent/build-agent.sh", "agent/stage1.sh", "agent/init.sh", "init-lib.sh", "agent-env.sh")
 # The claude native binary alone is ~245 MB and the root overlay is tmpfs (RAM): 2 GiB leaves room
 # for the CLI, node and the agent's writes outside the shares.
 DEFAULT_MEMORY_MIB = 2048

@@ -2,7 +2,7 @@
 
 Both ends are decided here, so they cannot disagree: the `-netdev user` QEMU gets (addresses, port
 forwards) and the `agentvm.net=` argument the built-in guest's /init reads to set up eth0
-(guest/init.sh, `net_up`). The guest's address is static, not DHCP: slirp's addresses are ours to
+(guest/init-lib.sh, `net_up`). The guest's address is static, not DHCP: slirp's addresses are ours to
 choose (they are set on the netdev below), a static setup needs no AF_PACKET module or udhcpc
 script in the initramfs, costs no DHCP round trip at boot, and keeps working when the netdev is
 restricted (`restrict=on` drops every guest UDP packet but DHCP's, and DNS with it).

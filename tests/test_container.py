@@ -199,6 +199,8 @@ def test_the_jobs_agent_completes_a_turn_through_the_allowlist(
             runs.remove(name)
     assert result.returncode == 0, (result.stdout, result.stderr[-3000:])
     assert "I wrote /work/hello.txt." in result.stdout
+    # the build's CA bundle (a 0400 build secret) is readable by the agent's node in the guest
+    assert "Ignoring extra certs" not in result.stdout, result.stdout
     hello = work / "hello.txt"
     assert hello.read_text() == "from the Job\n"
     assert (hello.stat().st_uid, hello.stat().st_gid) == (1234, 1234)

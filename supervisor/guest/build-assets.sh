@@ -4,7 +4,8 @@
 # Produces, without root and without installing anything (it only downloads .debs and unpacks them):
 #   OUT_DIR/vmlinuz     Debian 12's linux-image-6.1.0-*-cloud-amd64 kernel (LZ4, boots fast under TCG)
 #   OUT_DIR/initrd.gz   busybox initramfs: busybox-static, the virtio/virtiofs/virtio-net modules,
-#                       /init = init.sh, /etc/agentvm/agent-env.sh = agent-env.sh, and Debian 12's
+#                       /init = init.sh (with /usr/lib/agentvm/init-lib.sh), /etc/agentvm/agent-env.sh
+#                       = agent-env.sh, and Debian 12's
 #                       dropbear (with the glibc and libraries it links) for guests on a tap network
 #   OUT_DIR/virtiofsd   wrapper running Debian 13's virtiofsd 1.13 with Debian 13's glibc (OUT_DIR/trixie)
 #   OUT_DIR/VERSIONS    key=value lines: kernel, busybox, virtiofsd, glibc versions
@@ -51,8 +52,8 @@ for pair in apt-get:apt apt-cache:apt dpkg:dpkg dpkg-deb:dpkg cpio:cpio gzip:gzi
 	need "${pair%%:*}" "${pair#*:}"
 done
 [ -r "$KEYRING" ] || die "$KEYRING not found: apt-get install debian-archive-keyring (as root), then run this again."
-for f in init.sh agent-env.sh; do
-	[ -r "$HERE/$f" ] || die "$HERE/$f not found: build-assets.sh must stay next to init.sh and agent-env.sh."
+for f in init.sh init-lib.sh agent-env.sh; do
+	[ -r "$HERE/$f" ] || die "$HERE/$f not found: build-assets.sh must stay next to init.sh, init-lib.sh and agent-env.sh."
 done
 [ "$(dpkg --print-architecture)" = amd64 ] || die "this builds an x86_64 guest and needs an amd64 Debian host (this is $(dpkg --print-architecture))."
 
@@ -283,6 +284,8 @@ done
 printf '%s\n' "${MODS_IN[@]}" >"$R/lib/modules/load-order"
 
 cp "$HERE/init.sh" "$R/init"
+mkdir -p "$R/usr/lib/agentvm"
+cp "$HERE/init-lib.sh" "$R/usr/lib/agentvm/init-lib.sh"
 mkdir -p "$R/etc/agentvm"
 cp "$HERE/agent-env.sh" "$R/etc/agentvm/agent-env.sh"
 cat >"$R/etc/passwd" <<'EOF'

@@ -69,7 +69,7 @@ SYS_ADMIN (podman build --cap-add SYS_ADMIN, see the Containerfile) or leave the
 (--build-arg AGENTS=); in a container, run the build with --cap-add SYS_ADMIN, or build on the host \
 and copy the guest's directory into the cache."
 fi
-for f in stage1.sh init.sh ../agent-env.sh; do [ -r "$HERE/$f" ] || die "$HERE/$f not found: build-agent.sh must stay next to it."; done
+for f in stage1.sh init.sh ../init-lib.sh ../agent-env.sh; do [ -r "$HERE/$f" ] || die "$HERE/$f not found: build-agent.sh must stay next to it."; done
 
 umask 022
 OUT=$(realpath -m -- "$6")
@@ -132,10 +132,11 @@ cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true
 # into the image beside Debian's, and node and npm use it (NODE_EXTRA_CA_CERTS).
 HOST_CA=/etc/ssl/certs/agentvm-host-ca.crt
 HOST_BUNDLE=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
+# install -m 0644: the agent (not root) reads it, and a bundle handed in as a build secret is 0400
 if [ -r "$HOST_BUNDLE" ]; then
-	cp -L "$HOST_BUNDLE" "$ROOT$HOST_CA"
+	install -m 0644 "$HOST_BUNDLE" "$ROOT$HOST_CA"
 else
-	cp "$ROOT/etc/ssl/certs/ca-certificates.crt" "$ROOT$HOST_CA"
+	install -m 0644 "$ROOT/etc/ssl/certs/ca-certificates.crt" "$ROOT$HOST_CA"
 fi
 
 # --- 2. node and the CLI -----------------------------------------------------------------------
@@ -175,6 +176,7 @@ echo "$PROG:     $FLAVOR --version: $CLI_OUT" >&2
 # --- 3. the guest's own files --------------------------------------------------------------------
 step 4 "configuring the guest (user agent, init, podman)..."
 install -D -m 0755 "$HERE/init.sh" "$ROOT/usr/lib/agentvm/init"
+install -D -m 0644 "$HERE/../init-lib.sh" "$ROOT/usr/lib/agentvm/init-lib.sh"
 # the agent's environment as the built-in guest sets it up (.microvm-env, dev shell, net.env)
 install -D -m 0644 "$HERE/../agent-env.sh" "$ROOT/etc/agentvm/agent-env.sh"
 printf '%s\n' "$FLAVOR" >"$ROOT/usr/lib/agentvm/flavor"
