@@ -29,6 +29,7 @@ import anyio.abc
 import msgspec
 import structlog
 
+from supervisor import accepting
 from supervisor.children import Child, describe_status, exit_code_of
 from supervisor.peer import peer_of
 from supervisor.virtiofsd import ShareSpec
@@ -233,16 +234,9 @@ class Server:
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Accept until cancelled; every connection is a task of this one's group."""
         listener = await anyio.create_unix_listener(self.path, mode=0o600)
-        async with listener, anyio.create_task_group() as connections:
-            task_status.started()
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:  # EMFILE and the like: back off instead of spinning
-                    self._log.warning("control socket accept failed", reason=str(exc))
-                    await anyio.sleep(0.1)
-                    continue
-                connections.start_soon(self._serve_one, stream)
+        await accepting.serve_each(
+            listener, self._serve_one, log=self._log, what="control socket", task_status=task_status
+        )
 
     async def _serve_one(self, stream: anyio.abc.SocketStream) -> None:
         self._active += 1

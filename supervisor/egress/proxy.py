@@ -29,6 +29,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from supervisor import accepting
 from supervisor.egress import tls
 from supervisor.egress.audit import Audit, Record
 from supervisor.egress.rules import IpAddress, Policy, parse_address
@@ -129,16 +130,9 @@ class Proxy:
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve every connection of `listener` (TCP: tests and the bench) until cancelled."""
-        async with listener, anyio.create_task_group() as connections:
-            task_status.started()
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:  # EMFILE and the like: back off instead of spinning
-                    self._log.warning("egress proxy accept failed", reason=str(exc))
-                    await anyio.sleep(0.1)
-                    continue
-                connections.start_soon(self.handle, stream)
+        await accepting.serve_each(
+            listener, self.handle, log=self._log, what="egress proxy", task_status=task_status
+        )
 
     async def serve_handoff(
         self, path: Path, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
