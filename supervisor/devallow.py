@@ -27,6 +27,7 @@ from pathlib import Path
 
 import msgspec
 
+from supervisor import xdg
 from supervisor.errors import ExitCode, SupervisorError
 
 NAMED_INPUTS = ("flake.nix", "flake.lock", ".devenv.flake.nix", "devenv.nix", "devenv.yaml", "devenv.lock")
@@ -35,8 +36,7 @@ MAX_FILES = 100_000  # entries looked at: a bigger tree is hashed as "too big", 
 
 
 def store_dir(env: Mapping[str, str]) -> Path:
-    state_home = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "/root")) / ".local" / "state")
-    return Path(state_home) / "agentvm-supervise" / "devshell-allowed"
+    return xdg.base("XDG_STATE_HOME", env) / xdg.APP / "devshell-allowed"
 
 
 def _record_path(work_dir: Path, env: Mapping[str, str]) -> Path:

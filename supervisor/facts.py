@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import msgspec
 
-from supervisor import children
+from supervisor import children, xdg
 
 T = TypeVar("T")
 _VERSION = 1  # of what is stored: a change makes every stored fact unknown
@@ -36,8 +36,7 @@ class _Answer(msgspec.Struct, frozen=True, array_like=True):
 
 
 def facts_dir(env: Mapping[str, str]) -> Path:
-    state_home = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "/root")) / ".local" / "state")
-    return Path(state_home) / "agentvm-supervise" / "facts"
+    return xdg.base("XDG_STATE_HOME", env) / xdg.APP / "facts"
 
 
 class Facts:

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from supervisor import xdg
 from supervisor.config import Share, Ssh
 from supervisor.errors import SupervisorError
 
@@ -56,8 +57,7 @@ class SshPlan:
 
 def default_dir(env: Mapping[str, str], vm_name: str) -> Path:
     """$XDG_STATE_HOME/agentvm-supervise/vms/NAME/ssh-host-keys: per VM name, kept across starts."""
-    state = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "/root")) / ".local" / "state")
-    return Path(state) / "agentvm-supervise" / "vms" / vm_name / "ssh-host-keys"
+    return xdg.base("XDG_STATE_HOME", env) / xdg.APP / "vms" / vm_name / "ssh-host-keys"
 
 
 def _check_key(line: str, index: int) -> str:

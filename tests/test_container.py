@@ -206,6 +206,7 @@ def test_the_jobs_agent_completes_a_turn_through_the_allowlist(
     assert (hello.stat().st_uid, hello.stat().st_gid) == (1234, 1234)
     assert script.tool_results, "the CLI never sent the Write tool's result back"
     assert {request["api_key"] for request in script.requests} == {KEY}  # from the file, nowhere else
+    assert "cannot be written" not in result.stderr  # the egress log goes to /run, not the read-only root
     passed = [
         e for e in _events(result.stderr) if e.get("event") == "egress" and e.get("verdict") == "allowed"
     ]

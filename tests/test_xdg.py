@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor import guest, launcher, plan, runtime, xdg
+from supervisor import devallow, facts, guest, launcher, plan, runtime, sshkeys, xdg
+from supervisor.egress import audit
 
 PASSWD_HOME = Path(pwd.getpwuid(os.geteuid()).pw_dir)
 
@@ -85,3 +86,29 @@ def test_the_guest_command_survives_sh_c(argv: list[str]) -> None:
     script = base64.b64decode(encoded).decode()
     out = subprocess.run(["/bin/sh", "-c", script], capture_output=True, check=True).stdout
     assert out.decode().split("\0")[:-1] == argv
+
+
+@pytest.mark.parametrize(
+    "env", [{"HOME": "/h", "XDG_STATE_HOME": "relative/dir"}, {"XDG_STATE_HOME": "/s"}, {}], ids=str
+)
+def test_every_state_dir_follows_the_one_rule(env: dict[str, str]) -> None:
+    """The facts cache, the dev-shell approvals, the egress log and the VMs' SSH host keys read
+    XDG_STATE_HOME themselves until this test: a relative value was taken as is, and without HOME
+    they went to /root."""
+    state = xdg.base("XDG_STATE_HOME", env) / xdg.APP
+    assert facts.facts_dir(env) == state / "facts"
+    assert devallow.store_dir(env) == state / "devshell-allowed"
+    assert audit.default_dir(dict(env)) == state / "egress"
+    assert sshkeys.default_dir(env, "vm") == state / "vms" / "vm" / "ssh-host-keys"
+
+
+def test_only_xdg_py_reads_the_xdg_variables() -> None:
+    """One place for the rule: any other module that reads XDG_*_HOME itself is flagged here."""
+    supervisor = Path(xdg.__file__).parent
+    readers = [
+        str(path.relative_to(supervisor))
+        for path in sorted(supervisor.rglob("*.py"))
+        if path.name != "xdg.py"
+        and any(f'get("XDG_{kind}_HOME"' in path.read_text() for kind in ("CACHE", "DATA", "STATE", "CONFIG"))
+    ]
+    assert readers == []

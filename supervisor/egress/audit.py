@@ -17,6 +17,8 @@ from pathlib import Path
 import msgspec
 import structlog
 
+from supervisor import xdg
+
 MAX_BYTES = 16 << 20
 KEEP = 20
 
@@ -52,8 +54,7 @@ class Stats:
 
 
 def default_dir(env: dict[str, str] | os._Environ[str]) -> Path:
-    state_home = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "/root")) / ".local" / "state")
-    return Path(state_home) / "agentvm-supervise" / "egress"
+    return xdg.base("XDG_STATE_HOME", env) / xdg.APP / "egress"
 
 
 class Audit:
