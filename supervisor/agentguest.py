@@ -293,11 +293,12 @@ def ensure(env: Mapping[str, str], flavor: Agent) -> AgentGuest:
 
 
 def _check_cache_writable(env: Mapping[str, str], flavor: Agent) -> None:
-    """A read-only cache (a container image's) cannot get a guest built into it: say which guests
-    it has and how to add this one, before asking the network anything."""
+    """A cache on a read-only file system (a container image's) cannot get a guest built into it:
+    say which guests it has and how to add this one, before asking the network anything. (A cache
+    that is only not ours to write, a root-built one, gets build()'s "needs root" instead.)"""
     root = guest.cache_root(env)
     existing = next(parent for parent in (root, *root.parents) if parent.exists())
-    if os.access(existing, os.W_OK):
+    if not os.statvfs(existing).f_flag & os.ST_RDONLY:
         return
     have = sorted({g.versions().get("flavor", "?") for g in built_guests(env)})
     raise SupervisorError(

@@ -201,6 +201,28 @@ def test_a_flavor_missing_from_a_read_only_cache_is_named_without_a_build(
     assert sorted(p.name for p in cache.iterdir()) == sorted([have.name, guest_assets.directory.name])
 
 
+def test_a_cache_only_root_may_write_is_not_called_read_only(
+    guest_assets: guest.GuestAssets, test_user: str, shared_tmp: Path
+) -> None:
+    """A root-built cache an unprivileged user runs from is writable, just not by them: no
+    "read-only" paragraph, the build path goes on (here to a dead registry, so nothing boots)."""
+    cache = shared_tmp / "cache"
+    cache.mkdir(mode=0o755)
+    shutil.copytree(guest_assets.directory, cache / guest_assets.directory.name, symlinks=True)
+    uid, gid = user_ids(test_user)
+    for name in ("work", "home", "rt"):
+        (shared_tmp / name).mkdir(mode=0o700)
+        os.chown(shared_tmp / name, uid, gid)
+    work = shared_tmp / "work"
+    env = {"AGENTVM_SUPERVISE_CACHE": str(cache), "npm_config_registry": "http://127.0.0.1:9"}
+    argv = ["run", "--agent", "codex", "--work-dir", str(work), "--agent-home", str(shared_tmp / "home"),
+            "--runtime-dir", str(shared_tmp / "rt"), "--", "true"]  # fmt: skip
+    result = run_supervisor(argv, env=env, user=test_user, cwd=shared_tmp)
+    assert result.returncode == ExitCode.UNAVAILABLE, result.stderr
+    assert "read-only" not in result.stderr
+    assert "cannot reach the npm registry" in result.stderr
+
+
 def test_doctor_reports_the_agent_guest(tmp_path: Path) -> None:
     (tmp_path / "work").mkdir()
     result = run_supervisor(
