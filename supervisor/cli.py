@@ -456,17 +456,33 @@ def entry(*, unblock: Iterable[int] = ()) -> NoReturn:
     os._exit(code)
 
 
+def _prepare_decoders() -> None:
+    """msgspec builds a type's decoding info on its first decode, calling back into Python. A stop
+    signal whose handler raises there (pid1.StopSignals, before the event loop) makes msgspec 0.23
+    dereference NULL in typenode_collect_type: SIGSEGV, seen as a rare -11 in the fault suite and
+    reproduced by raising from SIGALRM during a first config.load. So the types the start decodes
+    get their info here, while the entry point still holds the stop signals; it is cached on them."""
+    import msgspec
+
+    from supervisor import config, facts, runtime
+
+    for kind in (config.Config, runtime.InstanceState, *facts.DECODED_TYPES):
+        msgspec.json.Decoder(kind)
+
+
 def main(argv: Sequence[str] | None = None, *, unblock: Iterable[int] = ()) -> int:
     """`unblock`: stop signals the entry point held back while importing us (supervisor/entry.py)."""
     debug = False
     # First of all: as PID 1, a signal without a handler is dropped by the kernel (see pid1.py).
     stop_signals = pid1.StopSignals().install()
     try:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, unblock)  # one that came meanwhile lands here
         if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
             # Before the parser: building it imports the verbs' modules (manage.add_parsers).
             print(f"{PROG} {__version__}")
             return 0
+        if unblock:
+            _prepare_decoders()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, unblock)  # one that came meanwhile lands here
         args = _parser().parse_args(argv)
         debug = bool(getattr(args, "debug", False))
         import logging

@@ -35,6 +35,10 @@ class _Answer(msgspec.Struct, frozen=True, array_like=True):
     output: str
 
 
+# What _load decodes (cli.main prepares msgspec's decoders for it while the stop signals are held)
+DECODED_TYPES = (list[_Answer],)
+
+
 def facts_dir(env: Mapping[str, str]) -> Path:
     return xdg.base("XDG_STATE_HOME", env) / xdg.APP / "facts"
 

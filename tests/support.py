@@ -98,7 +98,10 @@ def leftovers(runtime_base: Path, timeout: float = 0.0) -> list[str]:
     SIGKILLed supervisor asynchronously)."""
     deadline = time.monotonic() + timeout
     while True:
-        found = sorted(str(path) for path in runtime_base.rglob("*")) if runtime_base.exists() else []
+        try:
+            found = sorted(str(path) for path in runtime_base.rglob("*")) if runtime_base.exists() else []
+        except FileNotFoundError:  # a dir removed while we walked it: the cleanup is under way
+            found = ["(changing)"]
         if not found or time.monotonic() >= deadline:
             return found
         time.sleep(0.02)
