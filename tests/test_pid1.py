@@ -110,8 +110,15 @@ def test_pid1_reaps_an_orphaned_grandchild(guest_assets: guest.GuestAssets, tmp_
             time.sleep(0.02)
         assert proc_state(orphan) is None, f"orphan {orphan} is still there in state {proc_state(orphan)}"
         assert zombie_children(init) == []
-        reaped = [event for event in sup.events() if event["event"] == "reaped an adopted orphan"]
-        assert {"pid": inner_pid, "status": 3} in [{"pid": e["pid"], "status": e["status"]} for e in reaped]
+        wanted = {"pid": inner_pid, "status": 3}
+
+        def reaped() -> list[dict[str, object]]:
+            events = [e for e in sup.events() if e["event"] == "reaped an adopted orphan"]
+            return [{"pid": e["pid"], "status": e["status"]} for e in events]
+
+        while wanted not in reaped() and time.monotonic() < deadline:  # logged just after the reap
+            time.sleep(0.02)
+        assert wanted in reaped()
         os.kill(init, signal.SIGTERM)
         assert sup.wait() == 128 + signal.SIGTERM, sup.stderr()
     finally:
