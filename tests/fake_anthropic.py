@@ -183,3 +183,13 @@ def serve(script: Script, host: str = "127.0.0.1") -> Iterator[int]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def claude_write_turn(base_url: str) -> list[str]:
+    """The guest command of the tests' agent turns: `claude -p` against the fake API at `base_url`,
+    allowed only the Write tool, with its side traffic (telemetry, updates) off."""
+    return [
+        "env", f"ANTHROPIC_BASE_URL={base_url}",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1", "DISABLE_AUTOUPDATER=1",
+        "claude", "-p", "Write hello.txt", "--allowedTools", "Write",
+    ]  # fmt: skip

@@ -361,11 +361,7 @@ def _agent_turn(tmp_path: Path, name: str, *, user: str | None = None) -> None:
         final_text="I wrote /work/hello.txt.",
     )
     with fake_anthropic.serve(script) as port:
-        command = [
-            "env", f"ANTHROPIC_BASE_URL=http://10.0.2.2:{port}",
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1", "DISABLE_AUTOUPDATER=1",
-            "claude", "-p", "Write hello.txt", "--allowedTools", "Write",
-        ]  # fmt: skip
+        command = fake_anthropic.claude_write_turn(f"http://10.0.2.2:{port}")
         # the fake API is on the host's loopback, which the default allow-list does not reach
         result = run_supervisor(
             [*_run_args(tmp_path, name), "--network", "open", "--", *command],
@@ -417,11 +413,7 @@ def test_egress_agent_turn(claude_guest: agentguest.AgentGuest, tmp_path: Path) 
     # 127.0.0.2: not in the guest's NO_PROXY (localhost, 127.0.0.1), so claude goes through the proxy,
     # which refuses loopback addresses unless that exact address is allowed.
     with fake_anthropic.serve(script, host="127.0.0.2") as port:
-        command = [
-            "env", f"ANTHROPIC_BASE_URL=http://127.0.0.2:{port}",
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1", "DISABLE_AUTOUPDATER=1",
-            "claude", "-p", "Write hello.txt", "--allowedTools", "Write",
-        ]  # fmt: skip
+        command = fake_anthropic.claude_write_turn(f"http://127.0.0.2:{port}")
         outcomes = {}
         requests_when_allowed = 0
         for case, allow in (("allowed", f'["127.0.0.2:{port}"]'), ("denied", "[]")):

@@ -183,11 +183,7 @@ def test_the_jobs_agent_completes_a_turn_through_the_allowlist(
     assert {"--agent", "claude", "--network", "allowlist"} <= set(supervisor_args)
     name = _name()
     with fake_anthropic.serve(script, host="127.0.0.2") as port:
-        command = [
-            "env", f"ANTHROPIC_BASE_URL=http://127.0.0.2:{port}",
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1", "DISABLE_AUTOUPDATER=1",
-            "claude", "-p", "Write hello.txt", "--allowedTools", "Write",
-        ]  # fmt: skip
+        command = fake_anthropic.claude_write_turn(f"http://127.0.0.2:{port}")
         try:
             result = runs.run(
                 ["run", "--rm", "--name", name, "--network", "host", "--device", "/dev/kvm",
