@@ -288,11 +288,11 @@ def ensure(env: Mapping[str, str], flavor: Agent) -> AgentGuest:
     found = find_built(env, flavor)
     if found is not None:
         return found
-    _check_cache_writable(env, flavor)
+    _refuse_a_read_only_cache(env, flavor)
     return build(env, resolve_release(env, flavor))
 
 
-def _check_cache_writable(env: Mapping[str, str], flavor: Agent) -> None:
+def _refuse_a_read_only_cache(env: Mapping[str, str], flavor: Agent) -> None:
     """A cache on a read-only file system (a container image's) cannot get a guest built into it:
     say which guests it has and how to add this one, before asking the network anything. (A cache
     that is only not ours to write, a root-built one, gets build()'s "needs root" instead.)"""

@@ -310,10 +310,11 @@ def _load_config(args: argparse.Namespace) -> config.Config:
     from supervisor import config
 
     cfg = config.load(_config_file(args), _overrides(args))
-    extra_allow, extra_deny = getattr(args, "allow", None) or [], getattr(args, "deny", None) or []
-    if extra_allow or extra_deny:  # added to the file's rules, where a list flag would replace them
+    if args.allow or args.deny:  # added to the file's rules, where a list flag would replace them
         network = msgspec.structs.replace(
-            cfg.network, allow=[*cfg.network.allow, *extra_allow], deny=[*cfg.network.deny, *extra_deny]
+            cfg.network,
+            allow=[*cfg.network.allow, *(args.allow or [])],
+            deny=[*cfg.network.deny, *(args.deny or [])],
         )
         cfg = msgspec.structs.replace(cfg, network=network)
     if args.guest is None and (cfg.runner is not None or cfg.qemu.kernel is not None):

@@ -1,8 +1,8 @@
 """Who is on the other end of a Unix socket, and whether they may drive this instance.
 
 The instance dir is 0700 and its sockets 0600, so only its owner (and root) can connect; the
-check here is the second wall, for a runtime dir someone loosened. Used by console.sock and
-control.sock alike, so the two cannot disagree about who is allowed.
+check here is the second wall, for a runtime dir someone loosened. Used by console.sock,
+control.sock and the egress proxy's egress.sock alike, so they cannot disagree about who is allowed.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from supervisor import accepting
 from supervisor.egress import tls
 from supervisor.egress.audit import Audit, Record
 from supervisor.egress.rules import IpAddress, Policy, parse_address
+from supervisor.peer import peer_of
 
 MAX_HEAD = 16 * 1024
 CHUNK = 256 * 1024
@@ -170,10 +170,9 @@ class Proxy:
         guest: socket.socket | None = None
         try:
             with conn:
-                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-                uid = struct.unpack("3i", creds)[1]
-                if uid not in (0, os.geteuid()):
-                    self._log.warning("egress handoff from another user refused", uid=uid)
+                sender = peer_of(conn)
+                if not sender.allowed:
+                    self._log.warning("egress handoff from another user refused", uid=sender.uid)
                     return
                 conn.setblocking(False)
                 with anyio.move_on_after(self.settings.handshake_timeout):
