@@ -48,8 +48,10 @@ REAPER_PROGRAM = textwrap.dedent(
         return any(c.pid == pid and c.status is None for c in children)
 
     # Each child orphans a grandchild (reparented to us; in its own session, so that it outlives
-    # the child's process group) and exits at about the same time as it.
-    script = "(setsid sh -c 'sleep 0.$(($$ % 5)); exit 9' &) ; sleep 0.$(($$ % 5)); exit $(($$ % 50))"
+    # the child's process group) and exits at about the same time as it. The child lives at least
+    # 0.1 s: run_child SIGKILLs the group its leader leaves, and a grandchild that had not reached
+    # setsid yet went with it (status -9).
+    script = "(setsid sh -c 'sleep 0.$(($$ % 5)); exit 9' &) ; sleep 0.$(($$ % 5 + 1)); exit $(($$ % 50))"
 
     async def main():
         async with anyio.create_task_group() as tg:
